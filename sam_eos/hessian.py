@@ -1,0 +1,241 @@
+"""Exact Hessian-vector products and the top of the Hessian's spectrum.
+
+`top_eigenvalues` runs Lanczos with full reorthogonalisation on exact (forward-over-reverse)
+Hessian-vector products, inside one jit-compiled `lax.while_loop`, so a run compiles it once
+per parameter shape and every later check reuses the executable. The paper's own estimator,
+power iteration on central finite differences, is kept as `method="power"` for side-by-side
+comparisons.
+
+Memory: Lanczos stores its basis, `(max_iterations + 1) x num_params` numbers in the parameters'
+dtype: 100 iterations of the 2.8M-parameter MNIST MLP take 1.1 GB (float32).
+"""
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from sam_eos import tree
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+METHODS = ("lanczos", "power")
+DEFAULT_MAX_ITERATIONS = {"lanczos": 100, "power": 100}
+# Lanczos: the estimate min(res, res^2 / gap) is optimistic by up to ~10x (measured against
+# dense eigvalsh), so 1e-6 gives about 1e-5 relative error in the top eigenvalues.
+DEFAULT_TOLERANCE = {"lanczos": 1e-6, "power": 1e-3}
+FINITE_DIFFERENCE_OFFSET = 1e-3  # the original's central-difference offset
+
+
+class EigenInfo(NamedTuple):
+    """Diagnostics of one eigensolver run (all jax scalars)."""
+
+    bottom_eigenvalue: jax.Array  # smallest Ritz value (Lanczos); nan for power iteration
+    matrix_vector_products: jax.Array  # Hessian-vector products used (int32)
+    error_bound: jax.Array  # estimated error of the top eigenvalues, relative to ||H||
+    converged: jax.Array  # bool: met the tolerance before max_iterations
+
+
+def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree) -> PyTree:
+    """The exact Hessian-vector product H(params) v (forward-over-reverse), a params-shaped pytree."""
+    gradient = lambda p: jax.grad(loss_fn)(p, batch)  # noqa: E731
+    return jax.jvp(gradient, (params,), (v,))[1]
+
+
+def top_eigenvalues(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    k: int = 1,
+    *,
+    method: str = "lanczos",
+    max_iterations: int | None = None,
+    tolerance: float | None = None,
+    key: jax.Array | None = None,
+    return_info: bool = False,
+):
+    """The k algebraically largest eigenvalues of the Hessian of `loss_fn` at `params`.
+
+    Args:
+      loss_fn: `loss_fn(params, batch) -> scalar`; keep one function object per run (it is a
+        static argument of the compiled solver: a new object compiles anew).
+      params, batch: pytrees; the Hessian is taken with respect to `params`.
+      k: how many eigenvalues.
+      method: "lanczos" (default; exact HVPs, full reorthogonalisation, stops when the
+        estimated error of every top-k Ritz value is below `tolerance * ||H||`) or "power"
+        (the original's: power iteration on central finite differences with offset 1e-3,
+        stopping when successive estimates agree to `tolerance` relatively; block power with
+        Gram-Schmidt for k > 1; finds the eigenvalues of largest magnitude).
+      max_iterations: Lanczos steps (each one HVP) or power iterations; default 100.
+      tolerance: default 1e-6 (Lanczos) or 1e-3 (power, as the original).
+      key: PRNG key for the starting vector; default `PRNGKey(0)`.
+      return_info: also return an `EigenInfo`.
+    Returns:
+      `(eigenvalues, principal_direction)`: eigenvalues float [k] in descending order and the
+      unit eigenvector (a params-shaped pytree) of the first; plus `EigenInfo` if asked.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown eigensolver method {method!r}; choose one of {METHODS}")
+    max_iterations = max_iterations or DEFAULT_MAX_ITERATIONS[method]
+    tolerance = DEFAULT_TOLERANCE[method] if tolerance is None else tolerance
+    if key is None:
+        key = jax.random.PRNGKey(0)
+    solver = _lanczos if method == "lanczos" else _power_iteration
+    eigenvalues, direction, info = solver(
+        loss_fn, params, batch, key, jnp.float32(tolerance), k=k, max_iterations=max_iterations
+    )
+    if return_info:
+        return eigenvalues, direction, info
+    return eigenvalues, direction
+
+
+def lanczos_iterations_allowed(num_params: int, max_iterations: int) -> int:
+    """How many Lanczos steps fit: a Krylov space has at most `num_params` dimensions."""
+    return min(max_iterations, num_params)
+
+
+def _flat_problem(loss_fn: LossFn, params: PyTree, batch: PyTree):
+    flat_params, unravel = ravel_pytree(params)
+
+    def matvec(v: jax.Array) -> jax.Array:
+        return ravel_pytree(hvp(loss_fn, params, batch, unravel(v)))[0]
+
+    return flat_params, unravel, matvec
+
+
+def _orthogonalise(basis: jax.Array, w: jax.Array) -> jax.Array:
+    """w minus its projection on the rows of `basis` (zero rows are harmless), done twice."""
+    for _ in range(2):
+        w = w - basis.T @ (basis @ w)
+    return w
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "k", "max_iterations"))
+def _lanczos(loss_fn, params, batch, key, tolerance, *, k, max_iterations):
+    flat_params, unravel, matvec = _flat_problem(loss_fn, params, batch)
+    n = flat_params.size
+    m = lanczos_iterations_allowed(n, max_iterations)
+    if k > m:
+        raise ValueError(f"k={k} eigenvalues need at least k Lanczos steps; only {m} allowed")
+    dtype = flat_params.dtype
+    eps = jnp.finfo(dtype).eps
+    start = jax.random.normal(key, (n,), dtype)
+    basis = jnp.zeros((m + 1, n), dtype).at[0].set(start / jnp.linalg.norm(start))
+    index = jnp.arange(m)
+
+    def ritz(alpha, beta, j):
+        """Eigen-decomposition of the leading (j+1) x (j+1) block of T, padded to m x m."""
+        active = index <= j
+        scale = jnp.max(jnp.abs(jnp.where(active, alpha, 0.0))) + 2 * jnp.max(jnp.abs(beta))
+        # Padding: a far-away diagonal, decoupled, so its eigenvalues sort below the block's.
+        diagonal = jnp.where(active, alpha, -4.0 * scale - 1.0)
+        off_diagonal = jnp.where(index[:-1] < j, beta[:-1], 0.0)
+        t = jnp.diag(diagonal) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
+        values, vectors = jnp.linalg.eigh(t)
+        return values, vectors, active
+
+    def estimates(alpha, beta, j):
+        values, vectors, active = ritz(alpha, beta, j)
+        num_active = j + 1
+        top = jnp.flip(values)[:k]  # descending
+        top_vectors = jnp.flip(vectors, axis=1)[:, :k]
+        bottom = values[m - num_active]
+        norm_estimate = jnp.maximum(jnp.abs(top[0]), jnp.abs(bottom))
+        residual = jnp.abs(beta[j] * top_vectors[j])
+        # Gap from each top Ritz value to the nearest other active one: error <= res^2 / gap.
+        others = jnp.where(active, values, jnp.inf)
+        distances = jnp.abs(top[:, None] - others[None, :])
+        distances = jnp.where(distances == 0, jnp.inf, distances)  # itself
+        gap = jnp.min(distances, axis=1)
+        bound = jnp.minimum(residual, residual**2 / gap)
+        relative_bound = jnp.max(bound) / jnp.maximum(norm_estimate, jnp.finfo(dtype).tiny)
+        return top, top_vectors, bottom, norm_estimate, relative_bound
+
+    def body(state):
+        j, basis, alpha, beta, _, _ = state
+        v = basis[j]
+        w = matvec(v)
+        a = jnp.vdot(v, w)
+        previous = jnp.where(j > 0, beta[j - 1], 0.0) * basis[jnp.maximum(j - 1, 0)]
+        w = _orthogonalise(basis, w - a * v - previous)
+        b = jnp.linalg.norm(w)
+        alpha = alpha.at[j].set(a)
+        top, _, _, norm_estimate, _ = estimates(alpha, beta, j)
+        # Breakdown: the Krylov space is invariant. Restart from a fresh random direction
+        # orthogonal to the basis, decoupled from it (beta = 0), so degenerate eigenvalues
+        # and low-rank Hessians are still handled.
+        breakdown = b <= 100 * eps * jnp.maximum(norm_estimate, jnp.abs(a))
+        fresh = _orthogonalise(basis, jax.random.normal(jax.random.fold_in(key, j), (n,), dtype))
+        fresh_norm = jnp.linalg.norm(fresh)
+        b = jnp.where(breakdown, 0.0, b)
+        beta = beta.at[j].set(b)
+        following = jnp.where(
+            breakdown, fresh / jnp.where(fresh_norm > 0, fresh_norm, 1.0), w / jnp.where(b > 0, b, 1.0)
+        )
+        basis = basis.at[j + 1].set(following)
+        _, _, _, _, relative_bound = estimates(alpha, beta, j)
+        converged = (j + 1 >= k) & (relative_bound <= tolerance)
+        return j + 1, basis, alpha, beta, converged, relative_bound
+
+    def cond(state):
+        j, _, _, _, converged, _ = state
+        return (j < m) & ~converged
+
+    zeros = jnp.zeros((m,), dtype)
+    state = (jnp.int32(0), basis, zeros, zeros, jnp.bool_(False), jnp.asarray(jnp.inf, dtype))
+    steps, basis, alpha, beta, converged, relative_bound = jax.lax.while_loop(cond, body, state)
+    last = steps - 1
+    top, top_vectors, bottom, _, relative_bound = estimates(alpha, beta, last)
+    ritz_vector = basis[:m].T @ jnp.where(index <= last, top_vectors[:, 0], 0.0)
+    ritz_vector = ritz_vector / jnp.linalg.norm(ritz_vector)
+    # Exhausting the whole space (m == n steps) is exact.
+    converged = converged | (steps == n)
+    info = EigenInfo(bottom, steps, relative_bound, converged)
+    return top, unravel(ritz_vector), info
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "k", "max_iterations"))
+def _power_iteration(loss_fn, params, batch, key, tolerance, *, k, max_iterations):
+    """The original's estimator: block power iteration on central finite differences."""
+    flat_params, unravel = ravel_pytree(params)
+    n = flat_params.size
+    dtype = flat_params.dtype
+
+    def gradient(flat):
+        return ravel_pytree(jax.grad(loss_fn)(unravel(flat), batch))[0]
+
+    def finite_difference_hvp(v):
+        offset = FINITE_DIFFERENCE_OFFSET * v
+        return (gradient(flat_params + offset) - gradient(flat_params - offset)) / (
+            2 * FINITE_DIFFERENCE_OFFSET
+        )
+
+    def orthonormalise(vectors):  # Gram-Schmidt on the rows, [k, n]
+        q, _ = jnp.linalg.qr(vectors.T)
+        return q.T
+
+    vectors = orthonormalise(jax.random.normal(key, (k, n), dtype))
+
+    def body(state):
+        i, vectors, previous, _ = state
+        products = jax.vmap(finite_difference_hvp)(vectors)
+        values = jnp.sum(vectors * products, axis=1)  # Rayleigh quotients
+        converged = jnp.all(jnp.abs(values - previous) < tolerance * jnp.abs(values))
+        return i + 1, orthonormalise(products), values, converged
+
+    def cond(state):
+        i, _, _, converged = state
+        return (i < max_iterations) & ~converged
+
+    initial = (jnp.int32(0), vectors, jnp.full((k,), jnp.inf, dtype), jnp.bool_(False))
+    iterations, vectors, values, converged = jax.lax.while_loop(cond, body, initial)
+    order = jnp.argsort(-values)
+    top = values[order]
+    direction = vectors[order[0]]
+    info = EigenInfo(
+        jnp.asarray(jnp.nan, dtype), iterations * k, jnp.asarray(jnp.nan, dtype), converged
+    )
+    return top, unravel(direction / jnp.linalg.norm(direction)), info

@@ -1,0 +1,49 @@
+"""Sharpness-Aware Minimization: the perturbed gradient and one SAM step.
+
+`loss_fn(params, batch) -> scalar` everywhere. With `rho = 0` (a Python number) SAM is plain
+gradient descent and the second gradient evaluation is skipped at trace time.
+"""
+
+from typing import Any, Callable
+
+import jax
+
+from sam_eos import tree
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+# Added to ||g|| before normalising, as in the paper's code, so a zero gradient does not divide
+# by zero.
+NORMALISATION_EPSILON = 1e-5
+
+
+def _is_static_zero(rho) -> bool:
+    return isinstance(rho, (int, float)) and rho == 0
+
+
+def loss_gradient_and_sam_gradient(
+    loss_fn: LossFn, params: PyTree, batch: PyTree, rho: float
+) -> tuple[jax.Array, PyTree, PyTree]:
+    """(L(w), g = grad L(w), grad L(w + rho g / (||g|| + 1e-5))): two gradients, shared g.
+
+    With a Python `rho == 0` the SAM gradient is `g` itself (one gradient evaluation).
+    """
+    loss, gradient = jax.value_and_grad(loss_fn)(params, batch)
+    if _is_static_zero(rho):
+        return loss, gradient, gradient
+    step = rho / (tree.norm(gradient) + NORMALISATION_EPSILON)
+    perturbed = tree.axpy(step, gradient, params)
+    return loss, gradient, jax.grad(loss_fn)(perturbed, batch)
+
+
+def sam_gradient(loss_fn: LossFn, params: PyTree, batch: PyTree, rho: float) -> PyTree:
+    """The SAM gradient: grad L at `params + rho * g / (||g|| + 1e-5)` with `g = grad L(params)`."""
+    return loss_gradient_and_sam_gradient(loss_fn, params, batch, rho)[2]
+
+
+def sam_update(
+    loss_fn: LossFn, params: PyTree, batch: PyTree, step_size: float, rho: float
+) -> PyTree:
+    """One SAM step `params - step_size * sam_gradient`; gradient descent when `rho = 0`."""
+    return tree.axpy(-step_size, sam_gradient(loss_fn, params, batch, rho), params)
