@@ -11,13 +11,12 @@ dtype: 100 iterations of the 2.8M-parameter MNIST MLP take 1.1 GB (float32).
 """
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
-
-from sam_eos import tree
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -40,7 +39,7 @@ class EigenInfo(NamedTuple):
 
 
 def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree) -> PyTree:
-    """The exact Hessian-vector product H(params) v (forward-over-reverse), a params-shaped pytree."""
+    """The exact Hessian-vector product H(params) v (forward-over-reverse): a params pytree."""
     gradient = lambda p: jax.grad(loss_fn)(p, batch)  # noqa: E731
     return jax.jvp(gradient, (params,), (v,))[1]
 
@@ -172,9 +171,8 @@ def _lanczos(loss_fn, params, batch, key, tolerance, *, k, max_iterations):
         fresh_norm = jnp.linalg.norm(fresh)
         b = jnp.where(breakdown, 0.0, b)
         beta = beta.at[j].set(b)
-        following = jnp.where(
-            breakdown, fresh / jnp.where(fresh_norm > 0, fresh_norm, 1.0), w / jnp.where(b > 0, b, 1.0)
-        )
+        fresh = fresh / jnp.where(fresh_norm > 0, fresh_norm, 1.0)
+        following = jnp.where(breakdown, fresh, w / jnp.where(b > 0, b, 1.0))
         basis = basis.at[j + 1].set(following)
         _, _, _, _, relative_bound = estimates(alpha, beta, j)
         converged = (j + 1 >= k) & (relative_bound <= tolerance)

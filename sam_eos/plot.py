@@ -47,7 +47,8 @@ def main(argv: list[str]) -> None:
         try:
             settings, columns, rows = read_raw_data(RAW_DATA.value)
         except ValueError as error:
-            raise InputError(f"--raw_data={RAW_DATA.value} is not a raw-data file: {error}")
+            message = f"--raw_data={RAW_DATA.value} is not a raw-data file: {error}"
+            raise InputError(message) from error
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

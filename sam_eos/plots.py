@@ -4,7 +4,8 @@ Each plot is against training time, skips non-finite values (a diverged or faile
 is skipped entirely when its output path is empty.
 """
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 

@@ -11,7 +11,8 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class RawDataWriter:
     def __init__(self, path: str, columns: Sequence[str], settings: dict[str, Any]):
         self.columns = list(columns)
         self._file = open(path, "w") if path else None
-        self._write(f"# sam_eos raw data: one row per Hessian check\n")
+        self._write("# sam_eos raw data: one row per Hessian check\n")
         self._write(SETTINGS_PREFIX + json.dumps(settings, sort_keys=True, default=str) + "\n")
         self._write(COLUMNS_PREFIX + " ".join(self.columns) + "\n")
 

@@ -4,7 +4,8 @@
 gradient descent and the second gradient evaluation is skipped at trace time.
 """
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 

@@ -52,6 +52,6 @@ def random_unit_direction(key: jax.Array, like: PyTree) -> PyTree:
     """A direction drawn uniformly from the unit sphere of the space of pytrees shaped as `like`."""
     leaves, treedef = jax.tree.flatten(like)
     keys = jax.random.split(key, len(leaves))
-    gaussian = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    gaussian = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
     direction = jax.tree.unflatten(treedef, gaussian)
     return scale(1.0 / norm(direction), direction)

@@ -1,0 +1,168 @@
+"""The absl flags both programs share, defined once, and their validation.
+
+A program calls `define_shared_flags(...)` with its own defaults at import time, then
+`train_config_from_flags(...)` in `main`, which checks every value (and that every output path
+can be written) and raises `InputError` with a message naming the flag before any training.
+"""
+
+import math
+from typing import Any
+
+from absl import flags
+
+from sam_eos import hessian
+from sam_eos.errors import InputError
+from sam_eos.records import check_output_path
+from sam_eos.train import Outputs, TrainConfig
+
+FLAGS = flags.FLAGS
+
+OUTPUT_FLAGS = {  # TrainConfig.outputs field -> flag name
+    "raw_data": "raw_data_output",
+    "eigs_curve": "eigs_curve_output",
+    "eigs_se_only": "eigs_se_only_output",
+    "alignment_curve": "alignment_curve_output",
+    "loss_curve": "loss_curve_output",
+}
+
+
+def define_shared_flags(
+    *,
+    time_limit_in_hours: float,
+    hessian_check_gap: float | None,
+    step_size: float,
+    batch_size: int,
+) -> None:
+    """Registers the shared flags with the calling program's defaults."""
+    flags.DEFINE_float("rho", 0.0, "SAM radius; 0 gives gradient descent.")
+    flags.DEFINE_float("step_size", step_size, "Step size eta.")
+    flags.DEFINE_integer("batch_size", batch_size, "Examples (or sequences) per step.")
+    flags.DEFINE_float(
+        "time_limit_in_hours", time_limit_in_hours, "Stop after this much training time (hours)."
+    )
+    flags.DEFINE_float(
+        "hessian_check_gap",
+        hessian_check_gap,
+        "Hours of training time between Hessian checks (0: every step; unset: no time-based "
+        "checks).",
+    )
+    flags.DEFINE_integer(
+        "hessian_check_every_steps", None, "Also check the Hessian every this many steps."
+    )
+    flags.DEFINE_integer("max_steps", None, "Stop after this many steps (unset: no limit).")
+    flags.DEFINE_integer("seed", 0, "Seed for initialisation, data order and the eigensolver.")
+    flags.DEFINE_integer(
+        "num_principal_components", 1, "How many top Hessian eigenvalues to measure."
+    )
+    flags.DEFINE_string(
+        "eigensolver", "lanczos", f"One of {hessian.METHODS}: exact Lanczos (default) or the "
+        "original's finite-difference power iteration."
+    )
+    flags.DEFINE_integer(
+        "eigensolver_max_iterations", None,
+        "Lanczos steps (HVPs) or power iterations per check (default 100).",
+    )
+    flags.DEFINE_float(
+        "eigensolver_tolerance", None,
+        "Relative tolerance (default 1e-6 for Lanczos, 1e-3 for power iteration).",
+    )
+    defaults = {
+        "eigs_curve_output": ("/tmp/eigs.pdf", "eigenvalues, SAM edge and 2/eta"),
+        "eigs_se_only_output": ("/tmp/eigs_se_only.pdf", "eigenvalues and SAM edge"),
+        "alignment_curve_output": ("/tmp/a.pdf", "alignment of the gradients"),
+        "loss_curve_output": ("/tmp/ell.pdf", "training loss"),
+        "raw_data_output": ("/tmp/raw.txt", "raw data, one row per Hessian check"),
+    }
+    for name, (default, what) in defaults.items():
+        flags.DEFINE_string(name, default, f"Where to write the {what} (empty: skip).")
+
+
+def require(condition: bool, message: str) -> None:
+    """Raises InputError(message) unless condition holds."""
+    if not condition:
+        raise InputError(message)
+
+
+def require_positive_int(name: str, value: int | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    require(value is not None and value >= 1, f"--{name} must be at least 1 (got {value})")
+
+
+def train_config_from_flags(run_name: str) -> TrainConfig:
+    """Validates the shared flags and returns the loop's config; raises InputError."""
+    for name in ("rho", "step_size", "time_limit_in_hours"):
+        value = FLAGS[name].value
+        require(math.isfinite(value), f"--{name} must be a finite number (got {value})")
+    require(FLAGS.rho >= 0, f"--rho must be >= 0 (got {FLAGS.rho}); 0 gives gradient descent")
+    require(FLAGS.step_size > 0, f"--step_size must be > 0 (got {FLAGS.step_size})")
+    require_positive_int("batch_size", FLAGS.batch_size)
+    require(
+        FLAGS.time_limit_in_hours > 0,
+        f"--time_limit_in_hours must be > 0 (got {FLAGS.time_limit_in_hours})",
+    )
+    gap = FLAGS.hessian_check_gap
+    require(
+        gap is None or (math.isfinite(gap) and gap >= 0),
+        f"--hessian_check_gap must be >= 0 hours (got {gap}); leave it unset for no "
+        "time-based checks",
+    )
+    require_positive_int("hessian_check_every_steps", FLAGS.hessian_check_every_steps,
+                         allow_none=True)
+    require_positive_int("max_steps", FLAGS.max_steps, allow_none=True)
+    require(
+        FLAGS.eigensolver in hessian.METHODS,
+        f"--eigensolver must be one of {', '.join(hessian.METHODS)} (got {FLAGS.eigensolver!r})",
+    )
+    require_positive_int("eigensolver_max_iterations", FLAGS.eigensolver_max_iterations,
+                         allow_none=True)
+    tolerance = FLAGS.eigensolver_tolerance
+    require(
+        tolerance is None or (math.isfinite(tolerance) and tolerance > 0),
+        f"--eigensolver_tolerance must be > 0 (got {tolerance})",
+    )
+    require_positive_int("num_principal_components", FLAGS.num_principal_components)
+    budget = FLAGS.eigensolver_max_iterations or hessian.DEFAULT_MAX_ITERATIONS[FLAGS.eigensolver]
+    require(
+        FLAGS.num_principal_components <= budget,
+        f"--num_principal_components={FLAGS.num_principal_components} exceeds the eigensolver's "
+        f"budget of {budget} iterations; raise --eigensolver_max_iterations",
+    )
+    outputs = {}
+    for field, name in OUTPUT_FLAGS.items():
+        check_output_path(FLAGS[name].value, name)
+        outputs[field] = FLAGS[name].value
+    return TrainConfig(
+        step_size=FLAGS.step_size,
+        rho=FLAGS.rho,
+        time_limit_in_hours=FLAGS.time_limit_in_hours,
+        hessian_check_gap=gap,
+        hessian_check_every_steps=FLAGS.hessian_check_every_steps,
+        max_steps=FLAGS.max_steps,
+        num_principal_components=FLAGS.num_principal_components,
+        eigensolver=FLAGS.eigensolver,
+        eigensolver_max_iterations=FLAGS.eigensolver_max_iterations,
+        eigensolver_tolerance=tolerance,
+        seed=FLAGS.seed,
+        outputs=Outputs(**outputs),
+        run_name=run_name,
+    )
+
+
+def check_principal_components(config: TrainConfig, num_params: int) -> None:
+    """The model must have at least k parameters for k eigenvalues."""
+    require(
+        config.num_principal_components <= num_params,
+        f"--num_principal_components={config.num_principal_components} exceeds the model's "
+        f"{num_params} parameters",
+    )
+
+
+def flag_values() -> dict[str, Any]:
+    """Every flag the program defined (name -> value), for the raw-data header."""
+    return {
+        flag.name: flag.value
+        for module, module_flags in FLAGS.flags_by_module_dict().items()
+        if not module.startswith("absl")
+        for flag in module_flags
+    }
