@@ -154,7 +154,7 @@ def _lanczos(loss_fn, params, batch, key, tolerance, *, k, max_iterations):
         return top, top_vectors, bottom, norm_estimate, relative_bound
 
     def body(state):
-        j, basis, alpha, beta, _, _ = state
+        j, basis, alpha, beta, _, _, previous_breakdown = state
         v = basis[j]
         w = matvec(v)
         a = jnp.vdot(v, w)
@@ -175,16 +175,21 @@ def _lanczos(loss_fn, params, batch, key, tolerance, *, k, max_iterations):
         following = jnp.where(breakdown, fresh, w / jnp.where(b > 0, b, 1.0))
         basis = basis.at[j + 1].set(following)
         _, _, _, _, relative_bound = estimates(alpha, beta, j)
-        converged = (j + 1 >= k) & (relative_bound <= tolerance)
-        return j + 1, basis, alpha, beta, converged, relative_bound
+        # A first breakdown restarts (the Krylov space may have missed a copy of a repeated
+        # eigenvalue); a second one in a row means the rest of the space is flat: stop.
+        converged = (
+            (j + 1 >= k) & (relative_bound <= tolerance) & (~breakdown | previous_breakdown)
+        )
+        return j + 1, basis, alpha, beta, converged, relative_bound, breakdown
 
     def cond(state):
-        j, _, _, _, converged, _ = state
+        j, _, _, _, converged, _, _ = state
         return (j < m) & ~converged
 
     zeros = jnp.zeros((m,), dtype)
-    state = (jnp.int32(0), basis, zeros, zeros, jnp.bool_(False), jnp.asarray(jnp.inf, dtype))
-    steps, basis, alpha, beta, converged, relative_bound = jax.lax.while_loop(cond, body, state)
+    no = jnp.bool_(False)
+    state = (jnp.int32(0), basis, zeros, zeros, no, jnp.asarray(jnp.inf, dtype), no)
+    steps, basis, alpha, beta, converged, _, _ = jax.lax.while_loop(cond, body, state)
     last = steps - 1
     top, top_vectors, bottom, _, relative_bound = estimates(alpha, beta, last)
     ritz_vector = basis[:m].T @ jnp.where(index <= last, top_vectors[:, 0], 0.0)

@@ -1,0 +1,136 @@
+"""Image classification data from TensorFlow Datasets (TFDS), held in memory as NumPy arrays.
+
+Any TFDS data set with fixed-size `image` and class `label` features and "train" and "test"
+splits works (mnist, cifar10, fashion_mnist, ...). Pixels are scaled to [0, 1) and both sets are
+centred by the mean image of the first training batch.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+
+from sam_eos.errors import InputError
+
+SPLITS = ("train", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageData:
+    """Training and test sets: `N` training and `M` test images of shape `[H, W, C]`."""
+
+    train_images: np.ndarray  # float32 [N, H, W, C], centred
+    train_labels: np.ndarray  # float32 [N, num_classes], one-hot
+    test_images: np.ndarray  # float32 [M, H, W, C], centred like the training images
+    test_labels: np.ndarray  # int32 [M]
+    num_classes: int
+    name: str
+
+
+def _import_tfds():
+    """Import TensorFlow and TFDS (slow, so only when data is loaded), keeping TF off the GPU."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    try:
+        tf.config.set_visible_devices([], "GPU")  # JAX owns the accelerator.
+    except RuntimeError:  # TensorFlow already initialised its devices.
+        pass
+    return tfds
+
+
+def _builder(tfds, dataset: str, data_dir: str | None):
+    """The TFDS builder for `dataset`, its features checked and its data prepared on disk."""
+    try:
+        builder = tfds.builder(dataset, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError:
+        raise InputError(
+            f"Unknown dataset {dataset!r}: TFDS has no data set of that name "
+            "(for example 'mnist' or 'cifar10')."
+        ) from None
+    except (ValueError, AssertionError) as error:  # A bad config or version in the name.
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = reason.partition('": ')[2] or reason  # Drop TFDS's "Failed to construct ...".
+        raise InputError(f"Cannot use dataset {dataset!r}: {reason}") from None
+
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise InputError(
+            f"Dataset {dataset!r} is not an image classification data set: it needs 'image' "
+            f"and 'label' features, and has {', '.join(features.keys())}."
+        )
+    if not isinstance(features["label"], tfds.features.ClassLabel):
+        raise InputError(f"Dataset {dataset!r}: its 'label' feature is not a class label.")
+    if None in features["image"].shape:
+        raise InputError(f"Dataset {dataset!r}: its images are not all of one size.")
+
+    if not builder.is_prepared():
+        try:
+            builder.download_and_prepare()
+        except Exception as error:
+            reason = (str(error).splitlines() or [""])[0]
+            raise InputError(
+                f"The {dataset!r} data is not in {builder.data_dir} and could not be downloaded "
+                f"({type(error).__name__}: {reason}). Pass --data_dir or set TFDS_DATA_DIR to a "
+                "directory that holds prepared TFDS data (downloading needs network access)."
+            ) from error
+    splits = builder.info.splits  # Empty only when TFDS does not know them (its test mocks).
+    missing = [split for split in SPLITS if splits and split not in splits]
+    if missing:
+        raise InputError(f"Dataset {dataset!r} has no {' or '.join(missing)} split.")
+    return builder
+
+
+def _cut(array: np.ndarray, num_batches: int | None, batch_size: int) -> np.ndarray:
+    """The first `num_batches * batch_size` rows (all of them when None or more than there are)."""
+    return array if num_batches is None else array[: num_batches * batch_size]
+
+
+def load(
+    dataset: str,
+    *,
+    data_dir: str | None,
+    batch_size: int,
+    mini_training_set_num_batches: int | None = None,
+    mini_test_set_num_batches: int | None = None,
+) -> ImageData:
+    """Load a TFDS image data set's train and test splits whole into memory.
+
+    `data_dir` is where prepared TFDS data lives (None: TFDS's default, `$TFDS_DATA_DIR` or
+    `~/tensorflow_datasets`); the data is downloaded there if missing and the network allows.
+    The mini set options keep only the first that many batches of `batch_size` examples.
+    Raises InputError for an unknown data set or data that is missing and cannot be downloaded.
+    """
+    for flag, value in [
+        ("batch_size", batch_size),
+        ("mini_training_set_num_batches", mini_training_set_num_batches),
+        ("mini_test_set_num_batches", mini_test_set_num_batches),
+    ]:
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be at least 1, got {value}.")
+    tfds = _import_tfds()
+    builder = _builder(tfds, dataset, data_dir)
+    train, test = (tfds.as_numpy(builder.as_dataset(split=s, batch_size=-1)) for s in SPLITS)
+
+    num_classes = int(builder.info.features["label"].num_classes)
+    train_images = _cut(train["image"], mini_training_set_num_batches, batch_size)
+    train_labels = _cut(train["label"], mini_training_set_num_batches, batch_size)
+    test_images = _cut(test["image"], mini_test_set_num_batches, batch_size)
+    test_labels = _cut(test["label"], mini_test_set_num_batches, batch_size)
+
+    if len(train_images) == 0 or len(test_images) == 0:
+        raise InputError(f"Dataset {dataset!r} has an empty train or test split.")
+
+    train_images = train_images.astype(np.float32) / 256
+    test_images = test_images.astype(np.float32) / 256
+    # [H, W, C]: the mean image of the first training batch (after the cut), used for both sets.
+    mean_image = train_images[:batch_size].mean(axis=0, dtype=np.float64).astype(np.float32)
+    return ImageData(
+        train_images=train_images - mean_image,
+        train_labels=np.eye(num_classes, dtype=np.float32)[train_labels],
+        test_images=test_images - mean_image,
+        test_labels=test_labels.astype(np.int32),
+        num_classes=num_classes,
+        name=builder.info.name,
+    )

@@ -1,0 +1,1 @@
+"""Character-level transformer language model trained with GD / SAM (Long & Bartlett 2024)."""
