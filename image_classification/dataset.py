@@ -7,6 +7,7 @@ centred by the mean image of the first training batch.
 
 import dataclasses
 import os
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -134,3 +135,21 @@ def load(
         num_classes=num_classes,
         name=builder.info.name,
     )
+
+
+def minibatches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_seed: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Whole minibatches `(images [B, H, W, C], labels [B, C])`, epoch after epoch, forever.
+
+    In order like the original (the tail that does not fill a batch is dropped), or in a new
+    permutation each epoch when `shuffle_seed` is given.
+    """
+    num_batches = len(images) // batch_size
+    rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
+    while True:
+        order = np.arange(num_batches * batch_size) if rng is None else rng.permutation(
+            len(images))[: num_batches * batch_size]
+        for start in range(0, num_batches * batch_size, batch_size):
+            index = order[start:start + batch_size]
+            yield images[index], labels[index]

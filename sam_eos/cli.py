@@ -7,6 +7,8 @@ from absl import app, logging
 
 from sam_eos.errors import EXIT_BAD_INPUT, InputError
 
+__all__ = ["InputError", "run_main"]
+
 
 def run_main(main: Callable[[list[str]], int | None]) -> None:
     """`absl.app.run(main)`, logging at INFO, with `InputError` turned into

@@ -1,0 +1,105 @@
+"""python3 -m image_classification: SAM (or GD) on an MLP or CNN, watching the Hessian.
+
+With no flags it re-runs the paper's MNIST experiment (full-batch GD on a 3 x 1000 ReLU MLP,
+4 hours, a Hessian check every 15 minutes). Writes the raw data and four PDFs, then prints the
+test error.
+"""
+
+import jax
+from absl import flags, logging
+
+from image_classification import dataset, model
+from sam_eos import cli, train
+from sam_eos import flags as shared_flags
+
+shared_flags.define_shared_flags(
+    time_limit_in_hours=4.0, hessian_check_gap=0.25, step_size=0.01, batch_size=60000
+)
+NN_ARCHITECTURE = flags.DEFINE_string("nn_architecture", "MLP", "MLP or CNN.")
+DATASET = flags.DEFINE_string(
+    "dataset", "mnist", "A TFDS image classification data set with `image` and `label` "
+    "features, e.g. mnist or cifar10."
+)
+DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "TFDS data directory (default: TFDS's own, which honours TFDS_DATA_DIR)."
+)
+MLP_DEPTH = flags.DEFINE_integer("mlp_depth", 4, "Layers of the MLP, counting the output.")
+MLP_WIDTH = flags.DEFINE_integer("mlp_width", 1000, "Units per hidden layer of the MLP.")
+CNN_NUM_BLOCKS = flags.DEFINE_integer("cnn_num_blocks", 2, "Blocks of the CNN.")
+CNN_LAYERS_PER_BLOCK = flags.DEFINE_integer("cnn_layers_per_block", 1, "Conv layers per block.")
+CNN_FEATURE_MULTIPLIER = flags.DEFINE_integer(
+    "cnn_feature_multiplier", 16, "Channels of block i: 2**i times this."
+)
+MINI_TRAINING_SET_NUM_BATCHES = flags.DEFINE_integer(
+    "mini_training_set_num_batches", None, "Keep only this many training batches (unset: all)."
+)
+MINI_TEST_SET_NUM_BATCHES = flags.DEFINE_integer(
+    "mini_test_set_num_batches", None, "Keep only this many test batches (unset: all)."
+)
+SHUFFLE = flags.DEFINE_bool(
+    "shuffle", False, "Minibatch training only: a new seeded order each epoch (default: in "
+    "order, as the original)."
+)
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    config = shared_flags.train_config_from_flags(
+        f"{NN_ARCHITECTURE.value} on {DATASET.value}: rho={flags.FLAGS.rho:g}, "
+        f"eta={flags.FLAGS.step_size:g}, seed {flags.FLAGS.seed}"
+    )
+    for name in ("mini_training_set_num_batches", "mini_test_set_num_batches"):
+        shared_flags.require_positive_int(name, flags.FLAGS[name].value, allow_none=True)
+    build = lambda num_classes: model.make_network(  # noqa: E731
+        NN_ARCHITECTURE.value,
+        num_classes,
+        mlp_depth=MLP_DEPTH.value,
+        mlp_width=MLP_WIDTH.value,
+        cnn_num_blocks=CNN_NUM_BLOCKS.value,
+        cnn_layers_per_block=CNN_LAYERS_PER_BLOCK.value,
+        cnn_feature_multiplier=CNN_FEATURE_MULTIPLIER.value,
+    )
+    build(10)  # checks the architecture flags before the (slow) data load
+    batch_size = flags.FLAGS.batch_size
+    data = dataset.load(
+        DATASET.value,
+        data_dir=DATA_DIR.value,
+        batch_size=batch_size,
+        mini_training_set_num_batches=MINI_TRAINING_SET_NUM_BATCHES.value,
+        mini_test_set_num_batches=MINI_TEST_SET_NUM_BATCHES.value,
+    )
+    num_train = len(data.train_images)
+    logging.info("%s: %d training and %d test examples, %d classes.", data.name, num_train,
+                 len(data.test_images), data.num_classes)
+    network = build(data.num_classes)
+    params = jax.jit(network.init)(jax.random.PRNGKey(config.seed), data.train_images[:1])
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    shared_flags.check_principal_components(config, num_params)
+    logging.info("%s with %d parameters.", NN_ARCHITECTURE.value, num_params)
+    if batch_size >= num_train:
+        logging.info("Full-batch training: batch_size %d covers all %d training examples.",
+                     batch_size, num_train)
+        batches = train.FullBatch((data.train_images, data.train_labels))
+    else:
+        logging.info("Minibatch training: %d batches of %d per epoch (%s).",
+                     num_train // batch_size, batch_size,
+                     "shuffled" if SHUFFLE.value else "in order")
+        batches = train.BatchStream(dataset.minibatches(
+            data.train_images, data.train_labels, batch_size,
+            config.seed if SHUFFLE.value else None,
+        ))
+    result = train.run(
+        model.make_loss_fn(network), params, batches, config,
+        settings={"program": "image_classification", "flags": shared_flags.flag_values()},
+    )
+    if result.status == "diverged":
+        print("Test error: not computed (the run diverged)")
+    else:
+        error = model.test_error(network, result.params, data.test_images, data.test_labels,
+                                 min(batch_size, 10000))
+        print(f"Test error: {error:.4f}")
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
