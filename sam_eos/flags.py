@@ -26,6 +26,16 @@ OUTPUT_FLAGS = {  # TrainConfig.outputs field -> flag name
 }
 
 
+class _OptionalFloatParser(flags.FloatParser):
+    """A float flag that can also be switched off from the command line: '' or 'none'."""
+
+    def parse(self, argument):
+        if argument is None or (isinstance(argument, str) and argument.strip().lower() in (
+                "", "none")):
+            return None
+        return super().parse(argument)
+
+
 def define_shared_flags(
     *,
     time_limit_in_hours: float,
@@ -40,11 +50,12 @@ def define_shared_flags(
     flags.DEFINE_float(
         "time_limit_in_hours", time_limit_in_hours, "Stop after this much training time (hours)."
     )
-    flags.DEFINE_float(
+    flags.DEFINE(
+        _OptionalFloatParser(),
         "hessian_check_gap",
         hessian_check_gap,
-        "Hours of training time between Hessian checks (0: every step; unset: no time-based "
-        "checks).",
+        "Hours of training time between Hessian checks (0: every step; 'none' or empty: no "
+        "time-based checks).",
     )
     flags.DEFINE_integer(
         "hessian_check_every_steps", None, "Also check the Hessian every this many steps."

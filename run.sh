@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# ./run.sh        set up .venv, then run one quick MNIST experiment (SAM, rho 0.1, ~2 minutes)
+# ./run.sh test   set up .venv, then run the test suite (extra arguments go to pytest)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+# Install only when requirements.txt changed since the last install.
+stamp=.venv/.requirements.sha256
+wanted=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -r requirements.txt
+  echo "$wanted" > "$stamp"
+fi
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+
+case "${1:-}" in
+  test)
+    shift
+    exec .venv/bin/python -m pytest -q "$@"
+    ;;
+  "")
+    # Use pre-downloaded TFDS data beside the project when there is some (offline machines).
+    if [ -z "${TFDS_DATA_DIR:-}" ] && [ -d ../shared/data/tfds/mnist ]; then
+      export TFDS_DATA_DIR=$(cd ../shared/data/tfds && pwd)
+    fi
+    exec .venv/bin/python -m image_classification --rho=0.1 --step_size=0.5 \
+      --mlp_width=200 --batch_size=2000 --mini_training_set_num_batches=1 \
+      --mini_test_set_num_batches=1 --time_limit_in_hours=0.03 --hessian_check_gap=0.001
+    ;;
+  *)
+    echo "usage: ./run.sh [test [pytest arguments]]" >&2
+    exit 2
+    ;;
+esac
