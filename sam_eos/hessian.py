@@ -183,13 +183,15 @@ def _lanczos(loss_fn, params, batch, key, tolerance, *, k, max_iterations):
         return j + 1, basis, alpha, beta, converged, relative_bound, breakdown
 
     def cond(state):
-        j, _, _, _, converged, _, _ = state
-        return (j < m) & ~converged
+        j, _, _, _, converged, relative_bound, _ = state
+        # A nan or inf Hessian (a diverged run) stops at once, unconverged.
+        return (j < m) & ~converged & ((j == 0) | jnp.isfinite(relative_bound))
 
     zeros = jnp.zeros((m,), dtype)
     no = jnp.bool_(False)
     state = (jnp.int32(0), basis, zeros, zeros, no, jnp.asarray(jnp.inf, dtype), no)
     steps, basis, alpha, beta, converged, _, _ = jax.lax.while_loop(cond, body, state)
+    steps = jnp.maximum(steps, 1)
     last = steps - 1
     top, top_vectors, bottom, _, relative_bound = estimates(alpha, beta, last)
     ritz_vector = basis[:m].T @ jnp.where(index <= last, top_vectors[:, 0], 0.0)

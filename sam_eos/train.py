@@ -136,7 +136,8 @@ def make_train_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, r
 
     `batches` is one batch (used at every step) when `fixed` is true, else a stack of at least
     `num_steps` batches along a new leading axis. The loop stops early, without updating, at the
-    first step whose loss is not finite; `loss` is the loss at the last step it evaluated.
+    first step whose loss or gradient is not finite; `loss` is the loss at the last step it
+    evaluated.
     """
 
     @functools.partial(jax.jit, static_argnames="fixed")
@@ -145,7 +146,7 @@ def make_train_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, r
             i, params, opt_state, _, _ = carry
             batch = batches if fixed else jax.tree.map(lambda x: x[i], batches)
             loss, _, sam_grad = loss_gradient_and_sam_gradient(loss_fn, params, batch, rho)
-            finite = jnp.isfinite(loss)
+            finite = jnp.isfinite(loss) & jnp.isfinite(tree.norm(sam_grad))
             updates, new_opt_state = optimizer.update(sam_grad, opt_state, params)
             new_params = optax.apply_updates(params, updates)
             keep = lambda new, old: jax.tree.map(  # noqa: E731
@@ -371,8 +372,8 @@ def run(
                 taken = int(taken)
                 step += taken
                 if not bool(finite):
-                    logging.error("Diverged: the training loss is %s at step %d.", float(loss),
-                                  step)
+                    logging.error("Diverged: the training loss or gradient is not finite at "
+                                  "step %d (loss %s).", step, float(loss))
                     writer.note(f"diverged at step {step}: training loss {float(loss)}")
                     status = "diverged"
                     break

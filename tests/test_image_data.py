@@ -1,6 +1,5 @@
 """Loading TFDS image data: the real `load` code on mocked TFDS data, errors, and the stand-in."""
 
-import json
 import pathlib
 
 import numpy as np
@@ -8,34 +7,17 @@ import pytest
 
 from image_classification import dataset
 from sam_eos.errors import InputError
+from tests.tfds_mock import write_mock_metadata
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
 SHARED_TFDS_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tfds"
-# Split sizes written into the mocked metadata. `load` must take its sizes from the data (the
-# mock's `num_examples`), never from these.
-DECLARED_TRAIN, DECLARED_TEST = 1000, 500
 
 
 @pytest.fixture(scope="module")
 def metadata_dir(tmp_path_factory) -> str:
-    """TFDS metadata (split sizes only) for mnist and cifar10, for `tfds.testing.mock_data`.
-
-    Without split sizes, TFDS reads a whole split (`batch_size=-1`) with a batch of `sys.maxsize`
-    examples, which aborts TensorFlow; with them, it reads the mock's examples in one batch.
-    """
-    root = tmp_path_factory.mktemp("tfds_metadata")
-    for name in ["mnist", "cifar10"]:
-        version = str(tfds.builder(name, data_dir=str(root)).version)
-        directory = root / name / version
-        directory.mkdir(parents=True)
-        splits = [
-            {"name": split, "shardLengths": [str(size)], "numBytes": "0"}
-            for split, size in [("train", DECLARED_TRAIN), ("test", DECLARED_TEST)]
-        ]
-        info = {"name": name, "version": version, "splits": splits}
-        (directory / "dataset_info.json").write_text(json.dumps(info))
-    return str(root)
+    """Mocked TFDS metadata for mnist and cifar10 (see tests/tfds_mock.py)."""
+    return write_mock_metadata(tmp_path_factory.mktemp("tfds_metadata"))
 
 
 def _mock_load(metadata_dir: str, name: str, num_examples: int, **kwargs):

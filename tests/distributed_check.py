@@ -1,0 +1,179 @@
+"""Sharded (4 devices) against single-device results; prints one JSON object.
+
+Run by tests/test_distributed.py in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=4, which must be set before JAX is imported,
+and OPENBLAS_NUM_THREADS=1 (four CPU "devices" each running a threaded LAPACK eigh, as Lanczos
+does every step, can be a thousand times slower on a small, busy machine).
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sam_eos import distributed, hessian
+from sam_eos.errors import InputError
+from sam_eos.sam import loss_gradient_and_sam_gradient, sam_gradient, sam_update
+from sam_eos.train import make_train_steps
+
+BATCH = 64
+SIZES = (16, 64, 32, 4)  # 3,300 parameters
+STEP_SIZE = 0.1
+RHO = 0.05
+STEPS = 8
+
+
+def init_params(key):
+    params = []
+    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:], strict=True)):
+        k = jax.random.fold_in(key, i)
+        params.append({"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b) + 0.1})
+    return params
+
+
+def loss_fn(params, batch):
+    x, y = batch["x"], batch["y"]
+    for layer in params[:-1]:
+        x = jnp.tanh(x @ layer["w"] + layer["b"])
+    logits = x @ params[-1]["w"] + params[-1]["b"]
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+
+def make_batch(seed, leading=()):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(*leading, BATCH, SIZES[0])).astype(np.float32)
+    y = rng.integers(0, SIZES[-1], size=(*leading, BATCH)).astype(np.int32)
+    return {"x": x, "y": y}
+
+
+def relative_error(a, b) -> float:
+    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(a))])
+    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(b))])
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def spans(tree) -> list[int]:
+    return sorted({len(x.sharding.device_set) for x in jax.tree.leaves(tree)})
+
+
+def main() -> None:
+    out = {"device_count": jax.device_count()}
+    mesh = distributed.make_mesh()
+    single = distributed.make_mesh(1)
+    out["describe"] = distributed.describe(mesh)
+    params = init_params(jax.random.PRNGKey(0))
+    host_batch = make_batch(1)
+
+    batch4 = distributed.put_batch(host_batch, mesh)
+    batch1 = distributed.put_batch(host_batch, single)
+    params4 = distributed.put_replicated(params, mesh)
+    params1 = distributed.put_replicated(params, single)
+    out["batch_devices"] = len(batch4["x"].sharding.device_set)
+    out["batch_shard_rows"] = sorted({s.data.shape[0] for s in batch4["x"].addressable_shards})
+    out["batch_shard_starts"] = sorted(s.index[0].start for s in batch4["x"].addressable_shards)
+    out["params_replicated"] = all(x.sharding.is_fully_replicated for x in jax.tree.leaves(params4))
+
+    # One SAM step, jitted.
+    step = jax.jit(lambda p, b: sam_update(loss_fn, p, b, STEP_SIZE, RHO))
+    new4, new1 = step(params4, batch4), step(params1, batch1)
+    out["sam_step_rel_error"] = relative_error(new4, new1)
+    out["sam_step_moved"] = relative_error(new1, params)
+    out["sam_step_output_devices"] = spans(new4)
+    out["sam_step_output_replicated"] = all(
+        x.sharding.is_fully_replicated for x in jax.tree.leaves(new4)
+    )
+    hlo = step.lower(params4, batch4).compile().as_text()
+    out["sam_step_has_all_reduce"] = "all-reduce" in hlo
+    # The per-device alternative (m-sharpness, m = 16): the mean of each shard's SAM gradient.
+    # Far from the whole-batch SAM gradient, so the comparison above would notice it.
+    whole = sam_gradient(loss_fn, params, host_batch, RHO)
+    shards = [jax.tree.map(lambda x, i=i: x[16 * i: 16 * (i + 1)], host_batch) for i in range(4)]
+    per_device = jax.tree.map(
+        lambda *g: sum(g) / 4, *[sam_gradient(loss_fn, params, s, RHO) for s in shards]
+    )
+    out["m_sharpness_rel_difference"] = relative_error(per_device, whole)
+    # The sharded SAM gradient against the whole-batch one computed by hand on the host.
+    grad4 = jax.jit(lambda p, b: loss_gradient_and_sam_gradient(loss_fn, p, b, RHO)[2])(
+        params4, batch4
+    )
+    out["sam_gradient_rel_error"] = relative_error(grad4, whole)
+
+    # Hessian-vector product.
+    v = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape),
+                     params)
+    hvp = jax.jit(lambda p, b, v: hessian.hvp(loss_fn, p, b, v))
+    hv4 = hvp(params4, batch4, distributed.put_replicated(v, mesh))
+    hv1 = hvp(params1, batch1, distributed.put_replicated(v, single))
+    out["hvp_rel_error"] = relative_error(hv4, hv1)
+
+    # Top two eigenvalues (Lanczos).
+    eig4, direction4, info4 = hessian.top_eigenvalues(loss_fn, params4, batch4, 2,
+                                                      return_info=True)
+    eig1, direction1, info1 = hessian.top_eigenvalues(loss_fn, params1, batch1, 2,
+                                                      return_info=True)
+    out["eigenvalues_sharded"] = np.asarray(eig4).tolist()
+    out["eigenvalues_single"] = np.asarray(eig1).tolist()
+    out["eigenvalues_rel_error"] = float(np.max(np.abs(np.asarray(eig4) - np.asarray(eig1))
+                                                / np.abs(np.asarray(eig1))))
+    out["eig_hvps"] = [int(info4.matrix_vector_products), int(info1.matrix_vector_products)]
+    out["eig_converged"] = [bool(info4.converged), bool(info1.converged)]
+    out["direction_alignment"] = float(abs(sum(
+        np.vdot(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(direction4)),
+                                      jax.tree.leaves(jax.device_get(direction1)), strict=True))))
+
+    # make_train_steps: a fixed FullBatch and a stacked stream of batches.
+    optimizer = optax.sgd(STEP_SIZE)
+    train_steps = make_train_steps(loss_fn, optimizer, RHO)
+    state4 = distributed.put_replicated(optimizer.init(params), mesh)
+    state1 = distributed.put_replicated(optimizer.init(params), single)
+    full4 = train_steps(params4, state4, batch4, STEPS, True)
+    full1 = train_steps(params1, state1, batch1, STEPS, True)
+    out["full_batch_taken"] = [int(full4[0]), int(full1[0])]
+    out["full_batch_rel_error"] = relative_error(full4[1], full1[1])
+    out["full_batch_loss"] = [float(full4[3]), float(full1[3])]
+    out["full_batch_output_replicated"] = all(
+        x.sharding.is_fully_replicated for x in jax.tree.leaves(full4[1])
+    )
+
+    stack = make_batch(2, leading=(STEPS,))
+    stack4 = distributed.put_batch(stack, mesh, stacked=True)
+    stack1 = distributed.put_batch(stack, single, stacked=True)
+    out["stack_shard_shape"] = list(stack4["x"].sharding.shard_shape(stack4["x"].shape))
+    stream4 = train_steps(params4, state4, stack4, STEPS, False)
+    stream1 = train_steps(params1, state1, stack1, STEPS, False)
+    out["stream_taken"] = [int(stream4[0]), int(stream1[0])]
+    out["stream_rel_error"] = relative_error(stream4[1], stream1[1])
+    out["stream_moved"] = relative_error(stream1[1], params)
+
+    # Per-process loading (one process here: every row is local).
+    rows = distributed.process_rows(BATCH, mesh)
+    out["process_rows_all"] = bool(np.array_equal(rows, np.arange(BATCH)))
+    local = jax.tree.map(lambda x: x[rows], host_batch)
+    global4 = distributed.make_global_batch(local, mesh)
+    out["global_batch_equal"] = bool(
+        all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(global4)),
+                                                 jax.tree.leaves(host_batch), strict=True))
+    )
+    out["global_batch_sharding_equal"] = global4["x"].sharding == batch4["x"].sharding
+    out["is_main_process"] = distributed.is_main_process()
+
+    # Errors: a batch that does not split over 4 devices; more devices than there are.
+    for name, call in [
+        ("uneven_batch_error", lambda: distributed.put_batch({"x": np.zeros((30, 2))}, mesh)),
+        ("uneven_stack_error", lambda: distributed.put_batch({"x": np.zeros((2, 6))}, mesh,
+                                                             stacked=True)),
+        ("too_many_devices_error", lambda: distributed.make_mesh(5)),
+    ]:
+        try:
+            call()
+            out[name] = None
+        except InputError as error:
+            out[name] = str(error)
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Both programs end to end through their command lines (subprocesses, as a user runs them)."""
+
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sam_eos import errors
+from sam_eos.records import read_raw_data
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PDFS = ("eigs.pdf", "eigs_se_only.pdf", "a.pdf", "ell.pdf")
+TINY_TRANSFORMER = [
+    "--num_layers=1", "--model_size=32", "--num_heads=2", "--key_size=16",
+    "--sequence_length=32", "--batch_size=16",
+]
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("TFDS_DATA_DIR", None)
+    return env
+
+
+def output_flags(directory: pathlib.Path) -> list[str]:
+    return [
+        f"--raw_data_output={directory / 'raw.txt'}",
+        f"--eigs_curve_output={directory / 'eigs.pdf'}",
+        f"--eigs_se_only_output={directory / 'eigs_se_only.pdf'}",
+        f"--alignment_curve_output={directory / 'a.pdf'}",
+        f"--loss_curve_output={directory / 'ell.pdf'}",
+    ]
+
+
+def run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=environment(), text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def assert_outputs(directory: pathlib.Path, min_rows: int) -> np.ndarray:
+    _, _, rows = read_raw_data(str(directory / "raw.txt"))
+    assert len(rows) >= min_rows
+    for name in PDFS:
+        content = (directory / name).read_bytes()
+        assert content.startswith(b"%PDF-") and b"%%EOF" in content[-64:]
+    return rows
+
+
+def shakespeare_like_text(num_lines: int = 600) -> str:
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "and", "queen", "of", "rome", "shall", "speak", "to", "thee"]
+    return "".join(" ".join(rng.choice(words, 8)) + ".\n" for _ in range(num_lines))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> pathlib.Path:
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text(shakespeare_like_text())
+    return path
+
+
+def test_image_classification_mlp_end_to_end_on_mock_mnist(tmp_path):
+    result = run(["tests/tfds_mock.py", "64", "--rho=0.1", "--mlp_width=32", "--max_steps=12",
+                  "--hessian_check_every_steps=4", "--hessian_check_gap=none",
+                  *output_flags(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Full-batch training" in result.stderr
+    error = float(result.stdout.split("Test error:")[1].split()[0])
+    assert 0.0 <= error <= 1.0
+    rows = assert_outputs(tmp_path, 3)
+    np.testing.assert_array_equal(rows[:, 8], [0, 4, 8])
+
+
+def test_image_classification_cnn_end_to_end_on_mock_cifar10(tmp_path):
+    result = run(["tests/tfds_mock.py", "24", "--dataset=cifar10", "--nn_architecture=CNN",
+                  "--cnn_feature_multiplier=4", "--batch_size=8", "--rho=0.05",
+                  "--max_steps=6", "--hessian_check_every_steps=3", "--hessian_check_gap=none",
+                  *output_flags(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Minibatch training: 3 batches of 8" in result.stderr
+    assert "Test error:" in result.stdout
+    assert_outputs(tmp_path, 2)
+
+
+def test_transformer_learns_and_writes_everything(tmp_path, corpus):
+    result = run(["-m", "transformer", f"--corpus={corpus}", "--test_lines=100", "--rho=0.05",
+                  "--step_size=0.1", "--max_steps=60", "--hessian_check_every_steps=20",
+                  *TINY_TRANSFORMER, *output_flags(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    test_loss = float(result.stdout.split("Test loss:")[1].split()[0])
+    assert test_loss < 0.6 * math.log(128)
+    rows = assert_outputs(tmp_path, 3)
+    losses = rows[:, 5]
+    assert losses[0] > 0.9 * math.log(128) and losses[-1] < 0.6 * math.log(128)
+
+
+def test_sigint_ends_the_run_cleanly(tmp_path, corpus):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "transformer", f"--corpus={corpus}", "--test_lines=100",
+         "--max_steps=100000", "--hessian_check_every_steps=5", *TINY_TRANSFORMER,
+         *output_flags(tmp_path)],
+        cwd=ROOT, env=environment(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    raw = tmp_path / "raw.txt"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        if raw.exists() and raw.read_text().count("\n") >= 5:  # 3 header lines, 2 rows
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == errors.EXIT_INTERRUPTED_SIGINT, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert "Test loss:" in stdout
+    rows = assert_outputs(tmp_path, 2)
+    assert np.all(np.isfinite(rows[:, 5]))
+
+
+def test_divergence_exits_with_its_code_and_keeps_the_rows(tmp_path, corpus):
+    result = run(["-m", "transformer", f"--corpus={corpus}", "--test_lines=100",
+                  "--step_size=1e6", "--max_steps=50", "--hessian_check_every_steps=10",
+                  *TINY_TRANSFORMER, *output_flags(tmp_path)])
+    assert result.returncode == errors.EXIT_DIVERGED, result.stderr[-3000:]
+    assert "Diverged" in result.stderr
+    assert "not computed" in result.stdout
+    rows = assert_outputs(tmp_path, 1)
+    assert np.isfinite(rows[0, 5])
+
+
+BAD_TRANSFORMER_INPUTS = [
+    (["--rho=-0.1"], "--rho must be >= 0"),
+    (["--step_size=0"], "--step_size must be > 0"),
+    (["--batch_size=0"], "--batch_size must be at least 1"),
+    (["--time_limit_in_hours=0"], "--time_limit_in_hours must be > 0"),
+    (["--hessian_check_gap=-1"], "--hessian_check_gap must be >= 0"),
+    (["--hessian_check_every_steps=0"], "--hessian_check_every_steps must be at least 1"),
+    (["--num_principal_components=0"], "--num_principal_components must be at least 1"),
+    (["--num_principal_components=101"], "exceeds the eigensolver's budget"),
+    (["--eigensolver=arnoldi"], "--eigensolver must be one of"),
+    (["--sequence_length=0"], "--sequence_length must be at least 1"),
+    (["--num_heads=0"], "--num_heads must be at least 1"),
+    (["--raw_data_output=/etc/hostname/raw.txt"], "--raw_data_output=/etc/hostname/raw.txt"),
+    (["--eigs_curve_output=/proc/nope/e.pdf"], "cannot be written"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_TRANSFORMER_INPUTS[:3])
+def test_bad_flags_fail_fast_through_the_command_line(tmp_path, corpus, flags, message):
+    result = run(["-m", "transformer", f"--corpus={corpus}", "--test_lines=100", *flags,
+                  *output_flags(tmp_path)], timeout=60)
+    assert result.returncode == errors.EXIT_BAD_INPUT
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "raw.txt").exists()  # nothing trained, nothing written
+
+
+def test_every_bad_input_has_its_message(tmp_path, corpus):
+    """Many bad inputs in one process (tests/flag_cases.py re-parses the flags per case)."""
+    bad_text = tmp_path / "bad.txt"
+    bad_text.write_bytes(b"hello\nw\xc3\xb6rld\n")
+    nul_text = tmp_path / "nul.txt"
+    nul_text.write_bytes(b"abc\x00def\n")
+    short_text = tmp_path / "short.txt"
+    short_text.write_text("to be or not to be\n" * 3)
+    corpus_flags = [f"--corpus={corpus}", "--test_lines=100"]
+    cases = [(corpus_flags + flags, message) for flags, message in BAD_TRANSFORMER_INPUTS]
+    cases += [
+        (["--training_data=/nonexistent.txt", f"--test_data={corpus}"], "/nonexistent.txt"),
+        ([f"--training_data={bad_text}", f"--test_data={corpus}"], "byte offset 7"),
+        ([f"--training_data={nul_text}", f"--test_data={corpus}"], "byte offset 3"),
+        ([f"--training_data={short_text}", f"--test_data={corpus}"], "whole batches"),
+        ([f"--test_data={corpus}"], "--training_data and --test_data are required"),
+        ([f"--corpus={corpus}", "--test_lines=100000"], "--test_lines"),
+    ]
+    check_cases(tmp_path, "transformer", cases)
+
+
+def test_every_bad_image_flag_has_its_message(tmp_path):
+    empty = tmp_path / "empty_tfds"
+    empty.mkdir()
+    cases = [
+        (["--mlp_depth=1"], "mlp_depth"),
+        (["--mlp_width=0"], "mlp_width"),
+        (["--nn_architecture=CNN", "--cnn_num_blocks=0"], "cnn_num_blocks"),
+        (["--nn_architecture=CNN", "--cnn_layers_per_block=0"], "cnn_layers_per_block"),
+        (["--nn_architecture=CNN", "--cnn_feature_multiplier=0"], "cnn_feature_multiplier"),
+        (["--nn_architecture=RNN"], "MLP, CNN"),
+        (["--mini_training_set_num_batches=0"], "--mini_training_set_num_batches must be"),
+        (["--mini_test_set_num_batches=0"], "--mini_test_set_num_batches must be"),
+        (["--rho=nan"], "--rho must be a finite number"),
+        ([f"--data_dir={empty}", "--dataset=no_such_dataset"], "no_such_dataset"),
+    ]
+    check_cases(tmp_path, "image_classification", cases)
+
+
+def check_cases(tmp_path, program: str, cases) -> None:
+    import json
+
+    spec = tmp_path / "cases.json"
+    spec.write_text(json.dumps([output_flags(tmp_path) + flags for flags, _ in cases]))
+    result = run(["tests/flag_cases.py", program, str(spec)], timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    messages = json.loads(result.stdout.strip().splitlines()[-1])
+    for (flags, expected), message in zip(cases, messages, strict=True):
+        assert message is not None, f"{flags} was accepted"
+        assert expected in message, (flags, message)
+    assert not (tmp_path / "raw.txt").exists()
