@@ -15,6 +15,7 @@ from sam_eos import flags as shared_flags
 shared_flags.define_shared_flags(
     time_limit_in_hours=4.0, hessian_check_gap=0.25, step_size=0.01, batch_size=60000
 )
+flags.adopt_module_key_flags(shared_flags)  # --helpshort lists the shared flags too
 NN_ARCHITECTURE = flags.DEFINE_string("nn_architecture", "MLP", "MLP or CNN.")
 DATASET = flags.DEFINE_string(
     "dataset", "mnist", "A TFDS image classification data set with `image` and `label` "

@@ -15,6 +15,7 @@ from transformer import dataset, model
 shared_flags.define_shared_flags(
     time_limit_in_hours=1.0, hessian_check_gap=None, step_size=0.1, batch_size=128
 )
+flags.adopt_module_key_flags(shared_flags)  # --helpshort lists the shared flags too
 TRAINING_DATA = flags.DEFINE_string("training_data", None, "ASCII training text.")
 TEST_DATA = flags.DEFINE_string("test_data", None, "ASCII test text.")
 CORPUS = flags.DEFINE_string(

@@ -1,0 +1,1 @@
+"""Small, documented experiments whose output the README quotes."""
