@@ -85,12 +85,13 @@ def main(argv: list[str]) -> int:
         logging.info("Minibatch training: %d batches of %d per epoch (%s).",
                      num_train // batch_size, batch_size,
                      "shuffled" if SHUFFLE.value else "in order")
-        batches = train.BatchStream(dataset.minibatches(
+        batches = train.BatchStream(dataset.Minibatches(
             data.train_images, data.train_labels, batch_size,
             config.seed if SHUFFLE.value else None,
         ))
+    mesh = shared_flags.mesh_from_flags({"the batch size": min(batch_size, num_train)})
     result = train.run(
-        model.make_loss_fn(network), params, batches, config,
+        model.make_loss_fn(network), params, batches, config, mesh=mesh,
         settings={"program": "image_classification", "flags": shared_flags.flag_values()},
     )
     if result.status == "diverged":

@@ -7,7 +7,6 @@ centred by the mean image of the first training batch.
 
 import dataclasses
 import os
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -137,19 +136,46 @@ def load(
     )
 
 
-def minibatches(
-    images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_seed: int | None = None
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+class Minibatches:
     """Whole minibatches `(images [B, H, W, C], labels [B, C])`, epoch after epoch, forever.
 
     In order like the original (the tail that does not fill a batch is dropped), or in a new
-    permutation each epoch when `shuffle_seed` is given.
+    seeded permutation each epoch when `shuffle_seed` is given. `take(n)` stacks the next n
+    batches; `skip(n)` passes n batches without copying them (a resumed run).
     """
-    num_batches = len(images) // batch_size
-    rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
-    while True:
-        order = np.arange(num_batches * batch_size) if rng is None else rng.permutation(
-            len(images))[: num_batches * batch_size]
-        for start in range(0, num_batches * batch_size, batch_size):
-            index = order[start:start + batch_size]
-            yield images[index], labels[index]
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int,
+                 shuffle_seed: int | None = None):
+        self._images, self._labels, self._batch_size = images, labels, batch_size
+        self._num_batches = len(images) // batch_size
+        self._rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
+        self._batch = 0  # batches handed out so far
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> np.ndarray:
+        used = self._num_batches * self._batch_size
+        if self._rng is None:
+            return np.arange(used)
+        return self._rng.permutation(len(self._images))[:used]
+
+    def _next_index(self) -> np.ndarray:
+        within = self._batch % self._num_batches
+        if within == 0 and self._batch > 0:
+            self._order = self._epoch_order()
+        self._batch += 1
+        return self._order[within * self._batch_size:(within + 1) * self._batch_size]
+
+    def __iter__(self) -> "Minibatches":
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        index = self._next_index()
+        return self._images[index], self._labels[index]
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        index = np.stack([self._next_index() for _ in range(n)])
+        return self._images[index], self._labels[index]
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            self._next_index()

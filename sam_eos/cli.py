@@ -1,13 +1,25 @@
 """Running a program's `main` under absl: bad input becomes one message and exit code 2."""
 
+import logging as std_logging
 import sys
 from collections.abc import Callable
 
 from absl import app, logging
 
+from sam_eos import distributed
 from sam_eos.errors import EXIT_BAD_INPUT, InputError
 
 __all__ = ["InputError", "run_main"]
+
+
+QUIET_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/xla_bridge")
+
+
+def _quiet_libraries(record: std_logging.LogRecord) -> bool:
+    """Keeps the libraries' INFO chatter (checkpoint threads, TFDS readers) out of the log."""
+    return record.levelno >= std_logging.WARNING or not any(
+        part in record.pathname for part in QUIET_LIBRARIES
+    )
 
 
 def run_main(main: Callable[[list[str]], int | None]) -> None:
@@ -20,7 +32,9 @@ def run_main(main: Callable[[list[str]], int | None]) -> None:
                   file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
         logging.set_verbosity(logging.INFO)
+        logging.get_absl_handler().addFilter(_quiet_libraries)
         try:
+            distributed.initialize_multihost()
             code = main(argv)
         except InputError as error:
             print(f"error: {error}", file=sys.stderr)

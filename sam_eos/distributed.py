@@ -11,6 +11,11 @@ Results equal the single-device ones up to float rounding.
 A batch must divide evenly over the devices (`check_divisible` says which sizes work); nothing
 is padded, since padding would change the loss.
 
+Several CPU "devices" (XLA_FLAGS=--xla_force_host_platform_device_count=N, for tests): set
+OPENBLAS_NUM_THREADS=1 too, before the process starts. Otherwise each device's LAPACK `eigh`
+(Lanczos calls one every step) spawns threads that fight over the cores: on 2 busy cores a
+100-step Lanczos went from 0.15 s to 4-27 s.
+
 Several hosts (processes): call `initialize_multihost()` first thing, before any other JAX call.
 It calls `jax.distributed.initialize()` only when the environment asks for it:
 

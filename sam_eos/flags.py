@@ -6,11 +6,13 @@ can be written) and raises `InputError` with a message naming the flag before an
 """
 
 import math
+import os
 from typing import Any
 
 from absl import flags
+from jax.sharding import Mesh
 
-from sam_eos import hessian
+from sam_eos import distributed, hessian
 from sam_eos.errors import InputError
 from sam_eos.records import check_output_path
 from sam_eos.train import Outputs, TrainConfig
@@ -77,6 +79,17 @@ def define_shared_flags(
         "eigensolver_tolerance", None,
         "Relative tolerance (default 1e-6 for Lanczos, 1e-3 for power iteration).",
     )
+    flags.DEFINE_integer(
+        "num_devices", None, "Split each batch over this many devices (data parallel; unset: "
+        "every device JAX sees)."
+    )
+    flags.DEFINE_string(
+        "checkpoint_dir", "", "Save checkpoints here and resume from the latest one when the "
+        "same command runs again (empty: no checkpoints)."
+    )
+    flags.DEFINE_float(
+        "checkpoint_every_minutes", 10.0, "Minutes of training time between checkpoints."
+    )
     defaults = {
         "eigs_curve_output": ("/tmp/eigs.pdf", "eigenvalues, SAM edge and 2/eta"),
         "eigs_se_only_output": ("/tmp/eigs_se_only.pdf", "eigenvalues and SAM edge"),
@@ -133,6 +146,11 @@ def train_config_from_flags(run_name: str) -> TrainConfig:
         f"--eigensolver_tolerance must be > 0 (got {tolerance})",
     )
     require_positive_int("num_principal_components", FLAGS.num_principal_components)
+    minutes = FLAGS.checkpoint_every_minutes
+    require(math.isfinite(minutes) and minutes > 0,
+            f"--checkpoint_every_minutes must be > 0 (got {minutes})")
+    if FLAGS.checkpoint_dir:
+        check_output_path(os.path.join(FLAGS.checkpoint_dir, "probe"), "checkpoint_dir")
     budget = FLAGS.eigensolver_max_iterations or hessian.DEFAULT_MAX_ITERATIONS[FLAGS.eigensolver]
     require(
         FLAGS.num_principal_components <= budget,
@@ -157,7 +175,20 @@ def train_config_from_flags(run_name: str) -> TrainConfig:
         seed=FLAGS.seed,
         outputs=Outputs(**outputs),
         run_name=run_name,
+        checkpoint_dir=FLAGS.checkpoint_dir,
+        checkpoint_every_minutes=minutes,
     )
+
+
+def mesh_from_flags(batch_sizes: dict[str, int]) -> Mesh | None:
+    """The device mesh for `--num_devices` (None on a single device); every size in
+    `batch_sizes` (what -> size) must divide evenly over it."""
+    mesh = distributed.make_mesh(FLAGS.num_devices)
+    if mesh.size == 1:
+        return None
+    for what, size in batch_sizes.items():
+        distributed.check_divisible(size, mesh, what=what)
+    return mesh
 
 
 def check_principal_components(config: TrainConfig, num_params: int) -> None:

@@ -69,14 +69,18 @@ def check_output_path(path: str, flag_name: str) -> None:
 
 
 class RawDataWriter:
-    """Writes the raw-data file of one run; starts it afresh (truncating any old file)."""
+    """Writes the raw-data file of one run: afresh (truncating any old file) with its header,
+    or, with `append=True` (a resumed run), continuing the file after its existing rows."""
 
-    def __init__(self, path: str, columns: Sequence[str], settings: dict[str, Any]):
+    def __init__(
+        self, path: str, columns: Sequence[str], settings: dict[str, Any], append: bool = False
+    ):
         self.columns = list(columns)
-        self._file = open(path, "w") if path else None
-        self._write("# sam_eos raw data: one row per Hessian check\n")
-        self._write(SETTINGS_PREFIX + json.dumps(settings, sort_keys=True, default=str) + "\n")
-        self._write(COLUMNS_PREFIX + " ".join(self.columns) + "\n")
+        self._file = open(path, "a" if append else "w") if path else None  # noqa: SIM115
+        if not append:
+            self._write("# sam_eos raw data: one row per Hessian check\n")
+            self._write(SETTINGS_PREFIX + json.dumps(settings, sort_keys=True, default=str) + "\n")
+            self._write(COLUMNS_PREFIX + " ".join(self.columns) + "\n")
 
     def _write(self, text: str) -> None:
         if self._file is not None:
@@ -102,6 +106,23 @@ def _format(value: float) -> str:
     if math.isnan(value):
         return "nan"
     return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
+def keep_first_rows(path: str, num_rows: int) -> None:
+    """Truncates a raw-data file after its `num_rows`-th row (the header and the notes before
+    that row stay): what a resumed run does with rows written after its last checkpoint."""
+    with open(path) as file:
+        lines = file.readlines()
+    kept, rows = [], 0
+    for line in lines:
+        if rows == num_rows and not line.startswith("#"):
+            break
+        if rows == num_rows and line.startswith(NOTE_PREFIX):
+            break
+        kept.append(line)
+        rows += not line.startswith("#")
+    with open(path, "w") as file:
+        file.writelines(kept)
 
 
 def read_raw_data(path: str) -> tuple[dict[str, Any], list[str], np.ndarray]:

@@ -14,7 +14,9 @@ internally and in hours in flags and raw data.
 
 import dataclasses
 import functools
+import json
 import math
+import os
 import signal
 import threading
 import time
@@ -27,10 +29,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from sam_eos import errors, hessian, tree
+from sam_eos import checkpoint, distributed, errors, hessian, tree
 from sam_eos.edge import sam_edge
 from sam_eos.plots import draw_plots
-from sam_eos.records import RawDataWriter, column_names
+from sam_eos.records import RawDataWriter, column_names, keep_first_rows, read_raw_data
 from sam_eos.sam import loss_gradient_and_sam_gradient
 
 PyTree = Any
@@ -79,6 +81,8 @@ class TrainConfig:
     seed: int = 0
     outputs: Outputs = Outputs()
     run_name: str = "sam_eos run"
+    checkpoint_dir: str = ""  # empty: no checkpoints
+    checkpoint_every_minutes: float = 10.0  # of training time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +94,25 @@ class FullBatch:
 
 @dataclasses.dataclass(frozen=True)
 class BatchStream:
-    """A never-ending iterator of host batches (pytrees of numpy arrays), one per step."""
+    """A never-ending iterator of host batches (pytrees of numpy arrays), one per step.
+
+    Optional methods of the iterator make it faster: `take(n)` returns the next n batches
+    stacked along a new leading axis, `skip(n)` passes n batches (when a run resumes).
+    """
 
     batches: Iterator[PyTree]
+
+    def take(self, n: int) -> PyTree:
+        if hasattr(self.batches, "take"):
+            return self.batches.take(n)
+        return jax.tree.map(lambda *xs: np.stack(xs), *[next(self.batches) for _ in range(n)])
+
+    def skip(self, n: int) -> None:
+        if hasattr(self.batches, "skip"):
+            self.batches.skip(n)
+        else:
+            for _ in range(n):
+                next(self.batches)
 
 
 @dataclasses.dataclass
@@ -262,6 +282,21 @@ def settings_record(config: TrainConfig, extra: dict[str, Any]) -> dict[str, Any
     return settings
 
 
+class _Placement:
+    """Where arrays go: the default device, or sharded over a mesh (data parallel)."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+
+    def batch(self, batch: PyTree, stacked: bool = False) -> PyTree:
+        if self.mesh is None:
+            return jax.device_put(batch)
+        return distributed.put_batch(batch, self.mesh, stacked=stacked)
+
+    def replicated(self, tree: PyTree) -> PyTree:
+        return tree if self.mesh is None else distributed.put_replicated(tree, self.mesh)
+
+
 def run(
     loss_fn: LossFn,
     params: PyTree,
@@ -271,6 +306,7 @@ def run(
     hessian_batch: PyTree | None = None,
     optimizer: optax.GradientTransformation | None = None,
     settings: dict[str, Any] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> RunResult:
     """Trains with SAM (GD at rho = 0) under `config`, taking Hessian checks on the way.
 
@@ -278,103 +314,130 @@ def run(
       loss_fn: `loss_fn(params, batch) -> scalar`.
       params: initial parameters.
       data: `FullBatch` or `BatchStream`.
-      config: loop settings and output paths.
+      config: loop settings, output paths and checkpointing.
       hessian_batch: measure every check on this fixed batch instead of the step's batch.
       optimizer: the outer step; default `optax.sgd(config.step_size)`, which makes each step
         exactly `sam_eos.sam.sam_update`.
       settings: extra settings to record in the raw-data header (e.g. the program's flags).
+      mesh: shard every batch over this mesh's devices (`sam_eos.distributed.make_mesh`),
+        parameters replicated; None: the default device.
     Returns:
-      A `RunResult`; plots and raw data are written before it returns.
+      A `RunResult`; plots and raw data are written before it returns. With
+      `config.checkpoint_dir` holding a checkpoint of the same run, the run resumes from it.
     """
+    place = _Placement(mesh)
     optimizer = optimizer or optax.sgd(config.step_size)
-    opt_state = optimizer.init(params)
     train_steps = make_train_steps(loss_fn, optimizer, config.rho)
     measure = make_measure(loss_fn, config)
-    key = jax.random.PRNGKey(config.seed)
-    columns = column_names(config.num_principal_components)
-    writer = RawDataWriter(
-        config.outputs.raw_data, columns, settings_record(config, settings or {})
-    )
     fixed = isinstance(data, FullBatch)
-    full_batch = jax.device_put(data.batch) if fixed else None
+    full_batch = place.batch(data.batch) if fixed else None
     if hessian_batch is not None:
-        hessian_batch = jax.device_put(hessian_batch)
+        hessian_batch = place.batch(hessian_batch)
+    state = place.replicated((params, optimizer.init(params)))
+    settings = settings_record(config, settings or {})
+    columns = column_names(config.num_principal_components)
+    main_process = distributed.is_main_process()
+    outputs = config.outputs if main_process else Outputs()
+    checkpointer = None
+    position = checkpoint.Position()
+    rows: list[dict[str, float]] = []
+    if config.checkpoint_dir:
+        checkpointer = checkpoint.Checkpointer(config.checkpoint_dir, settings)
+        if checkpointer.latest_step() is not None:
+            state, position = checkpointer.restore(state)
+            rows = _resume_raw_data(outputs.raw_data, settings, columns, position.rows_written)
+            logging.info("Resumed from the checkpoint at step %d (%.4f h of training).",
+                         position.step, position.training_seconds / SECONDS_PER_HOUR)
+            if not fixed:
+                data.skip(position.batches_taken)
+    writer = RawDataWriter(outputs.raw_data, columns, settings, append=bool(rows))
+    if mesh is not None:
+        logging.info("Data parallel over %s.", distributed.describe(mesh))
     logging.info("Run %r: seed %d, rho %g, step size %g.", config.run_name, config.seed,
                  config.rho, config.step_size)
 
+    key = jax.random.PRNGKey(config.seed)
     time_limit_s = config.time_limit_in_hours * SECONDS_PER_HOUR
     gap_s = None if config.hessian_check_gap is None else config.hessian_check_gap * 3600
     every = config.hessian_check_every_steps
-    rows: list[dict[str, float]] = []
-    step = 0
-    elapsed = 0.0
-    next_check_s = 0.0
+    checkpoint_s = config.checkpoint_every_minutes * 60
+    last_checkpoint_s = position.training_seconds
     steps_per_dispatch = 1
     status = "time_limit"
-    exit_code = errors.EXIT_OK
-    start = time.perf_counter()
+    start = time.perf_counter() - position.training_seconds
 
     def check_due() -> bool:
-        return (every is not None and step % every == 0) or (
-            gap_s is not None and elapsed >= next_check_s
+        return (every is not None and position.step % every == 0) or (
+            gap_s is not None and position.training_seconds >= position.next_check_seconds
         )
 
     with _StopFlag() as stop:
         try:
             while True:
-                elapsed = time.perf_counter() - start
+                position.training_seconds = time.perf_counter() - start
+                if checkpointer and position.training_seconds - last_checkpoint_s >= checkpoint_s:
+                    checkpointer.save(state, position)
+                    last_checkpoint_s = position.training_seconds
                 if stop.signal_number is not None:
                     status = "interrupted"
                     break
-                if config.max_steps is not None and step >= config.max_steps:
+                if config.max_steps is not None and position.step >= config.max_steps:
                     status = "max_steps"
                     break
-                if elapsed >= time_limit_s:
+                if position.training_seconds >= time_limit_s:
                     status = "time_limit"
                     break
                 pending = None
                 if check_due():
                     if gap_s is not None:
-                        next_check_s = elapsed + gap_s
-                    if fixed:
-                        batch = full_batch
+                        position.next_check_seconds = position.training_seconds + gap_s
+                    if not fixed:
+                        pending = data.take(1)
+                        position.batches_taken += 1
+                    if hessian_batch is not None:
+                        check_batch = hessian_batch
+                    elif fixed:
+                        check_batch = full_batch
                     else:
-                        pending = next(data.batches)
-                        batch = pending
-                    check_batch = batch if hessian_batch is None else hessian_batch
-                    row, measured = _check(measure, config, params, check_batch,
-                                           jax.random.fold_in(key, step), step, elapsed, writer)
+                        check_batch = place.batch(jax.tree.map(lambda x: x[0], pending))
+                    row, measured = _check(
+                        measure, config, state[0], check_batch,
+                        jax.random.fold_in(key, position.step), position.step,
+                        position.training_seconds, writer,
+                    )
                     rows.append(row)
+                    position.rows_written += 1
                     if measured and not math.isfinite(row["loss"]):
-                        logging.error("Diverged: the loss is %s at step %d.", row["loss"], step)
-                        writer.note(f"diverged at step {step}: loss {row['loss']}")
+                        logging.error("Diverged: the loss is %s at step %d.", row["loss"],
+                                      position.step)
+                        writer.note(f"diverged at step {position.step}: loss {row['loss']}")
                         status = "diverged"
                         break
                 # How many steps this dispatch: up to the next step-based check / max_steps.
                 limit = steps_per_dispatch
                 if every is not None:
-                    limit = min(limit, every - step % every)
+                    limit = min(limit, every - position.step % every)
                 if config.max_steps is not None:
-                    limit = min(limit, config.max_steps - step)
-                if pending is not None:
-                    limit = 1
+                    limit = min(limit, config.max_steps - position.step)
                 dispatch_start = time.perf_counter()
                 if fixed:
                     batches = full_batch
+                elif pending is not None:
+                    limit = 1
+                    batches = place.batch(pending, stacked=True)
                 else:
                     limit = 1 << (limit.bit_length() - 1)  # a power of two: few compiles
-                    stream = [pending] if pending is not None else []
-                    stream += [next(data.batches) for _ in range(limit - len(stream))]
-                    batches = jax.tree.map(lambda *xs: np.stack(xs), *stream)
+                    batches = place.batch(data.take(limit), stacked=True)
+                    position.batches_taken += limit
                 taken, params, opt_state, loss, finite = train_steps(
-                    params, opt_state, batches, limit, fixed
+                    *state, batches, limit, fixed
                 )
-                taken = int(taken)
-                step += taken
+                state = (params, opt_state)
+                position.step += int(taken)
                 if not bool(finite):
                     logging.error("Diverged: the training loss or gradient is not finite at "
-                                  "step %d (loss %s).", step, float(loss))
-                    writer.note(f"diverged at step {step}: training loss {float(loss)}")
+                                  "step %d (loss %s).", position.step, float(loss))
+                    writer.note(f"diverged at step {position.step}: training loss {float(loss)}")
                     status = "diverged"
                     break
                 took = time.perf_counter() - dispatch_start
@@ -385,25 +448,54 @@ def run(
         except KeyboardInterrupt:
             status = "interrupted"
         finally:
-            elapsed = time.perf_counter() - start
+            position.training_seconds = time.perf_counter() - start
             writer.close()
+    if checkpointer is not None:
+        if status != "diverged":  # keep the last finite state for a resume
+            checkpointer.save(state, position)
+        checkpointer.close()
+    exit_code = _finish(status, stop.signal_number, rows)
+    logging.info("Stopped (%s) after %d steps and %.4f h of training.", status, position.step,
+                 position.training_seconds / SECONDS_PER_HOUR)
+    _draw(rows, columns, config, outputs)
+    return RunResult(*state, position.step, position.training_seconds, status, exit_code, rows)
+
+
+def _finish(status: str, signal_number: int | None, rows: list[dict[str, float]]) -> int:
+    """The exit code of a run that stopped with `status`; logs the last finite check."""
     if status == "diverged":
-        exit_code = errors.EXIT_DIVERGED
         finite_rows = [r for r in rows if math.isfinite(r["loss"])]
         if finite_rows:
             last = finite_rows[-1]
             logging.error("Last finite check: step %d, loss %.6g, sharpness %.6g.",
                           last["step"], last["loss"], last["hessian_norm"])
-    elif status == "interrupted":
-        exit_code = (
-            errors.EXIT_INTERRUPTED_SIGTERM
-            if stop.signal_number == signal.SIGTERM
-            else errors.EXIT_INTERRUPTED_SIGINT
+        return errors.EXIT_DIVERGED
+    if status == "interrupted":
+        if signal_number == signal.SIGTERM:
+            return errors.EXIT_INTERRUPTED_SIGTERM
+        return errors.EXIT_INTERRUPTED_SIGINT
+    return errors.EXIT_OK
+
+
+def _resume_raw_data(path: str, settings: dict[str, Any], columns: list[str],
+                     rows_written: int) -> list[dict[str, float]]:
+    """The rows a resumed run had written (the file cut back to them); checks the header."""
+    if not path:
+        return []
+    if not os.path.exists(path):
+        logging.warning("The raw-data file %s is gone; the resumed run starts it afresh.", path)
+        return []
+    saved_settings, saved_columns, _ = read_raw_data(path)
+    differences = checkpoint.settings_differences(saved_settings, json.loads(
+        json.dumps(settings, default=str)))
+    if differences or saved_columns != columns:
+        raise errors.InputError(
+            f"{path} holds another run's raw data ({'; '.join(differences[:3]) or 'columns'}); "
+            "move it away or pass the original --raw_data_output to resume"
         )
-    logging.info("Stopped (%s) after %d steps and %.4f h of training.", status, step,
-                 elapsed / SECONDS_PER_HOUR)
-    _draw(rows, columns, config)
-    return RunResult(params, opt_state, step, elapsed, status, exit_code, rows)
+    keep_first_rows(path, rows_written)
+    _, _, table = read_raw_data(path)
+    return [dict(zip(columns, map(float, row), strict=True)) for row in table]
 
 
 def _check(measure, config, params, batch, key, step, elapsed, writer):
@@ -417,8 +509,8 @@ def _check(measure, config, params, batch, key, step, elapsed, writer):
     except Exception as error:  # noqa: BLE001 - one failed check must not end the run
         logging.exception("Hessian check at step %d failed.", step)
         row = _failed_row(config, step, elapsed)
-        writer.row(row)
         writer.note(f"check at step {step} failed: {type(error).__name__}: {error}")
+        writer.row(row)
         return row, False
     row = _row(config, step, elapsed, measured)
     if not bool(measured["converged"]):
@@ -429,17 +521,16 @@ def _check(measure, config, params, batch, key, step, elapsed, writer):
             f"{np.asarray(measured['eigenvalues']).tolist()} recorded as nan"
         )
         logging.warning(message)
-        writer.row(row)
         writer.note(message)
-    else:
-        writer.row(row)
+    writer.row(row)
     _log_row(row, time.perf_counter() - started)
     return row, True
 
 
-def _draw(rows: list[dict[str, float]], columns: list[str], config: TrainConfig) -> None:
+def _draw(rows: list[dict[str, float]], columns: list[str], config: TrainConfig,
+          outputs: Outputs) -> None:
     table = np.array([[r[name] for name in columns] for r in rows]) if rows else np.zeros((0, 0))
     try:
-        draw_plots(table, columns, {"run_name": config.run_name}, config.outputs.plots())
+        draw_plots(table, columns, {"run_name": config.run_name}, outputs.plots())
     except Exception:  # noqa: BLE001 - drawing must not hide the run's result
         logging.exception("Drawing the plots failed; the raw data is complete.")

@@ -1,23 +1,32 @@
-"""Sharded (4 devices) against single-device results; prints one JSON object.
+"""Sharded against single-device results; prints one JSON object.
 
-Run by tests/test_distributed.py in a subprocess with
-XLA_FLAGS=--xla_force_host_platform_device_count=4, which must be set before JAX is imported,
-and OPENBLAS_NUM_THREADS=1 (four CPU "devices" each running a threaded LAPACK eigh, as Lanczos
-does every step, can be a thousand times slower on a small, busy machine).
+Run by tests/test_distributed.py in subprocesses, with OPENBLAS_NUM_THREADS=1 (four CPU
+"devices" each running a threaded LAPACK eigh, as Lanczos does every step, can be a thousand
+times slower on a small, busy machine) and XLA_FLAGS=--xla_force_host_platform_device_count=N,
+which must be set before JAX is imported:
+
+  distributed_check.py            one process, N = 4 devices;
+  distributed_check.py multihost  one of several processes (JAX_COORDINATOR_ADDRESS,
+                                  JAX_NUM_PROCESSES, JAX_PROCESS_ID set), each loading only
+                                  its own rows of every batch.
 """
 
 import json
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+from sam_eos import distributed
 
-from sam_eos import distributed, hessian
-from sam_eos.errors import InputError
-from sam_eos.sam import loss_gradient_and_sam_gradient, sam_gradient, sam_update
-from sam_eos.train import make_train_steps
+distributed.initialize_multihost()  # before any other JAX call; nothing in a plain run
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from sam_eos import hessian  # noqa: E402
+from sam_eos.errors import InputError  # noqa: E402
+from sam_eos.sam import loss_gradient_and_sam_gradient, sam_gradient, sam_update  # noqa: E402
+from sam_eos.train import FullBatch, TrainConfig, make_train_steps, run  # noqa: E402
 
 BATCH = 64
 SIZES = (16, 64, 32, 4)  # 3,300 parameters
@@ -26,12 +35,13 @@ RHO = 0.05
 STEPS = 8
 
 
-def init_params(key):
-    params = []
-    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:], strict=True)):
-        k = jax.random.fold_in(key, i)
-        params.append({"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b) + 0.1})
-    return params
+def init_params(seed):
+    rng = np.random.default_rng(seed)
+    return [
+        {"w": (rng.normal(size=(a, b)) / np.sqrt(a)).astype(np.float32),
+         "b": np.full(b, 0.1, np.float32)}
+        for a, b in zip(SIZES[:-1], SIZES[1:], strict=True)
+    ]
 
 
 def loss_fn(params, batch):
@@ -64,7 +74,7 @@ def main() -> None:
     mesh = distributed.make_mesh()
     single = distributed.make_mesh(1)
     out["describe"] = distributed.describe(mesh)
-    params = init_params(jax.random.PRNGKey(0))
+    params = init_params(0)
     host_batch = make_batch(1)
 
     batch4 = distributed.put_batch(host_batch, mesh)
@@ -89,10 +99,11 @@ def main() -> None:
     out["sam_step_has_all_reduce"] = "all-reduce" in hlo
     # The per-device alternative (m-sharpness, m = 16): the mean of each shard's SAM gradient.
     # Far from the whole-batch SAM gradient, so the comparison above would notice it.
-    whole = sam_gradient(loss_fn, params, host_batch, RHO)
+    sam_gradient_jit = jax.jit(sam_gradient, static_argnums=0)
+    whole = sam_gradient_jit(loss_fn, params, host_batch, RHO)
     shards = [jax.tree.map(lambda x, i=i: x[16 * i: 16 * (i + 1)], host_batch) for i in range(4)]
     per_device = jax.tree.map(
-        lambda *g: sum(g) / 4, *[sam_gradient(loss_fn, params, s, RHO) for s in shards]
+        lambda *g: sum(g) / 4, *[sam_gradient_jit(loss_fn, params, s, RHO) for s in shards]
     )
     out["m_sharpness_rel_difference"] = relative_error(per_device, whole)
     # The sharded SAM gradient against the whole-batch one computed by hand on the host.
@@ -148,6 +159,16 @@ def main() -> None:
     out["stream_rel_error"] = relative_error(stream4[1], stream1[1])
     out["stream_moved"] = relative_error(stream1[1], params)
 
+    # The whole loop as it stands: `run` keeps a FullBatch that is already sharded. (No
+    # Hessian checks: their parts, the SAM gradient and the eigensolver, are compared above.)
+    config = TrainConfig(step_size=STEP_SIZE, rho=RHO, max_steps=STEPS)
+    result4 = run(loss_fn, params4, FullBatch(batch4), config)
+    result1 = run(loss_fn, params1, FullBatch(batch1), config)
+    out["run_steps"] = [result4.steps, result1.steps]
+    out["run_params_rel_error"] = relative_error(result4.params, result1.params)
+    out["run_matches_train_steps"] = relative_error(result4.params, full4[1])
+    out["run_params_devices"] = spans(result4.params)
+
     # Per-process loading (one process here: every row is local).
     rows = distributed.process_rows(BATCH, mesh)
     out["process_rows_all"] = bool(np.array_equal(rows, np.arange(BATCH)))
@@ -172,8 +193,55 @@ def main() -> None:
             out[name] = None
         except InputError as error:
             out[name] = str(error)
-    json.dump(out, sys.stdout)
+    print("\n" + json.dumps(out))  # the last line (Gloo may print to stdout before it)
+
+
+def local_copy(tree):
+    """This process's copy of replicated arrays, as numpy."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def multihost() -> None:
+    """Every process loads only its rows; the results equal one process on one device."""
+    mesh = distributed.make_mesh()
+    out = {
+        "process": jax.process_index(),
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+        "local_device_count": jax.local_device_count(),
+        "describe": distributed.describe(mesh),
+        "is_main_process": distributed.is_main_process(),
+    }
+    params, host_batch = init_params(0), make_batch(1)
+    stack = make_batch(2, leading=(STEPS,))
+    rows = distributed.process_rows(BATCH, mesh)
+    out["rows"] = rows.tolist()
+    batch = distributed.make_global_batch(jax.tree.map(lambda x: x[rows], host_batch), mesh)
+    out["batch_shape"] = list(batch["x"].shape)
+    out["local_shard_starts"] = sorted(s.index[0].start for s in batch["x"].addressable_shards)
+    stack_rows = distributed.process_rows(BATCH, mesh, stacked=True)
+    stack_batch = distributed.make_global_batch(
+        jax.tree.map(lambda x: x[:, stack_rows], stack), mesh, stacked=True
+    )
+    replicated = distributed.put_replicated(params, mesh)
+    # References: the whole batch on this process's first device only.
+    step = jax.jit(lambda p, b: sam_update(loss_fn, p, b, STEP_SIZE, RHO))
+    out["sam_step_rel_error"] = relative_error(
+        local_copy(step(replicated, batch)), step(params, host_batch)
+    )
+    optimizer = optax.sgd(STEP_SIZE)
+    train_steps = make_train_steps(loss_fn, optimizer, RHO)
+    state = optimizer.init(params)
+    sharded = train_steps(replicated, distributed.put_replicated(state, mesh), stack_batch,
+                          STEPS, False)
+    out["stream_rel_error"] = relative_error(
+        local_copy(sharded[1]), train_steps(params, state, stack, STEPS, False)[1]
+    )
+    print("\n" + json.dumps(out))  # the last line (Gloo may print to stdout before it)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["multihost"]:
+        multihost()
+    else:
+        main()

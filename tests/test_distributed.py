@@ -7,6 +7,7 @@ by XLA_FLAGS before JAX is imported, and this process has imported JAX already.
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import types
@@ -22,23 +23,61 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # relative error, sharded against single device
 
 
-@pytest.fixture(scope="module")
-def sharded():
-    env = dict(os.environ)
+def _environment(devices_per_process: int, **variables: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                                "SLURM_", "OMPI_"))}
     env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+        f"{env.get('XLA_FLAGS', '')} "
+        f"--xla_force_host_platform_device_count={devices_per_process}"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["OPENBLAS_NUM_THREADS"] = "1"  # see distributed_check.py
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri"):
-        env.pop(name, None)
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "distributed_check.py")],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
+    env.update(variables)
+    return env
+
+
+CHECK = [sys.executable, str(ROOT / "tests" / "distributed_check.py")]
+
+
+@pytest.fixture(scope="module")
+def sharded():
+    """One process, four devices."""
+    result = subprocess.run(CHECK, env=_environment(4), cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def multihost():
+    """Two processes with two devices each, joined by jax.distributed over localhost."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    processes = [
+        subprocess.Popen(
+            [*CHECK, "multihost"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=_environment(
+                2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+            ),
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=180)
+            assert process.returncode == 0, stderr[-4000:]
+            outputs.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    return outputs
 
 
 def test_the_batch_is_split_over_four_devices_and_params_replicated(sharded):
@@ -83,6 +122,13 @@ def test_train_steps_full_batch_and_stacked_stream_sharded_equal_single_device(s
     assert sharded["stream_moved"] > 1e-3
 
 
+def test_run_with_a_sharded_full_batch_equals_single_device(sharded):
+    assert sharded["run_steps"] == [8, 8]
+    assert sharded["run_params_rel_error"] < TOLERANCE
+    assert sharded["run_matches_train_steps"] < TOLERANCE
+    assert sharded["run_params_devices"] == [4]
+
+
 def test_per_process_loading_on_one_process_is_the_whole_batch(sharded):
     assert sharded["process_rows_all"]
     assert sharded["global_batch_equal"]
@@ -95,6 +141,21 @@ def test_uneven_batches_and_too_many_devices_are_input_errors(sharded):
     assert "28 or 32" in sharded["uneven_batch_error"]
     assert "6 does not divide evenly over 4 devices" in sharded["uneven_stack_error"]
     assert "JAX sees 4" in sharded["too_many_devices_error"]
+
+
+def test_two_processes_each_load_their_own_rows_and_match_one_device(multihost):
+    first, second = multihost
+    for i, out in enumerate(multihost):
+        assert out["process"] == i
+        assert out["process_count"] == 2
+        assert out["device_count"] == 4 and out["local_device_count"] == 2
+        assert out["describe"] == "4 cpu devices over 2 processes"
+        assert out["batch_shape"] == [64, 16]
+        assert out["sam_step_rel_error"] < TOLERANCE
+        assert out["stream_rel_error"] < TOLERANCE
+    assert first["is_main_process"] and not second["is_main_process"]
+    assert first["rows"] == list(range(32)) and second["rows"] == list(range(32, 64))
+    assert first["local_shard_starts"] == [0, 16] and second["local_shard_starts"] == [32, 48]
 
 
 # In this process: one device (or whatever the caller's JAX sees).
@@ -126,7 +187,7 @@ def test_check_divisible_names_sizes_that_work():
         distributed.check_divisible(100, mesh)
     assert "100 does not divide evenly over 8 devices" in str(error.value)
     assert "96 or 104" in str(error.value)
-    assert "(1, 2, 4)" in str(error.value)  # device counts that would work
+    assert "(1, 2, 4, 5)" in str(error.value)  # device counts that would work
     with pytest.raises(InputError, match="such as 8,"):  # no multiple below a tiny batch
         distributed.check_divisible(5, mesh)
 

@@ -60,6 +60,10 @@ def main(argv: list[str]) -> int:
     shared_flags.require_positive_int("hessian_batch_size", HESSIAN_BATCH_SIZE.value,
                                       allow_none=True)
     batch_size, length = flags.FLAGS.batch_size, SEQUENCE_LENGTH.value
+    mesh = shared_flags.mesh_from_flags({
+        "--batch_size": batch_size,
+        **({"--hessian_batch_size": HESSIAN_BATCH_SIZE.value} if HESSIAN_BATCH_SIZE.value else {}),
+    })
     train_text, test_text, name = _texts()
     dataset.check_enough_batches(train_text, batch_size=batch_size, sequence_length=length,
                                  path_or_name=name)
@@ -83,7 +87,7 @@ def main(argv: list[str]) -> int:
                  "batches.", num_params, stream.num_batches_per_epoch, len(test_batches))
     loss_fn = model.make_loss_fn(network)
     result = train.run(
-        loss_fn, params, train.BatchStream(stream), config, hessian_batch=hessian_batch,
+        loss_fn, params, train.BatchStream(stream), config, hessian_batch=hessian_batch, mesh=mesh,
         settings={"program": "transformer", "flags": shared_flags.flag_values()},
     )
     if result.status == "diverged":

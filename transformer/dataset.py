@@ -214,6 +214,10 @@ class TrainBatches:
         """The next batch: (inputs, targets), int32 [batch_size, sequence_length] each."""
         return _split(self._crops[self._next_indices(self._batch_size)])
 
+    def skip(self, n: int) -> None:
+        """Passes the next `n` batches without building them (a resumed run)."""
+        self._next_indices(n * self._batch_size)
+
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The next `n` batches stacked: (inputs, targets), int32 [n, batch_size,
         sequence_length] each; the same data `n` calls of `next` would give."""
