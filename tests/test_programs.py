@@ -210,3 +210,29 @@ def check_cases(tmp_path, program: str, cases) -> None:
         assert message is not None, f"{flags} was accepted"
         assert expected in message, (flags, message)
     assert not (tmp_path / "raw.txt").exists()
+
+
+@pytest.mark.parametrize("program", ["image_classification", "transformer"])
+def test_four_devices_write_the_rows_of_one(tmp_path, corpus, program):
+    """Data parallel over 4 (simulated CPU) devices gives one device's measurements."""
+    if program == "image_classification":
+        args = ["tests/tfds_mock.py", "32", "--mlp_width=16", "--batch_size=16", "--rho=0.1"]
+    else:
+        args = ["-m", "transformer", f"--corpus={corpus}", "--test_lines=100", "--rho=0.05",
+                *TINY_TRANSFORMER]
+    env = dict(environment(), XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               OPENBLAS_NUM_THREADS="1")
+    tables = []
+    for devices in (1, 4):
+        directory = tmp_path / str(devices)
+        result = subprocess.run(
+            [sys.executable, *args, "--max_steps=8", "--hessian_check_every_steps=4",
+             f"--num_devices={devices}", *output_flags(directory)],
+            cwd=ROOT, env=env, text=True, capture_output=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("Data parallel over 4" in result.stderr) == (devices == 4)
+        tables.append(read_raw_data(str(directory / "raw.txt"))[2])
+    one, four = tables
+    assert one.shape == four.shape and len(one) == 2
+    np.testing.assert_allclose(four[:, 1:], one[:, 1:], rtol=1e-4, atol=1e-6)
