@@ -61,6 +61,14 @@ def _total_ram_gib() -> float:
     return float("nan")
 
 
+def data_description(data_dir: pathlib.Path) -> str:
+    """Which of the real data sets are present under `data_dir`."""
+    found = [name for name, path in [("MNIST", data_dir / "tfds" / "mnist"),
+                                     ("tiny Shakespeare", data_dir / "tinyshakespeare")]
+             if path.exists()]
+    return f"{data_dir.resolve()} ({', '.join(found) or 'missing: generated data used'})"
+
+
 def machine_description() -> list[str]:
     """Lines describing the host, JAX and the device the benchmarks run on."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -110,10 +118,10 @@ def mnist_batch(data_dir: pathlib.Path, num_images: int) -> tuple[tuple[np.ndarr
                 mini_training_set_num_batches=1,
             )
             if len(data.train_images) == num_images:
-                return (data.train_images, data.train_labels), f"MNIST ({tfds_dir})"
+                return (data.train_images, data.train_labels), "MNIST"
         except Exception as error:  # noqa: BLE001 - fall back to generated data
             print(f"# could not load MNIST ({type(error).__name__}: {error}); generating data")
-    return synthetic_mnist(num_images), "generated images (MNIST data not found)"
+    return synthetic_mnist(num_images), "generated images (no MNIST data)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,12 +142,12 @@ def text_batch(
     path = data_dir / "tinyshakespeare" / "train.txt"
     if path.is_file():
         text = text_dataset.read_ascii_text(str(path))
-        source = f"tiny Shakespeare ({path})"
+        source = "tiny Shakespeare"
     else:
         rng = np.random.default_rng(0)
         codes = rng.integers(32, 127, size=batch_size * (SEQUENCE_LENGTH + 1) * 10)
         text = bytes(codes.astype(np.uint8)).decode("ascii")
-        source = "random ASCII (tiny Shakespeare not found)"
+        source = "random ASCII (no tiny Shakespeare)"
     batches = text_dataset.TrainBatches(
         text, batch_size=batch_size, sequence_length=SEQUENCE_LENGTH, seed=0
     )

@@ -12,8 +12,9 @@
 3. One jitted SAM step (rho = 0.05) vs one GD step, on the MLP and the default transformer.
 4. Loop overhead: `sam_eos.train.run` (full batch, no checks) vs a bare jitted `fori_loop` of
    `sam_eos.sam.sam_update` on a tiny model; host-to-device transfers of the batch counted.
-5. Memory: peak host RSS (`ru_maxrss` of a child process) of one `top_eigenvalues` call on the
-   2.8M-parameter MNIST MLP and on the transformer, vs a child that stops just before it.
+5. Memory: peak host RSS (VmHWM, else `ru_maxrss`, of a child process) of one
+   `top_eigenvalues` call on the 2.8M-parameter MNIST MLP and on the transformer, vs a child
+   that stops just before it.
 
 Every time is the median of several calls of already compiled code (interleaved between the
 cases compared, so a change in machine load hits all of them alike) unless it says otherwise.
@@ -58,6 +59,7 @@ MEMORY_MLP_WIDTH = 1000  # the image program's default MLP
 MEMORY_NUM_IMAGES = 256
 TEXT_BATCH_SIZE = 32
 REFERENCE_TOLERANCE = 1e-10
+TIGHT_POWER_TOLERANCE = hessian.DEFAULT_TOLERANCE["lanczos"]
 TARGET_RELATIVE_ERROR = 1e-4
 TARGET_TIME_RATIO = 0.5
 TARGET_SAM_RATIO = 2.1
@@ -247,7 +249,7 @@ def lanczos_reference(
             return ravel_pytree(hessian.hvp(loss_fn, p, b, unravel(v)))[0]
 
         def matvec(v: np.ndarray) -> np.ndarray:
-            return np.asarray(product(p, b, jnp.asarray(v, dtype)), np.float64)
+            return np.array(product(p, b, jnp.asarray(v, dtype)), np.float64)
 
         n = flat.size
         basis = np.empty((max_steps + 1, n))
@@ -315,6 +317,20 @@ def unit_costs(loss_fn: LossFn, params: PyTree, batch: PyTree, repeats: int) -> 
     return {name: median_seconds(r) for name, r in results.items()}
 
 
+def basis_transposes(loss_fn: LossFn, params: PyTree, batch: PyTree) -> int | None:
+    """How many transposes (copies into the other layout) of the whole Lanczos basis,
+    f32[max_iterations + 1, params], the compiled default solver holds; None if the backend
+    shows no HLO text."""
+    rows = hessian.DEFAULT_MAX_ITERATIONS["lanczos"] + 1
+    size = problems.num_params(params)
+    solver = jax.jit(lambda p, b, key: hessian.top_eigenvalues(loss_fn, p, b, key=key)[0])
+    text = solver.lower(params, batch, jax.random.PRNGKey(0)).compile().as_text()
+    if not text:
+        return None
+    pattern = re.compile(rf"= f32\[{size},{rows}\]\{{1,0\}} (?:copy|transpose)\(")
+    return len(pattern.findall(text))
+
+
 def eigensolver_rows(setup: TrainedMlp, settings: Settings) -> list[Row]:
     """Benchmark 1: accuracy, HVPs and time of Lanczos vs power iteration."""
     name = f"1. Eigensolver: {setup.label()}, data: {setup.source}"
@@ -351,14 +367,25 @@ def eigensolver_rows(setup: TrainedMlp, settings: Settings) -> list[Row]:
         "exact HVP (forward-over-reverse) / central finite difference (2 gradients)",
     ))
 
-    def solve(method: str, k: int) -> Callable[[int], Any]:
+    transposes = basis_transposes(loss_fn, params, batch)
+    if transposes is not None:
+        basis_bytes = (hessian.DEFAULT_MAX_ITERATIONS["lanczos"] + 1) * setup.num_params * 4
+        rows.append(Row(
+            name, "compiled default Lanczos: transposes of the basis", f"{transposes}",
+            f"transpose-copies of the whole {basis_bytes / 2**20:.0f} MB basis (basis.T @ c) "
+            "in the compiled HLO; like every pass over the basis, they cost the same at "
+            "every step, however few steps have been taken",
+        ))
+
+    def solve(method: str, k: int, tolerance: float | None = None) -> Callable[[int], Any]:
         return lambda i: hessian.top_eigenvalues(
-            loss_fn, params, batch, k, method=method, key=jax.random.PRNGKey(i + 1),
-            return_info=True,
+            loss_fn, params, batch, k, method=method, tolerance=tolerance,
+            key=jax.random.PRNGKey(i + 1), return_info=True,
         )
 
     cases = {"lanczos": solve("lanczos", 1), "power": solve("power", 1),
-             "lanczos_k3": solve("lanczos", 3)}
+             "lanczos_k3": solve("lanczos", 3),
+             "power_tight": solve("power", 1, TIGHT_POWER_TOLERANCE)}
     first = {case_name: timed(lambda case=case: case(-1))[0] for case_name, case in cases.items()}
     results = interleaved(cases, settings.repeats)
     medians = {case_name: median_seconds(r) for case_name, r in results.items()}
@@ -369,7 +396,7 @@ def eigensolver_rows(setup: TrainedMlp, settings: Settings) -> list[Row]:
         converged = all(bool(info.converged) for _, (_, _, info) in results[case_name])
         median_products = statistics.median(products)
         text = (
-            f"{'FD products (2 gradients each)' if case_name == 'power' else 'HVPs'} "
+            f"{'HVPs' if case_name.startswith('lanczos') else 'FD products (2 gradients each)'} "
             f"{min(products)}-{max(products)} (median {median_products:g}); "
             f"{format_seconds(medians[case_name] / median_products)} per product; "
             f"max rel. error{' over the 3' if k == 3 else ''} {max(errors):.1e}; "
@@ -381,6 +408,7 @@ def eigensolver_rows(setup: TrainedMlp, settings: Settings) -> list[Row]:
     lanczos_error, _, lanczos_text = summary("lanczos", 1)
     power_error, _, power_text = summary("power", 1)
     _, _, k3_text = summary("lanczos_k3", 3)
+    _, _, tight_text = summary("power_tight", 1)
     ratio = medians["lanczos"] / medians["power"]
     repeats = f"median of {settings.repeats} keys"
     rows += [
@@ -394,6 +422,8 @@ def eigensolver_rows(setup: TrainedMlp, settings: Settings) -> list[Row]:
             f"{power_error:.1e}", f"<= {TARGET_TIME_RATIO}", yes_no(ratio <= TARGET_TIME_RATIO)),
         Row(name, "Lanczos k=3", f"{format_seconds(medians['lanczos_k3'])} ({repeats})",
             k3_text),
+        Row(name, f"power k=1, tolerance {TIGHT_POWER_TOLERANCE:g} (more accurate)",
+            f"{format_seconds(medians['power_tight'])} ({repeats})", tight_text),
     ]
     return rows
 
@@ -512,7 +542,7 @@ def sam_step_rows(setup: TrainedMlp, settings: Settings) -> list[Row]:
     models = [
         (f"MLP 3x200, {NUM_IMAGES} images", setup.loss_fn, setup.params, setup.batch),
         (f"transformer 6x128 ({problems.num_params(text_params):,} params), batch "
-         f"{TEXT_BATCH_SIZE}x{problems.SEQUENCE_LENGTH} ({text_source.split(' (')[0]})",
+         f"{TEXT_BATCH_SIZE}x{problems.SEQUENCE_LENGTH} ({text_source})",
          loss_fn, text_params, jax.device_put(text)),
     ]
     rows = []
@@ -635,6 +665,20 @@ def transfer_probe() -> dict[str, Any]:
 # 5. Memory
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size. Linux: VmHWM, which starts afresh at exec (the
+    child's `ru_maxrss` would start at its parent's RSS, inherited through fork and exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def memory_probe(model: str, data_dir: pathlib.Path, baseline: bool) -> dict[str, Any]:
     """Child: one default `top_eigenvalues` call (none if `baseline`) after one gradient, on
     the 2.8M-parameter MLP (random images) or the transformer; reports peak RSS."""
@@ -653,8 +697,7 @@ def memory_probe(model: str, data_dir: pathlib.Path, baseline: bool) -> dict[str
             lambda: hessian.top_eigenvalues(loss_fn, params, batch, return_info=True))
         report.update(seconds=seconds, hvps=int(info.matrix_vector_products),
                       converged=bool(info.converged), eigenvalue=float(values[0]))
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
-    report["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    report["max_rss"] = peak_rss_bytes()
     stats = jax.devices()[0].memory_stats() or {}
     report["device_peak"] = stats.get("peak_bytes_in_use")
     return report
@@ -682,7 +725,7 @@ def memory_rows(settings: Settings) -> list[Row]:
                   else f"; device peak {report['device_peak'] / GIB:.2f} GiB")
         rows.append(Row(
             name, f"{label} ({report['params']:,} params)",
-            f"{report['seconds']:.1f} s",
+            f"{report['seconds']:.1f} s (1 call, incl. compile)",
             f"peak RSS {report['max_rss'] / GIB:.2f} GiB (child stopping before the call: "
             f"{baseline['max_rss'] / GIB:.2f} GiB, so +{extra / GIB:.2f} GiB); Lanczos basis "
             f"({max_iterations}+1) x params x 4 B = "
@@ -760,6 +803,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     command = ["python3", "-m", "benchmarks.run", *(sys.argv[1:] if argv is None else argv)]
     header = ["## Machine", "", *(f"- {line}" for line in problems.machine_description()),
+              f"- Data: {problems.data_description(settings.data_dir)}",
               f"- Command: `{' '.join(command)}`"]
     print("\n".join(header), flush=True)
 

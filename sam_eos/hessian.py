@@ -97,6 +97,7 @@ def lanczos_iterations_allowed(num_params: int, max_iterations: int) -> int:
 
 
 def _flat_problem(loss_fn: LossFn, params: PyTree, batch: PyTree):
+    """(flat params, unravel, v -> H v on flat vectors)."""
     flat_params, unravel = ravel_pytree(params)
 
     def matvec(v: jax.Array) -> jax.Array:
@@ -105,11 +106,38 @@ def _flat_problem(loss_fn: LossFn, params: PyTree, batch: PyTree):
     return flat_params, unravel, matvec
 
 
-def _orthogonalise(basis: jax.Array, w: jax.Array) -> jax.Array:
-    """w minus its projection on the rows of `basis` (zero rows are harmless), done twice."""
+BLOCK_ROWS = 8  # basis rows orthogonalised against per block
+
+
+def _orthogonalise(basis: jax.Array, w: jax.Array, num_rows: jax.Array) -> jax.Array:
+    """w minus its projection on the first `num_rows` rows of `basis` (the rest are zero).
+
+    Block modified Gram-Schmidt, twice ("twice is enough"), sweeping only the blocks of
+    BLOCK_ROWS rows that hold vectors: a Lanczos step costs O(steps so far x params), not
+    O(max_iterations x params). `basis` has a multiple of BLOCK_ROWS rows.
+    """
+    num_blocks = (num_rows + BLOCK_ROWS - 1) // BLOCK_ROWS
+
+    def project_out(b, w):
+        block = jax.lax.dynamic_slice_in_dim(basis, b * BLOCK_ROWS, BLOCK_ROWS)
+        return w - (block @ w) @ block
+
     for _ in range(2):
-        w = w - basis.T @ (basis @ w)
+        w = jax.lax.fori_loop(0, num_blocks, project_out, w)
     return w
+
+
+def _combine_rows(basis: jax.Array, coefficients: jax.Array, num_rows: jax.Array) -> jax.Array:
+    """sum_i coefficients[i] * basis[i] over the first `num_rows` rows, block by block."""
+    padded = jnp.zeros((basis.shape[0],), basis.dtype).at[: coefficients.size].set(coefficients)
+
+    def add_block(b, total):
+        rows = jax.lax.dynamic_slice_in_dim(basis, b * BLOCK_ROWS, BLOCK_ROWS)
+        weights = jax.lax.dynamic_slice_in_dim(padded, b * BLOCK_ROWS, BLOCK_ROWS)
+        return total + weights @ rows
+
+    num_blocks = (num_rows + BLOCK_ROWS - 1) // BLOCK_ROWS
+    return jax.lax.fori_loop(0, num_blocks, add_block, jnp.zeros((basis.shape[1],), basis.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "k", "max_iterations"))
@@ -122,7 +150,8 @@ def _lanczos(loss_fn, params, batch, key, tolerance, *, k, max_iterations):
     dtype = flat_params.dtype
     eps = jnp.finfo(dtype).eps
     start = jax.random.normal(key, (n,), dtype)
-    basis = jnp.zeros((m + 1, n), dtype).at[0].set(start / jnp.linalg.norm(start))
+    rows = -(-(m + 1) // BLOCK_ROWS) * BLOCK_ROWS  # m + 1 rounded up to whole blocks
+    basis = jnp.zeros((rows, n), dtype).at[0].set(start / jnp.linalg.norm(start))
     index = jnp.arange(m)
 
     def ritz(alpha, beta, j):
@@ -153,26 +182,36 @@ def _lanczos(loss_fn, params, batch, key, tolerance, *, k, max_iterations):
         relative_bound = jnp.max(bound) / jnp.maximum(norm_estimate, jnp.finfo(dtype).tiny)
         return top, top_vectors, bottom, norm_estimate, relative_bound
 
+    def fresh_direction(j, basis, w, b):
+        """A random unit vector orthogonal to the basis (a restart after a breakdown)."""
+        fresh = jax.random.normal(jax.random.fold_in(key, j), (n,), dtype)
+        fresh = _orthogonalise(basis, fresh, j + 1)
+        norm = jnp.linalg.norm(fresh)
+        return fresh / jnp.where(norm > 0, norm, 1.0)
+
+    def next_lanczos_vector(j, basis, w, b):
+        return w / b
+
     def body(state):
-        j, basis, alpha, beta, _, _, previous_breakdown = state
+        j, basis, alpha, beta, _, _, previous_breakdown, norm_bound = state
         v = basis[j]
         w = matvec(v)
         a = jnp.vdot(v, w)
         previous = jnp.where(j > 0, beta[j - 1], 0.0) * basis[jnp.maximum(j - 1, 0)]
-        w = _orthogonalise(basis, w - a * v - previous)
+        w = _orthogonalise(basis, w - a * v - previous, j + 1)
         b = jnp.linalg.norm(w)
         alpha = alpha.at[j].set(a)
-        top, _, _, norm_estimate, _ = estimates(alpha, beta, j)
+        # ||T|| <= max_i (|alpha_i| + |beta_{i-1}| + |beta_i|): a cheap scale for the test below.
+        norm_bound = jnp.maximum(norm_bound, jnp.abs(a) + jnp.abs(beta[jnp.maximum(j - 1, 0)]) + b)
         # Breakdown: the Krylov space is invariant. Restart from a fresh random direction
         # orthogonal to the basis, decoupled from it (beta = 0), so degenerate eigenvalues
         # and low-rank Hessians are still handled.
-        breakdown = b <= 100 * eps * jnp.maximum(norm_estimate, jnp.abs(a))
-        fresh = _orthogonalise(basis, jax.random.normal(jax.random.fold_in(key, j), (n,), dtype))
-        fresh_norm = jnp.linalg.norm(fresh)
+        breakdown = b <= 100 * eps * norm_bound
         b = jnp.where(breakdown, 0.0, b)
         beta = beta.at[j].set(b)
-        fresh = fresh / jnp.where(fresh_norm > 0, fresh_norm, 1.0)
-        following = jnp.where(breakdown, fresh, w / jnp.where(b > 0, b, 1.0))
+        following = jax.lax.cond(
+            breakdown, fresh_direction, next_lanczos_vector, j, basis, w, b
+        )
         basis = basis.at[j + 1].set(following)
         _, _, _, _, relative_bound = estimates(alpha, beta, j)
         # A first breakdown restarts (the Krylov space may have missed a copy of a repeated
@@ -180,21 +219,21 @@ def _lanczos(loss_fn, params, batch, key, tolerance, *, k, max_iterations):
         converged = (
             (j + 1 >= k) & (relative_bound <= tolerance) & (~breakdown | previous_breakdown)
         )
-        return j + 1, basis, alpha, beta, converged, relative_bound, breakdown
+        return j + 1, basis, alpha, beta, converged, relative_bound, breakdown, norm_bound
 
     def cond(state):
-        j, _, _, _, converged, relative_bound, _ = state
+        j, _, _, _, converged, relative_bound, _, _ = state
         # A nan or inf Hessian (a diverged run) stops at once, unconverged.
         return (j < m) & ~converged & ((j == 0) | jnp.isfinite(relative_bound))
 
     zeros = jnp.zeros((m,), dtype)
     no = jnp.bool_(False)
-    state = (jnp.int32(0), basis, zeros, zeros, no, jnp.asarray(jnp.inf, dtype), no)
-    steps, basis, alpha, beta, converged, _, _ = jax.lax.while_loop(cond, body, state)
+    state = (jnp.int32(0), basis, zeros, zeros, no, jnp.asarray(jnp.inf, dtype), no, zeros[0])
+    steps, basis, alpha, beta, converged, _, _, _ = jax.lax.while_loop(cond, body, state)
     steps = jnp.maximum(steps, 1)
     last = steps - 1
     top, top_vectors, bottom, _, relative_bound = estimates(alpha, beta, last)
-    ritz_vector = basis[:m].T @ jnp.where(index <= last, top_vectors[:, 0], 0.0)
+    ritz_vector = _combine_rows(basis, jnp.where(index <= last, top_vectors[:, 0], 0.0), steps)
     ritz_vector = ritz_vector / jnp.linalg.norm(ritz_vector)
     # Exhausting the whole space (m == n steps) is exact.
     converged = converged | (steps == n)
