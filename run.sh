@@ -21,7 +21,8 @@ export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 case "${1:-}" in
   test)
     shift
-    exec .venv/bin/python -m pytest -q "$@"
+    # Two workers: the suite is mostly XLA compilation, one core each.
+    exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"
     ;;
   "")
     # Use pre-downloaded TFDS data beside the project when there is some (offline machines).
