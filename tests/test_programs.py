@@ -98,6 +98,12 @@ def test_transformer_learns_and_writes_everything(tmp_path, corpus):
     rows = assert_outputs(tmp_path, 3)
     losses = rows[:, 5]
     assert losses[0] > 0.9 * math.log(128) and losses[-1] < 0.6 * math.log(128)
+    # The plots can be redrawn from the raw data alone.
+    redraw = run(["-m", "sam_eos.plot", f"--raw_data={tmp_path / 'raw.txt'}"], timeout=60)
+    assert redraw.returncode == 0, redraw.stderr[-2000:]
+    for suffix in ("eigs", "eigs_se_only", "alignment", "loss"):
+        content = (tmp_path / f"raw_{suffix}.pdf").read_bytes()
+        assert content.startswith(b"%PDF-") and b"%%EOF" in content[-64:]
 
 
 def test_sigint_ends_the_run_cleanly(tmp_path, corpus):
