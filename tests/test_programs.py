@@ -106,7 +106,11 @@ def test_transformer_learns_and_writes_everything(tmp_path, corpus):
         assert content.startswith(b"%PDF-") and b"%%EOF" in content[-64:]
 
 
-def test_sigint_ends_the_run_cleanly(tmp_path, corpus):
+@pytest.mark.parametrize(("signal_number", "exit_code"), [
+    (signal.SIGINT, errors.EXIT_INTERRUPTED_SIGINT),
+    (signal.SIGTERM, errors.EXIT_INTERRUPTED_SIGTERM),
+])
+def test_an_interrupt_ends_the_run_cleanly(tmp_path, corpus, signal_number, exit_code):
     process = subprocess.Popen(
         [sys.executable, "-m", "transformer", f"--corpus={corpus}", "--test_lines=100",
          "--max_steps=100000", "--hessian_check_every_steps=5", *TINY_TRANSFORMER,
@@ -119,9 +123,9 @@ def test_sigint_ends_the_run_cleanly(tmp_path, corpus):
         if raw.exists() and raw.read_text().count("\n") >= 5:  # 3 header lines, 2 rows
             break
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal_number)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == errors.EXIT_INTERRUPTED_SIGINT, stderr[-3000:]
+    assert process.returncode == exit_code, stderr[-3000:]
     assert "Traceback" not in stderr
     assert "Test loss:" in stdout
     rows = assert_outputs(tmp_path, 2)
