@@ -111,11 +111,18 @@ def put_batch(batch: PyTree, mesh: Mesh, *, stacked: bool = False) -> PyTree:
     """`batch` (numpy or jax arrays) on `mesh`, every leaf split along its batch axis.
 
     The batch axis is 0, or 1 when `stacked` (a stack of batches [n, B, ...] as `make_train_steps`
-    takes them). With several processes every process must pass the same whole batch; see
-    `make_global_batch` for per-process loading.
+    takes them). With several processes every process passes the same whole batch and sends only
+    its own rows (`process_rows`) to its devices; see `make_global_batch` for a process that
+    loads only its rows.
     """
-    for size in _batch_axis_sizes(batch, 1 if stacked else 0):
+    axis = 1 if stacked else 0
+    sizes = _batch_axis_sizes(batch, axis)
+    for size in sizes:
         check_divisible(size, mesh)
+    if jax.process_count() > 1:
+        rows = process_rows(sizes.pop(), mesh, stacked=stacked)
+        local = jax.tree.map(lambda x: np.take(np.asarray(x), rows, axis=axis), batch)
+        return make_global_batch(local, mesh, stacked=stacked)
     return jax.device_put(batch, batch_sharding(mesh, stacked=stacked))
 
 

@@ -237,6 +237,21 @@ def multihost() -> None:
     out["stream_rel_error"] = relative_error(
         local_copy(sharded[1]), train_steps(params, state, stack, STEPS, False)[1]
     )
+    # What train.run does: every process passes the whole batch to put_batch, which sends only
+    # this process's rows to its devices.
+    whole = distributed.put_batch(host_batch, mesh)
+    out["whole_batch_shard_starts"] = sorted(
+        s.index[0].start for s in whole["x"].addressable_shards
+    )
+    out["whole_batch_sam_step_rel_error"] = relative_error(
+        local_copy(step(replicated, whole)), step(params, host_batch)
+    )
+    whole_stack = distributed.put_batch(stack, mesh, stacked=True)
+    out["whole_stream_rel_error"] = relative_error(
+        local_copy(train_steps(replicated, distributed.put_replicated(state, mesh), whole_stack,
+                               STEPS, False)[1]),
+        train_steps(params, state, stack, STEPS, False)[1],
+    )
     print("\n" + json.dumps(out))  # the last line (Gloo may print to stdout before it)
 
 

@@ -153,6 +153,10 @@ def test_two_processes_each_load_their_own_rows_and_match_one_device(multihost):
         assert out["batch_shape"] == [64, 16]
         assert out["sam_step_rel_error"] < TOLERANCE
         assert out["stream_rel_error"] < TOLERANCE
+        assert out["whole_batch_sam_step_rel_error"] < TOLERANCE
+        assert out["whole_stream_rel_error"] < TOLERANCE
+    assert first["whole_batch_shard_starts"] == [0, 16]
+    assert second["whole_batch_shard_starts"] == [32, 48]
     assert first["is_main_process"] and not second["is_main_process"]
     assert first["rows"] == list(range(32)) and second["rows"] == list(range(32, 64))
     assert first["local_shard_starts"] == [0, 16] and second["local_shard_starts"] == [32, 48]
