@@ -32,6 +32,7 @@ class Position:
     next_check_seconds: float = 0.0
     batches_taken: int = 0
     rows_written: int = 0
+    last_checked_step: int = -1
 
 
 def settings_differences(saved: Any, current: Any, path: str = "") -> list[str]:

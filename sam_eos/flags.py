@@ -77,7 +77,7 @@ def define_shared_flags(
     )
     flags.DEFINE_float(
         "eigensolver_tolerance", None,
-        "Relative tolerance (default 1e-6 for Lanczos, 1e-3 for power iteration).",
+        "Relative tolerance (default 1e-5 for Lanczos, 1e-3 for power iteration).",
     )
     flags.DEFINE_integer(
         "num_devices", None, "Split each batch over this many devices (data parallel; unset: "

@@ -364,9 +364,16 @@ def run(
     last_checkpoint_s = position.training_seconds
     steps_per_dispatch = 1
     status = "time_limit"
+    hard_stop = False
     start = time.perf_counter() - position.training_seconds
 
+    if gap_s is None and every is None:
+        logging.warning("No Hessian checks scheduled: set --hessian_check_gap (hours) or "
+                        "--hessian_check_every_steps to measure the sharpness.")
+
     def check_due() -> bool:
+        if position.step == position.last_checked_step:  # e.g. the last check before a resume
+            return False
         return (every is not None and position.step % every == 0) or (
             gap_s is not None and position.training_seconds >= position.next_check_seconds
         )
@@ -381,19 +388,17 @@ def run(
                 if stop.signal_number is not None:
                     status = "interrupted"
                     break
-                if config.max_steps is not None and position.step >= config.max_steps:
-                    status = "max_steps"
-                    break
                 if position.training_seconds >= time_limit_s:
                     status = "time_limit"
                     break
-                pending = None
+                # At max_steps a check that is due is still taken (it measures the final state).
+                at_max_steps = config.max_steps is not None and position.step >= config.max_steps
+                pending = None  # a stream's batch drawn for a check; its step uses it next
                 if check_due():
                     if gap_s is not None:
                         position.next_check_seconds = position.training_seconds + gap_s
                     if not fixed:
                         pending = data.take(1)
-                        position.batches_taken += 1
                     if hessian_batch is not None:
                         check_batch = hessian_batch
                     elif fixed:
@@ -407,14 +412,18 @@ def run(
                     )
                     rows.append(row)
                     position.rows_written += 1
+                    position.last_checked_step = position.step
                     if measured and not math.isfinite(row["loss"]):
                         logging.error("Diverged: the loss is %s at step %d.", row["loss"],
                                       position.step)
                         writer.note(f"diverged at step {position.step}: loss {row['loss']}")
                         status = "diverged"
                         break
+                if at_max_steps:
+                    status = "max_steps"
+                    break
                 # How many steps this dispatch: up to the next step-based check / max_steps.
-                limit = steps_per_dispatch
+                limit = 1 if gap_s == 0 else steps_per_dispatch
                 if every is not None:
                     limit = min(limit, every - position.step % every)
                 if config.max_steps is not None:
@@ -428,12 +437,12 @@ def run(
                 else:
                     limit = 1 << (limit.bit_length() - 1)  # a power of two: few compiles
                     batches = place.batch(data.take(limit), stacked=True)
-                    position.batches_taken += limit
                 taken, params, opt_state, loss, finite = train_steps(
                     *state, batches, limit, fixed
                 )
                 state = (params, opt_state)
                 position.step += int(taken)
+                position.batches_taken += 0 if fixed else limit
                 if not bool(finite):
                     logging.error("Diverged: the training loss or gradient is not finite at "
                                   "step %d (loss %s).", position.step, float(loss))
@@ -445,13 +454,14 @@ def run(
                     steps_per_dispatch = min(2 * steps_per_dispatch, MAX_STEPS_PER_DISPATCH)
                 elif took > 2 * DISPATCH_TARGET_SECONDS and steps_per_dispatch > 1:
                     steps_per_dispatch //= 2
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second signal: the position may be mid-update
             status = "interrupted"
+            hard_stop = True
         finally:
             position.training_seconds = time.perf_counter() - start
             writer.close()
     if checkpointer is not None:
-        if status != "diverged":  # keep the last finite state for a resume
+        if status != "diverged" and not hard_stop:  # keep the last consistent state
             checkpointer.save(state, position)
         checkpointer.close()
     exit_code = _finish(status, stop.signal_number, rows)

@@ -41,7 +41,8 @@ def test_resume_continues_the_run_and_its_raw_data(tmp_path):
     _, _, whole_rows = read_raw_data(str(tmp_path / "whole.txt"))
     settings, _, split_rows = read_raw_data(str(tmp_path / "split.txt"))
     np.testing.assert_allclose(split_rows[:, 1:], whole_rows[:, 1:], rtol=1e-5)
-    assert len(resumed.rows) == len(split_rows) == 6  # the plots cover the whole run
+    # The plots cover the whole run: steps 0, 5, ..., 30.
+    assert len(resumed.rows) == len(split_rows) == 7
     assert open(tmp_path / "split.txt").read().count("# settings:") == 1
 
 

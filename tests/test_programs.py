@@ -74,7 +74,7 @@ def test_image_classification_mlp_end_to_end_on_mock_mnist(tmp_path):
     error = float(result.stdout.split("Test error:")[1].split()[0])
     assert 0.0 <= error <= 1.0
     rows = assert_outputs(tmp_path, 3)
-    np.testing.assert_array_equal(rows[:, 8], [0, 4, 8])
+    np.testing.assert_array_equal(rows[:, 8], [0, 4, 8, 12])  # the final state is measured
 
 
 def test_image_classification_cnn_end_to_end_on_mock_cifar10(tmp_path):
@@ -244,5 +244,5 @@ def test_four_devices_write_the_rows_of_one(tmp_path, corpus, program):
         assert ("Data parallel over 4" in result.stderr) == (devices == 4)
         tables.append(read_raw_data(str(directory / "raw.txt"))[2])
     one, four = tables
-    assert one.shape == four.shape and len(one) == 2
+    assert one.shape == four.shape and len(one) == 3
     np.testing.assert_allclose(four[:, 1:], one[:, 1:], rtol=1e-4, atol=1e-6)

@@ -120,7 +120,15 @@ def test_stops_at_the_time_limit(tmp_path):
     assert limit_s <= result.training_seconds < limit_s + 60
     assert 1 <= result.steps < 10**9
     _, _, rows = read_raw_data(str(tmp_path / "raw.txt"))
-    assert len(rows) >= 1 and rows[0, 0] == 0.0 or rows[0, 0] < 1e-3
+    assert len(rows) >= 1 and rows[0, 0] < 1e-3
+
+
+def test_a_zero_gap_checks_every_step_even_with_a_full_batch(tmp_path):
+    params, batch = mlp_problem()
+    config = train.TrainConfig(step_size=0.05, max_steps=40, hessian_check_gap=0.0,
+                               eigensolver_max_iterations=8)
+    result = train.run(mlp_loss, params, train.FullBatch(batch), config)
+    assert [int(row["step"]) for row in result.rows] == list(range(41))
 
 
 def test_divergence_stops_keeps_rows_and_draws_finite_plots(tmp_path):
@@ -147,7 +155,7 @@ def test_unconverged_check_is_recorded_as_nan_with_a_note_and_training_goes_on(t
     result = train.run(mlp_loss, params, train.FullBatch(batch), config)
     assert result.status == "max_steps" and result.steps == 6
     text = open(tmp_path / "raw.txt").read()
-    assert text.count("# note: check at step") == 2 and "did not converge" in text
+    assert text.count("# note: check at step") == 3 and "did not converge" in text
     _, columns, rows = read_raw_data(str(tmp_path / "raw.txt"))
     assert np.all(np.isnan(rows[:, columns.index("hessian_norm")]))
     assert np.all(np.isfinite(rows[:, columns.index("loss")]))
@@ -161,7 +169,7 @@ def test_a_second_run_to_the_same_path_starts_the_file_afresh(tmp_path):
         train.run(mlp_loss, params, train.FullBatch(batch), config)
     settings, columns, rows = read_raw_data(str(tmp_path / "raw.txt"))
     assert settings["seed"] == 2
-    np.testing.assert_array_equal(rows[:, columns.index("step")], [0, 2])
+    np.testing.assert_array_equal(rows[:, columns.index("step")], [0, 2, 4])
     assert open(tmp_path / "raw.txt").read().count("# settings:") == 1
 
 
@@ -169,7 +177,7 @@ def test_empty_output_paths_skip_outputs(tmp_path):
     params, batch = mlp_problem()
     config = train.TrainConfig(step_size=0.1, max_steps=3, hessian_check_every_steps=1)
     result = train.run(mlp_loss, params, train.FullBatch(batch), config)
-    assert len(result.rows) == 3
+    assert len(result.rows) == 4  # steps 0, 1, 2 and the final state at step 3
     assert os.listdir(tmp_path) == []
 
 
