@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from sam_eos import distributed, hessian
 from sam_eos.errors import InputError
+from sam_eos.plots import check_plot_format
 from sam_eos.records import check_output_path
 from sam_eos.train import Outputs, TrainConfig
 
@@ -157,10 +158,17 @@ def train_config_from_flags(run_name: str) -> TrainConfig:
         f"--num_principal_components={FLAGS.num_principal_components} exceeds the eigensolver's "
         f"budget of {budget} iterations; raise --eigensolver_max_iterations",
     )
+    require(0 <= FLAGS.seed < 2**32, f"--seed must be in [0, 2**32) (got {FLAGS.seed})")
     outputs = {}
     for field, name in OUTPUT_FLAGS.items():
-        check_output_path(FLAGS[name].value, name)
-        outputs[field] = FLAGS[name].value
+        path = FLAGS[name].value
+        check_output_path(path, name)
+        if path and field != "raw_data":
+            check_plot_format(path, name)
+        clash = [other for other, used in outputs.items() if path and used == path]
+        require(not clash, f"--{name} and --{OUTPUT_FLAGS[clash[0]] if clash else ''} are the "
+                "same file; give each output its own path")
+        outputs[field] = path
     return TrainConfig(
         step_size=FLAGS.step_size,
         rho=FLAGS.rho,

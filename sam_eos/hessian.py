@@ -223,8 +223,9 @@ def _lanczos(loss_fn, params, batch, key, tolerance, *, k, max_iterations):
         # ||T|| <= max_i (|alpha_i| + |beta_{i-1}| + |beta_i|): a cheap scale for the test below.
         norm_bound = jnp.maximum(norm_bound, jnp.abs(a) + jnp.abs(beta[jnp.maximum(j - 1, 0)]) + b)
         # Breakdown: the Krylov space is invariant. Restart from a fresh random direction
-        # orthogonal to the basis, decoupled from it (beta = 0), so degenerate eigenvalues
-        # and low-rank Hessians are still handled.
+        # orthogonal to the basis, decoupled from it (beta = 0), so a low-rank Hessian does
+        # not divide by zero and a copy of a repeated eigenvalue can still be found (not
+        # guaranteed: the new block may stop before it converges to that copy).
         breakdown = b <= 100 * eps * norm_bound
         b = jnp.where(breakdown, 0.0, b)
         beta = beta.at[j].set(b)

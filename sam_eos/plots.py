@@ -4,6 +4,7 @@ Each plot is against training time, skips non-finite values (a diverged or faile
 is skipped entirely when its output path is empty.
 """
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +14,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sam_eos.errors import InputError  # noqa: E402
+
 PLOT_NAMES = ("eigs_curve", "eigs_se_only", "alignment_curve", "loss_curve")
+
+
+def check_plot_format(path: str, flag_name: str) -> None:
+    """Fail now, not after training, if matplotlib cannot write a plot in `path`'s format."""
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    figure = plt.figure()
+    supported = figure.canvas.get_supported_filetypes()
+    plt.close(figure)
+    if extension not in supported:
+        formats = ", ".join("." + name for name in sorted(supported))
+        raise InputError(f"--{flag_name}={path}: plots can be written as {formats}; the path "
+                         f"needs one of these extensions")
 
 
 def _time_axis(hours: np.ndarray) -> tuple[np.ndarray, str]:
@@ -51,7 +66,7 @@ def draw_plots(
     time, time_label = _time_axis(column("time_hours"))
     title = settings.get("run_name", "sam_eos run")
     further = [name for name in columns if name.startswith("eig_")]
-    written = []
+    written, failed = [], []
 
     def eigenvalues(ax) -> None:
         _series(ax, time, column("hessian_norm"), label="sharpness (Hessian operator norm)",
@@ -93,13 +108,19 @@ def draw_plots(
         if not path:
             continue
         figure, ax = plt.subplots(figsize=(6.4, 4.2))
-        drawers[name](ax)
-        ax.set_xlabel(time_label)
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        figure.tight_layout()
-        figure.savefig(path)
-        plt.close(figure)
-        written.append(path)
+        try:
+            drawers[name](ax)
+            ax.set_xlabel(time_label)
+            ax.set_title(title, fontsize=9)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+            figure.tight_layout()
+            figure.savefig(path)
+            written.append(path)
+        except (OSError, ValueError) as error:  # one plot failing must not stop the others
+            failed.append(f"{path}: {error}")
+        finally:
+            plt.close(figure)
+    if failed:
+        raise RuntimeError("could not draw " + "; ".join(failed))
     return written

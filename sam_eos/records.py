@@ -121,8 +121,10 @@ def keep_first_rows(path: str, num_rows: int) -> None:
             break
         kept.append(line)
         rows += not line.startswith("#")
-    with open(path, "w") as file:
+    scratch = path + ".resume"
+    with open(scratch, "w") as file:  # written aside and renamed: a kill now loses nothing
         file.writelines(kept)
+    os.replace(scratch, path)
 
 
 def read_raw_data(path: str) -> tuple[dict[str, Any], list[str], np.ndarray]:

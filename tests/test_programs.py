@@ -157,6 +157,12 @@ BAD_TRANSFORMER_INPUTS = [
     (["--num_heads=0"], "--num_heads must be at least 1"),
     (["--raw_data_output=/etc/hostname/raw.txt"], "--raw_data_output=/etc/hostname/raw.txt"),
     (["--eigs_curve_output=/proc/nope/e.pdf"], "cannot be written"),
+    (["--eigs_curve_output=/tmp/sam_eos_plot.xyz"], "plots can be written as"),
+    (["--eigs_curve_output=/tmp/same.pdf", "--loss_curve_output=/tmp/same.pdf"],
+     "are the same file"),
+    (["--seed=-1"], "--seed must be in [0, 2**32)"),
+    (["--checkpoint_every_minutes=0"], "--checkpoint_every_minutes must be > 0"),
+    (["--num_devices=5"], "cannot use 5 devices"),
 ]
 
 
