@@ -172,10 +172,10 @@ def _lanczos(loss_fn, params, batch, key, tolerance, *, k, max_iterations):
         off_diagonal = jnp.where(index[:-1] < j, beta[:-1], 0.0)
         t = jnp.diag(diagonal) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
         values, vectors = jnp.linalg.eigh(t)
-        return values, vectors, active
+        return values, vectors
 
     def estimates(alpha, beta, j):
-        values, vectors, _ = ritz(alpha, beta, j)
+        values, vectors = ritz(alpha, beta, j)
         num_active = j + 1
         # eigh sorts ascending: the padding's far-away values come first, the block's last.
         active = index >= m - num_active
