@@ -6,10 +6,11 @@ test error.
 """
 
 import jax
+import numpy as np
 from absl import flags, logging
 
 from image_classification import dataset, model
-from sam_eos import cli, train
+from sam_eos import cli, distributed, train
 from sam_eos import flags as shared_flags
 
 shared_flags.define_shared_flags(
@@ -62,44 +63,55 @@ def main(argv: list[str]) -> int:
     )
     build(10)  # checks the architecture flags before the (slow) data load
     batch_size = flags.FLAGS.batch_size
+    processes = jax.process_count()
     data = dataset.load(
         DATASET.value,
         data_dir=DATA_DIR.value,
         batch_size=batch_size,
         mini_training_set_num_batches=MINI_TRAINING_SET_NUM_BATCHES.value,
         mini_test_set_num_batches=MINI_TEST_SET_NUM_BATCHES.value,
+        process_index=jax.process_index(),
+        process_count=processes,
     )
-    num_train = len(data.train_images)
-    logging.info("%s: %d training and %d test examples, %d classes.", data.name, num_train,
-                 len(data.test_images), data.num_classes)
+    num_train = data.train_size
+    logging.info("%s: %d training and %d test examples, %d classes%s.", data.name, num_train,
+                 data.test_size, data.num_classes,
+                 f"; this process holds {len(data.train_images)} and {len(data.test_images)}"
+                 if processes > 1 else "")
     network = build(data.num_classes)
     params = jax.jit(network.init)(jax.random.PRNGKey(config.seed), data.train_images[:1])
     num_params = sum(x.size for x in jax.tree.leaves(params))
     shared_flags.check_principal_components(config, num_params)
     logging.info("%s with %d parameters.", NN_ARCHITECTURE.value, num_params)
+    mesh = shared_flags.mesh_from_flags({"the batch size": min(batch_size, num_train)})
+    # On several processes each holds its own rows (dataset.load); on one, all of them.
+    per_process = processes > 1
     if batch_size >= num_train:
         logging.info("Full-batch training: batch_size %d covers all %d training examples.",
                      batch_size, num_train)
-        batches = train.FullBatch((data.train_images, data.train_labels))
+        batches = train.FullBatch((data.train_images, data.train_labels), per_process)
     else:
         logging.info("Minibatch training: %d batches of %d per epoch (%s).",
                      num_train // batch_size, batch_size,
                      "shuffled" if SHUFFLE.value else "in order")
         batches = train.BatchStream(dataset.Minibatches(
-            data.train_images, data.train_labels, batch_size,
+            data.train_images, data.train_labels, batch_size // processes,
             config.seed if SHUFFLE.value else None,
-        ))
-    mesh = shared_flags.mesh_from_flags({"the batch size": min(batch_size, num_train)})
+        ), per_process)
     result = train.run(
         model.make_loss_fn(network), params, batches, config, mesh=mesh,
         settings={"program": "image_classification", "flags": shared_flags.flag_values()},
     )
     if result.status == "diverged":
-        print("Test error: not computed (the run diverged)")
-    else:
-        error = model.test_error(network, result.params, data.test_images, data.test_labels,
-                                 min(batch_size, 10000))
-        print(f"Test error: {error:.4f}")
+        message = "Test error: not computed (the run diverged)"
+    else:  # each process counts its own test examples
+        errors = model.count_test_errors(network, distributed.local_copy(result.params),
+                                         data.test_images, data.test_labels,
+                                         min(batch_size, 10000))
+        error = int(distributed.sum_over_processes(np.int32(errors))) / data.test_size
+        message = f"Test error: {error:.4f}"
+    if distributed.is_main_process():
+        print(message)
     return result.exit_code
 
 

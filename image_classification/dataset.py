@@ -2,7 +2,8 @@
 
 Any TFDS data set with fixed-size `image` and class `label` features and "train" and "test"
 splits works (mnist, cifar10, fashion_mnist, ...). Pixels are scaled to [0, 1) and both sets are
-centred by the mean image of the first training batch.
+centred by the mean image of the first training batch. On several hosts each loads only its
+own shard of both splits.
 """
 
 import dataclasses
@@ -10,6 +11,7 @@ import os
 
 import numpy as np
 
+from sam_eos import distributed
 from sam_eos.errors import InputError
 
 SPLITS = ("train", "test")
@@ -17,7 +19,8 @@ SPLITS = ("train", "test")
 
 @dataclasses.dataclass(frozen=True)
 class ImageData:
-    """Training and test sets: `N` training and `M` test images of shape `[H, W, C]`."""
+    """Training and test sets: `N` training and `M` test images of shape `[H, W, C]` (this
+    process's shard of them on several processes: see `load`)."""
 
     train_images: np.ndarray  # float32 [N, H, W, C], centred
     train_labels: np.ndarray  # float32 [N, num_classes], one-hot
@@ -25,6 +28,8 @@ class ImageData:
     test_labels: np.ndarray  # int32 [M]
     num_classes: int
     name: str
+    train_size: int  # N: training examples over all processes (= len(train_images) on one)
+    test_size: int  # M: test examples over all processes
 
 
 def _import_tfds():
@@ -82,9 +87,25 @@ def _builder(tfds, dataset: str, data_dir: str | None):
     return builder
 
 
-def _cut(array: np.ndarray, num_batches: int | None, batch_size: int) -> np.ndarray:
-    """The first `num_batches * batch_size` rows (all of them when None or more than there are)."""
-    return array if num_batches is None else array[: num_batches * batch_size]
+READ_CHUNK = 4096  # examples per tf.data batch while reading a split
+
+
+def _read_split(tfds, builder, split: str, limit: int | None, shard_index: int,
+                num_shards: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of `split`: the first `limit` examples (None: all), and of those only
+    rows shard_index, shard_index + num_shards, ... (`tf.data.Dataset.shard`), so a process
+    holds only its own rows in memory."""
+    data = builder.as_dataset(split=split, shuffle_files=False)
+    if limit is not None:
+        data = data.take(limit)
+    if num_shards > 1:
+        data = data.shard(num_shards, shard_index)
+    data = data.map(lambda example: (example["image"], example["label"])).batch(READ_CHUNK)
+    chunks = list(tfds.as_numpy(data))
+    if not chunks:
+        return np.zeros((0, *builder.info.features["image"].shape), np.uint8), np.zeros(0, int)
+    images, labels = zip(*chunks, strict=True)
+    return np.concatenate(images), np.concatenate(labels)
 
 
 def load(
@@ -94,12 +115,21 @@ def load(
     batch_size: int,
     mini_training_set_num_batches: int | None = None,
     mini_test_set_num_batches: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> ImageData:
-    """Load a TFDS image data set's train and test splits whole into memory.
+    """Load a TFDS image data set's train and test splits into memory.
 
     `data_dir` is where prepared TFDS data lives (None: TFDS's default, `$TFDS_DATA_DIR` or
     `~/tensorflow_datasets`); the data is downloaded there if missing and the network allows.
     The mini set options keep only the first that many batches of `batch_size` examples.
+
+    With several processes (hosts) each loads only its shard: examples process_index,
+    process_index + process_count, ... of each split. The arrays then hold this process's rows
+    and `train_size` / `test_size` count all processes' (summed with one collective); a
+    minibatch run keeps the same number of whole batches on every process, `batch_size /
+    process_count` rows each, so that process p's k-th local batch is its share of global batch
+    k. Every process must call this (the sums are collectives).
     Raises InputError for an unknown data set or data that is missing and cannot be downloaded.
     """
     for flag, value in [
@@ -109,23 +139,40 @@ def load(
     ]:
         if value is not None and value < 1:
             raise InputError(f"{flag} must be at least 1, got {value}.")
+    if not 0 <= process_index < process_count:
+        raise InputError(f"process {process_index} is not one of 0 .. {process_count - 1}")
     tfds = _import_tfds()
     builder = _builder(tfds, dataset, data_dir)
-    train, test = (tfds.as_numpy(builder.as_dataset(split=s, batch_size=-1)) for s in SPLITS)
+    cut = lambda num_batches: None if num_batches is None else num_batches * batch_size  # noqa: E731
+    shard = {"shard_index": process_index, "num_shards": process_count}
+    train_images, train_labels = _read_split(
+        tfds, builder, "train", cut(mini_training_set_num_batches), **shard
+    )
+    test_images, test_labels = _read_split(
+        tfds, builder, "test", cut(mini_test_set_num_batches), **shard
+    )
+    train_size, test_size = (int(n) for n in distributed.sum_over_processes(
+        np.array([len(train_images), len(test_images)], np.int32)
+    ))
+    if train_size == 0 or test_size == 0:
+        raise InputError(f"Dataset {dataset!r} has an empty train or test split.")
+    if process_count > 1 and batch_size < train_size:
+        if batch_size % process_count:
+            raise InputError(
+                f"batch_size {batch_size} does not split evenly over {process_count} processes"
+            )
+        keep = (train_size // batch_size) * (batch_size // process_count)
+        train_images, train_labels = train_images[:keep], train_labels[:keep]
 
     num_classes = int(builder.info.features["label"].num_classes)
-    train_images = _cut(train["image"], mini_training_set_num_batches, batch_size)
-    train_labels = _cut(train["label"], mini_training_set_num_batches, batch_size)
-    test_images = _cut(test["image"], mini_test_set_num_batches, batch_size)
-    test_labels = _cut(test["label"], mini_test_set_num_batches, batch_size)
-
-    if len(train_images) == 0 or len(test_images) == 0:
-        raise InputError(f"Dataset {dataset!r} has an empty train or test split.")
-
     train_images = train_images.astype(np.float32) / 256
     test_images = test_images.astype(np.float32) / 256
     # [H, W, C]: the mean image of the first training batch (after the cut), used for both sets.
-    mean_image = train_images[:batch_size].mean(axis=0, dtype=np.float64).astype(np.float32)
+    # This process holds rows process_index + j * process_count of it.
+    first_batch = min(batch_size, train_size)
+    mine = len(range(process_index, first_batch, process_count))
+    total = distributed.sum_over_processes(train_images[:mine].sum(axis=0, dtype=np.float64))
+    mean_image = (total / first_batch).astype(np.float32)
     return ImageData(
         train_images=train_images - mean_image,
         train_labels=np.eye(num_classes, dtype=np.float32)[train_labels],
@@ -133,6 +180,8 @@ def load(
         test_labels=test_labels.astype(np.int32),
         num_classes=num_classes,
         name=builder.info.name,
+        train_size=train_size,
+        test_size=test_size,
     )
 
 

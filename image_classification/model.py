@@ -128,6 +128,24 @@ def _num_errors(apply_fn: Callable, params: PyTree, images: jax.Array, labels: j
     return jnp.sum(predictions != labels)
 
 
+def count_test_errors(
+    network: hk.Transformed,
+    params: PyTree,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+) -> int:
+    """How many of `images [M, H, W, C]` have an argmax logit other than `labels [M]` (ints).
+
+    Evaluated in chunks of `batch_size` examples (the last may be smaller) to bound memory.
+    """
+    counts = [
+        _num_errors(network.apply, params, images[i : i + batch_size], labels[i : i + batch_size])
+        for i in range(0, len(labels), batch_size)
+    ]
+    return sum(int(count) for count in counts)
+
+
 def test_error(
     network: hk.Transformed,
     params: PyTree,
@@ -135,18 +153,11 @@ def test_error(
     labels: np.ndarray,
     batch_size: int,
 ) -> float:
-    """Fraction of `images [M, H, W, C]` whose argmax logit differs from `labels [M]` (ints).
-
-    Evaluated in chunks of `batch_size` examples (the last may be smaller) to bound memory.
-    """
-    num_examples = len(labels)
-    if num_examples == 0:
+    """Fraction of `images [M, H, W, C]` whose argmax logit differs from `labels [M]` (ints),
+    evaluated in chunks of `batch_size` examples."""
+    if len(labels) == 0:
         raise ValueError("test_error needs at least one test example.")
-    counts = [
-        _num_errors(network.apply, params, images[i : i + batch_size], labels[i : i + batch_size])
-        for i in range(0, num_examples, batch_size)
-    ]
-    return sum(int(count) for count in counts) / num_examples
+    return count_test_errors(network, params, images, labels, batch_size) / len(labels)
 
 
 # Not a pytest test, despite the name.

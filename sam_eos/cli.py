@@ -35,6 +35,8 @@ def run_main(main: Callable[[list[str]], int | None]) -> None:
         logging.get_absl_handler().addFilter(_quiet_libraries)
         try:
             distributed.initialize_multihost()
+            if not distributed.is_main_process():  # process 0 logs the run; others only warn
+                logging.set_verbosity(logging.WARNING)
             code = main(argv)
         except InputError as error:
             print(f"error: {error}", file=sys.stderr)

@@ -38,6 +38,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from sam_eos.errors import InputError
@@ -49,7 +50,12 @@ MULTIHOST_SWITCH = "SAM_EOS_MULTIHOST"
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh, axis "batch", over the first `num_devices` of `jax.devices()` (None = all)."""
+    """A 1-D mesh, axis "batch", over `num_devices` of `jax.devices()` (None = all).
+
+    On one process: the first `num_devices`. On several: the same number of each process's
+    first local devices, so `num_devices` must be a multiple of the process count (every
+    process holds part of every batch).
+    """
     devices = jax.devices()
     if num_devices is None:
         num_devices = len(devices)
@@ -60,7 +66,23 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
             f"cannot use {num_devices} devices: JAX sees {len(devices)} "
             f"({devices[0].platform}); choose 1 to {len(devices)}"
         )
-    return Mesh(np.array(devices[:num_devices]), (BATCH_AXIS,), axis_types=(AxisType.Auto,))
+    processes = jax.process_count()
+    if processes == 1:
+        return Mesh(np.array(devices[:num_devices]), (BATCH_AXIS,), axis_types=(AxisType.Auto,))
+    if num_devices % processes:
+        raise InputError(
+            f"cannot use {num_devices} devices over {processes} processes: every process "
+            f"needs the same number, so use a multiple of {processes}"
+        )
+    per_process = num_devices // processes
+    chosen = [
+        device
+        for index in range(processes)
+        for device in [d for d in devices if d.process_index == index][:per_process]
+    ]
+    if len(chosen) != num_devices:
+        raise InputError(f"some process has fewer than {per_process} devices")
+    return Mesh(np.array(chosen), (BATCH_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def describe(mesh: Mesh) -> str:
@@ -226,3 +248,38 @@ def initialize_multihost() -> bool:
 def is_main_process() -> bool:
     """Whether this is process 0, the one that logs, writes raw data and draws plots."""
     return jax.process_index() == 0
+
+
+def gather_from_processes(values: np.ndarray) -> np.ndarray:
+    """`values` of every process stacked, [process_count, *shape], on every process.
+
+    Shapes must match across processes. For small host values (counts, clocks, flags); one
+    collective across processes, nothing at all on a single process.
+    """
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values[None]
+    return np.asarray(multihost_utils.process_allgather(values))
+
+
+def sum_over_processes(values: np.ndarray) -> np.ndarray:
+    """The sum over processes of `values` (numbers or an array), on every process.
+
+    float64 input stays float64 to about 1e-14 relative: it travels as two float32 halves,
+    since JAX carries 32-bit floats by default.
+    """
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values
+    if values.dtype == np.float64:
+        high = values.astype(np.float32)
+        low = (values - high).astype(np.float32)
+        parts = gather_from_processes(np.stack([high, low])).astype(np.float64)
+        return parts.sum(axis=(0, 1))
+    return gather_from_processes(values).sum(axis=0).astype(values.dtype)
+
+
+def local_copy(tree: PyTree) -> PyTree:
+    """This process's copy of replicated arrays (e.g. trained parameters), on one of its own
+    devices, for work a process does by itself (evaluating its share of a test set)."""
+    return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)

@@ -87,9 +87,15 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FullBatch:
-    """One batch used at every step; it goes to the device once and stays there."""
+    """One batch used at every step; it goes to the device once and stays there.
+
+    `per_process`: on several processes (hosts), `batch` holds only this process's rows of the
+    global batch (`sam_eos.distributed.make_global_batch`); otherwise every process passes the
+    whole batch and sends its own rows. The same on a single process.
+    """
 
     batch: PyTree
+    per_process: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +104,11 @@ class BatchStream:
 
     Optional methods of the iterator make it faster: `take(n)` returns the next n batches
     stacked along a new leading axis, `skip(n)` passes n batches (when a run resumes).
+    `per_process` as for `FullBatch`: each batch holds only this process's rows.
     """
 
     batches: Iterator[PyTree]
+    per_process: bool = False
 
     def take(self, n: int) -> PyTree:
         if hasattr(self.batches, "take"):
@@ -288,9 +296,11 @@ class _Placement:
     def __init__(self, mesh):
         self.mesh = mesh
 
-    def batch(self, batch: PyTree, stacked: bool = False) -> PyTree:
+    def batch(self, batch: PyTree, stacked: bool = False, per_process: bool = False) -> PyTree:
         if self.mesh is None:
             return jax.device_put(batch)
+        if per_process:
+            return distributed.make_global_batch(batch, self.mesh, stacked=stacked)
         return distributed.put_batch(batch, self.mesh, stacked=stacked)
 
     def replicated(self, tree: PyTree) -> PyTree:
@@ -330,7 +340,7 @@ def run(
     train_steps = make_train_steps(loss_fn, optimizer, config.rho)
     measure = make_measure(loss_fn, config)
     fixed = isinstance(data, FullBatch)
-    full_batch = place.batch(data.batch) if fixed else None
+    full_batch = place.batch(data.batch, per_process=data.per_process) if fixed else None
     if hessian_batch is not None:
         hessian_batch = place.batch(hessian_batch)
     state = place.replicated((params, optimizer.init(params)))
@@ -365,6 +375,7 @@ def run(
     steps_per_dispatch = 1
     status = "time_limit"
     hard_stop = False
+    signal_number = None
     start = time.perf_counter() - position.training_seconds
 
     if gap_s is None and every is None:
@@ -381,11 +392,13 @@ def run(
     with _StopFlag() as stop:
         try:
             while True:
-                position.training_seconds = time.perf_counter() - start
+                position.training_seconds, signal_number, steps_per_dispatch = _agree(
+                    time.perf_counter() - start, stop.signal_number, steps_per_dispatch
+                )
                 if checkpointer and position.training_seconds - last_checkpoint_s >= checkpoint_s:
                     checkpointer.save(state, position)
                     last_checkpoint_s = position.training_seconds
-                if stop.signal_number is not None:
+                if signal_number is not None:
                     status = "interrupted"
                     break
                 if position.training_seconds >= time_limit_s:
@@ -404,7 +417,8 @@ def run(
                     elif fixed:
                         check_batch = full_batch
                     else:
-                        check_batch = place.batch(jax.tree.map(lambda x: x[0], pending))
+                        check_batch = place.batch(jax.tree.map(lambda x: x[0], pending),
+                                                  per_process=data.per_process)
                     row, measured = _check(
                         measure, config, state[0], check_batch,
                         jax.random.fold_in(key, position.step), position.step,
@@ -433,10 +447,11 @@ def run(
                     batches = full_batch
                 elif pending is not None:
                     limit = 1
-                    batches = place.batch(pending, stacked=True)
+                    batches = place.batch(pending, stacked=True, per_process=data.per_process)
                 else:
                     limit = 1 << (limit.bit_length() - 1)  # a power of two: few compiles
-                    batches = place.batch(data.take(limit), stacked=True)
+                    batches = place.batch(data.take(limit), stacked=True,
+                                          per_process=data.per_process)
                 taken, params, opt_state, loss, finite = train_steps(
                     *state, batches, limit, fixed
                 )
@@ -464,11 +479,29 @@ def run(
         if status != "diverged" and not hard_stop:  # keep the last consistent state
             checkpointer.save(state, position)
         checkpointer.close()
-    exit_code = _finish(status, stop.signal_number, rows)
+    exit_code = _finish(status, signal_number or stop.signal_number, rows)
     logging.info("Stopped (%s) after %d steps and %.4f h of training.", status, position.step,
                  position.training_seconds / SECONDS_PER_HOUR)
     _draw(rows, columns, config, outputs)
     return RunResult(*state, position.step, position.training_seconds, status, exit_code, rows)
+
+
+def _agree(seconds: float, signal_number: int | None,
+           steps_per_dispatch: int) -> tuple[float, int | None, int]:
+    """Process 0's clock (seconds) and dispatch size, and any process's stop signal, on every
+    process. Several processes must take the same checks, saves and steps, or their collectives
+    deadlock; their own clocks and dispatch timings differ. One small collective per dispatch,
+    nothing on a single process."""
+    if jax.process_count() == 1:
+        return seconds, signal_number, steps_per_dispatch
+    microseconds = round(seconds * 1e6)
+    table = distributed.gather_from_processes(np.array(
+        [microseconds // 10**6, microseconds % 10**6, signal_number or 0, steps_per_dispatch],
+        np.int32,
+    ))
+    whole, micro, _, steps = (int(v) for v in table[0])
+    signals = [int(s) for s in table[:, 2] if s]
+    return whole + micro * 1e-6, (signals[0] if signals else None), steps
 
 
 def _finish(status: str, signal_number: int | None, rows: list[dict[str, float]]) -> int:

@@ -6,9 +6,10 @@ Writes the raw data and four PDFs, then prints the test loss (nats per character
 """
 
 import jax
+import numpy as np
 from absl import flags, logging
 
-from sam_eos import cli, train
+from sam_eos import cli, distributed, train
 from sam_eos import flags as shared_flags
 from transformer import dataset, model
 
@@ -68,8 +69,12 @@ def main(argv: list[str]) -> int:
     dataset.check_enough_batches(train_text, batch_size=batch_size, sequence_length=length,
                                  path_or_name=name)
     test_batches = dataset.test_batches(test_text, batch_size=batch_size, sequence_length=length)
-    stream = dataset.TrainBatches(train_text, batch_size=batch_size, sequence_length=length,
-                                  seed=config.seed)
+    # On several processes each builds only its rows of every batch of the same stream.
+    per_process = jax.process_count() > 1
+    stream = dataset.TrainBatches(
+        train_text, batch_size=batch_size, sequence_length=length, seed=config.seed,
+        rows=distributed.process_rows(batch_size, mesh) if per_process else None,
+    )
     hessian_batch = None
     if HESSIAN_BATCH_SIZE.value is not None:
         hessian_batch = dataset.fixed_hessian_batch(
@@ -87,13 +92,20 @@ def main(argv: list[str]) -> int:
                  "batches.", num_params, stream.num_batches_per_epoch, len(test_batches))
     loss_fn = model.make_loss_fn(network)
     result = train.run(
-        loss_fn, params, train.BatchStream(stream), config, hessian_batch=hessian_batch, mesh=mesh,
+        loss_fn, params, train.BatchStream(stream, per_process), config,
+        hessian_batch=hessian_batch, mesh=mesh,
         settings={"program": "transformer", "flags": shared_flags.flag_values()},
     )
     if result.status == "diverged":
-        print("Test loss: not computed (the run diverged)")
-    else:
-        print(f"Test loss: {model.evaluate_loss(loss_fn, result.params, test_batches):.4f}")
+        message = "Test loss: not computed (the run diverged)"
+    else:  # process p evaluates test batches p, p + P, ...
+        total, tokens = distributed.sum_over_processes(np.array(model.summed_loss(
+            loss_fn, distributed.local_copy(result.params),
+            test_batches[jax.process_index()::jax.process_count()],
+        ), np.float64))
+        message = f"Test loss: {total / tokens:.4f}"
+    if distributed.is_main_process():
+        print(message)
     return result.exit_code
 
 

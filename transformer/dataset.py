@@ -148,7 +148,8 @@ class TrainBatches:
     shuffle buffer of `shuffle_buffer_batches * batch_size` crops, and batches the result. The
     buffer drains at the end of each epoch, so every usable crop appears exactly once per epoch.
     The stream is a function of `seed` alone. The per-epoch order is computed on crop indices, so
-    yielding a batch is just one gather.
+    yielding a batch is just one gather. `rows` (e.g. `sam_eos.distributed.process_rows`) keeps
+    only those rows of every batch: a process's share of the same global stream.
     """
 
     def __init__(
@@ -159,6 +160,7 @@ class TrainBatches:
         sequence_length: int,
         seed: int,
         shuffle_buffer_batches: int = 10,
+        rows: np.ndarray | None = None,
     ) -> None:
         _check_sizes(sequence_length=sequence_length, batch_size=batch_size)
         if shuffle_buffer_batches < 1:
@@ -178,6 +180,9 @@ class TrainBatches:
         self._crops = crops[: self._num_batches_per_epoch * batch_size]
         self._buffer_size = shuffle_buffer_batches * batch_size
         self._rng = np.random.default_rng(seed)
+        self._rows = np.arange(batch_size) if rows is None else np.asarray(rows)
+        if self._rows.ndim != 1 or not np.all((0 <= self._rows) & (self._rows < batch_size)):
+            raise InputError(f"rows must be indices below the batch size {batch_size}")
         self._order = np.zeros((0,), dtype=np.int64)  # crop indices not yet emitted
         self._position = 0
 
@@ -211,8 +216,9 @@ class TrainBatches:
         return self
 
     def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-        """The next batch: (inputs, targets), int32 [batch_size, sequence_length] each."""
-        return _split(self._crops[self._next_indices(self._batch_size)])
+        """The next batch: (inputs, targets), int32 [batch_size, sequence_length] each (only
+        `rows` of it when given)."""
+        return _split(self._crops[self._next_indices(self._batch_size)[self._rows]])
 
     def skip(self, n: int) -> None:
         """Passes the next `n` batches without building them (a resumed run)."""
@@ -223,9 +229,8 @@ class TrainBatches:
         sequence_length] each; the same data `n` calls of `next` would give."""
         if n < 0:
             raise ValueError(f"take(n) needs n >= 0, got {n}.")
-        indices = self._next_indices(n * self._batch_size)
-        crops = self._crops[indices].reshape(n, self._batch_size, self._sequence_length + 1)
-        return _split(crops)
+        indices = self._next_indices(n * self._batch_size).reshape(n, self._batch_size)
+        return _split(self._crops[indices[:, self._rows]])
 
 
 def test_batches(

@@ -105,14 +105,14 @@ def _jitted_loss(network_or_loss_fn: hk.Transformed | LossFn) -> LossFn:
     return jax.jit(network_or_loss_fn)
 
 
-def evaluate_loss(
+def summed_loss(
     network_or_loss_fn: hk.Transformed | LossFn,
     params: Params,
     batches: Iterable[tuple[np.ndarray, np.ndarray]],
-) -> float:
-    """Mean loss per non-pad target token over all `batches` (e.g. `dataset.test_batches`), so
-    each test crop counts once even when the last batch is smaller. The jitted loss is cached
-    per network / loss function, so repeated evaluations do not recompile."""
+) -> tuple[float, int]:
+    """(sum of the loss over non-pad target tokens, number of those tokens) over `batches`:
+    the parts of `evaluate_loss`, to add up over processes that each evaluate some batches.
+    The jitted loss is cached per network / loss function, so evaluations do not recompile."""
     loss_fn = _jitted_loss(network_or_loss_fn)
     total = jnp.zeros((), jnp.float32)
     count = 0
@@ -121,6 +121,17 @@ def evaluate_loss(
         if tokens:
             total = total + loss_fn(params, (inputs, targets)) * tokens
             count += tokens
+    return float(total), count
+
+
+def evaluate_loss(
+    network_or_loss_fn: hk.Transformed | LossFn,
+    params: Params,
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+) -> float:
+    """Mean loss per non-pad target token over all `batches` (e.g. `dataset.test_batches`), so
+    each test crop counts once even when the last batch is smaller."""
+    total, count = summed_loss(network_or_loss_fn, params, batches)
     if count == 0:
         raise ValueError("evaluate_loss got no non-pad target tokens to evaluate on.")
-    return float(total) / count
+    return total / count
