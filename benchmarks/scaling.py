@@ -1,6 +1,7 @@
 """Data-parallel scaling: steps per second of the full-batch MNIST MLP on 1, 2 and 4 devices.
 
     python3 -m benchmarks.scaling [--devices 1,2,4] [--num_images 8000] [--steps 5]
+                                  [--two_processes]
 
 On a CPU the devices are simulated (`XLA_FLAGS=--xla_force_host_platform_device_count=4`, set
 for each child process) and share the machine's cores, so perfect scaling is not possible
@@ -8,12 +9,16 @@ there; on a machine with several accelerators the same command measures real sca
 device count runs in its own child process: the paper's MLP (3 x 1000 ReLU, squared loss), SAM
 with rho 0.1, full batch sharded over the devices with `sam_eos.distributed`, timed over
 `--steps` steps of `sam_eos.train.make_train_steps` after compilation (median of 3 dispatches).
-Scaling efficiency = (rate on N devices / rate on 1) / N.
+Scaling efficiency = (rate on N devices / rate on 1) / N. `--two_processes` adds the largest
+device count again as two processes joined by `jax.distributed` over localhost (half the
+devices each, each process putting only its rows of the batch), which is what several hosts do:
+the difference from the one-process row is the cost of collectives across processes.
 """
 
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -22,12 +27,16 @@ import time
 
 def child(num_devices: int, num_images: int, steps: int) -> None:
     """Measures one device count; prints a JSON line."""
+    from sam_eos import distributed
+
+    distributed.initialize_multihost()  # the two-process row; nothing otherwise
+
     import jax
     import numpy as np
     import optax
 
     from image_classification import model
-    from sam_eos import distributed, train
+    from sam_eos import train
 
     mesh = distributed.make_mesh(num_devices)
     rng = np.random.default_rng(0)
@@ -46,7 +55,8 @@ def child(num_devices: int, num_images: int, steps: int) -> None:
         start = time.perf_counter()
         jax.block_until_ready(train_steps(*state, batch, steps, True))
         times.append(time.perf_counter() - start)
-    print(json.dumps({"devices": mesh.size, "rate": steps / statistics.median(times),
+    print(json.dumps({"devices": mesh.size, "processes": jax.process_count(),
+                      "rate": steps / statistics.median(times),
                       "platform": jax.devices()[0].platform}))
 
 
@@ -55,6 +65,7 @@ def main() -> None:
     parser.add_argument("--devices", default="1,2,4")
     parser.add_argument("--num_images", type=int, default=8000)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--two_processes", action="store_true")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -64,23 +75,42 @@ def main() -> None:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu" and "XLA_FLAGS" not in os.environ:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={max(counts)}"
-    results = []
-    for count in counts:
-        completed = subprocess.run(
-            [sys.executable, "-m", "benchmarks.scaling", f"--child={count}",
-             f"--num_images={args.num_images}", f"--steps={args.steps}"],
-            env=env, capture_output=True, text=True, check=True,
-        )
-        results.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+    def measure(count: int, processes: int = 1) -> dict:
+        command = [sys.executable, "-m", "benchmarks.scaling", f"--child={count}",
+                   f"--num_images={args.num_images}", f"--steps={args.steps}"]
+        if processes == 1:
+            completed = subprocess.run(command, env=env, capture_output=True, text=True,
+                                       check=True)
+            return json.loads(completed.stdout.strip().splitlines()[-1])
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        children = [
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, env=dict(
+                env, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i),
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={count // processes}",
+            ))
+            for i in range(processes)
+        ]
+        outputs = [child.communicate()[0] for child in children]
+        if any(child.returncode for child in children):
+            raise RuntimeError(f"a process of the {processes}-process run failed")
+        return json.loads(outputs[0].strip().splitlines()[-1])  # process 0's timing
+
+    results = [measure(count) for count in counts]
+    if args.two_processes:
+        results.append(measure(max(counts), processes=2))
     base = results[0]["rate"]
     print(f"Full-batch MNIST MLP 3x1000 (2,797,010 params), {args.num_images} images, SAM rho "
           f"0.1, platform {results[0]['platform']}, {os.cpu_count()} CPU cores")
-    print("| devices | steps/s | speed-up | scaling efficiency |")
-    print("|---|---|---|---|")
+    print("| devices | processes | steps/s | speed-up | scaling efficiency |")
+    print("|---|---|---|---|---|")
     for result in results:
         speedup = result["rate"] / base
-        print(f"| {result['devices']} | {result['rate']:.3f} | {speedup:.2f} | "
-              f"{speedup / result['devices'] * results[0]['devices']:.0%} |")
+        print(f"| {result['devices']} | {result['processes']} | {result['rate']:.3f} | "
+              f"{speedup:.2f} | {speedup / result['devices'] * results[0]['devices']:.0%} |")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ with SLURM_NTASKS > 1) or Open MPI (`mpirun`, OMPI_MCA_orte_hnp_uri with OMPI_CO
 > 1). SAM_EOS_MULTIHOST=0 turns the detection off. Then `jax.devices()` lists every host's
 devices and the mesh spans them all; either every host passes the same global batch to
 `put_batch`, or each host loads only its rows (`process_rows`) and `make_global_batch` joins
-them. Only the main process (`is_main_process`) should write files.
+them. Only the main process (`is_main_process`) should write files. Small host values (counts,
+clocks, partial sums) travel with `gather_from_processes` / `sum_over_processes`; work a host
+does alone (its share of a test set) uses `local_copy` of the replicated parameters.
 """
 
 import os

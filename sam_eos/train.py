@@ -9,7 +9,8 @@ loss stops being finite (exit code EXIT_DIVERGED), or on SIGINT/SIGTERM (rows ar
 already; the plots are drawn from what exists).
 
 Time: "training time" is the wall-clock time spent in the loop (steps and checks), in seconds
-internally and in hours in flags and raw data.
+internally and in hours in flags and raw data. On several processes (hosts) process 0's clock
+decides for all of them, so each takes the same checks, checkpoints and steps.
 """
 
 import dataclasses
@@ -330,11 +331,14 @@ def run(
         exactly `sam_eos.sam.sam_update`.
       settings: extra settings to record in the raw-data header (e.g. the program's flags).
       mesh: shard every batch over this mesh's devices (`sam_eos.distributed.make_mesh`),
-        parameters replicated; None: the default device.
+        parameters replicated; None: the default device, or on several processes every
+        device of every process.
     Returns:
       A `RunResult`; plots and raw data are written before it returns. With
       `config.checkpoint_dir` holding a checkpoint of the same run, the run resumes from it.
     """
+    if mesh is None and jax.process_count() > 1:
+        mesh = distributed.make_mesh()  # one run over all processes, not one per process
     place = _Placement(mesh)
     optimizer = optimizer or optax.sgd(config.step_size)
     train_steps = make_train_steps(loss_fn, optimizer, config.rho)

@@ -6,12 +6,15 @@ times slower on a small, busy machine) and XLA_FLAGS=--xla_force_host_platform_d
 which must be set before JAX is imported:
 
   distributed_check.py            one process, N = 4 devices;
-  distributed_check.py multihost  one of several processes (JAX_COORDINATOR_ADDRESS,
-                                  JAX_NUM_PROCESSES, JAX_PROCESS_ID set), each loading only
-                                  its own rows of every batch.
+  distributed_check.py multihost DIR  one of several processes (JAX_COORDINATOR_ADDRESS,
+                                      JAX_NUM_PROCESSES, JAX_PROCESS_ID set), each loading
+                                      only its own rows of every batch; DIR (shared by the
+                                      processes) takes a checkpoint.
 """
 
 import json
+import os
+import signal
 import sys
 
 from sam_eos import distributed
@@ -23,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from sam_eos import hessian  # noqa: E402
+from sam_eos import hessian, train  # noqa: E402
 from sam_eos.errors import InputError  # noqa: E402
 from sam_eos.sam import loss_gradient_and_sam_gradient, sam_gradient, sam_update  # noqa: E402
 from sam_eos.train import FullBatch, TrainConfig, make_train_steps, run  # noqa: E402
@@ -201,7 +204,7 @@ def local_copy(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def multihost() -> None:
+def multihost(directory: str) -> None:
     """Every process loads only its rows; the results equal one process on one device."""
     mesh = distributed.make_mesh()
     out = {
@@ -252,11 +255,48 @@ def multihost() -> None:
                                STEPS, False)[1]),
         train_steps(params, state, stack, STEPS, False)[1],
     )
+
+    # Host values shared between processes.
+    index = jax.process_index()
+    out["gathered"] = distributed.gather_from_processes(np.array([index, 7], np.int32)).tolist()
+    third = np.float64(1 / 3 + index * 1e-9)
+    out["float64_sum_error"] = abs(float(distributed.sum_over_processes(third)) - (2 / 3 + 1e-9))
+    out["int_sum"] = int(distributed.sum_over_processes(np.int32(10 + index)))
+    # Each process's own clock, signal and dispatch size: all take process 0's clock and
+    # dispatch size, and stop if any process got a signal.
+    out["agreed"] = list(train._agree(10.25 + 3 * index,
+                                      signal.SIGTERM if index == 1 else None, 4 + index))
+    out["mesh_of_two_processes"] = [d.process_index for d in distributed.make_mesh(2).devices.flat]
+    try:
+        distributed.make_mesh(3)
+        out["mesh_of_three_error"] = None
+    except InputError as error:
+        out["mesh_of_three_error"] = str(error)
+    out["local_copy_devices"] = [len(x.sharding.device_set)
+                                 for x in jax.tree.leaves(distributed.local_copy(replicated))]
+
+    # The loop with each process's rows (per_process): checks every 4 ms of training time as
+    # process 0's clock says (each process must take them at the same steps), then a run to a
+    # checkpoint after 4 steps and one resumed from it to 8 steps; both must end where one
+    # device does. (Checks do not change the parameters; the other runs take none.)
+    def config(steps, **kwargs):
+        return TrainConfig(step_size=STEP_SIZE, rho=RHO, max_steps=steps, **kwargs)
+
+    local = FullBatch(jax.tree.map(lambda x: x[rows], host_batch), per_process=True)
+    timed = run(loss_fn, params, local, config(STEPS, hessian_check_gap=1e-6))
+    out["timed_check_steps"] = [int(r["step"]) for r in timed.rows]
+    reference = run(loss_fn, params, FullBatch(host_batch), config(STEPS))
+    out["timed_run_rel_error"] = relative_error(local_copy(timed.params), reference.params)
+    checkpoints = os.path.join(directory, "checkpoints")
+    first = run(loss_fn, params, local, config(STEPS // 2, checkpoint_dir=checkpoints))
+    resumed = run(loss_fn, params, local, config(STEPS, checkpoint_dir=checkpoints))
+    out["resumed_steps"] = [first.steps, resumed.steps]
+    out["resumed_rel_error"] = relative_error(local_copy(resumed.params), reference.params)
     print("\n" + json.dumps(out))  # the last line (Gloo may print to stdout before it)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["multihost"]:
-        multihost()
+    if sys.argv[1:2] == ["multihost"]:
+        multihost(sys.argv[2])
     else:
         main()

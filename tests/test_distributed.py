@@ -5,11 +5,7 @@ by XLA_FLAGS before JAX is imported, and this process has imported JAX already.
 """
 
 import json
-import os
 import pathlib
-import socket
-import subprocess
-import sys
 import types
 
 import jax
@@ -18,66 +14,34 @@ import pytest
 
 from sam_eos import distributed
 from sam_eos.errors import InputError
+from tests import processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # relative error, sharded against single device
 
 
-def _environment(devices_per_process: int, **variables: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-                                "SLURM_", "OMPI_"))}
-    env["XLA_FLAGS"] = (
-        f"{env.get('XLA_FLAGS', '')} "
-        f"--xla_force_host_platform_device_count={devices_per_process}"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["OPENBLAS_NUM_THREADS"] = "1"  # see distributed_check.py
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.update(variables)
-    return env
+CHECK = [str(ROOT / "tests" / "distributed_check.py")]
 
 
-CHECK = [sys.executable, str(ROOT / "tests" / "distributed_check.py")]
+def _last_json(finished: processes.Finished) -> dict:
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    return json.loads(finished.stdout.strip().splitlines()[-1])  # Gloo may print before it
 
 
 @pytest.fixture(scope="module")
 def sharded():
     """One process, four devices."""
-    result = subprocess.run(CHECK, env=_environment(4), cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    (result,) = processes.run_processes(CHECK, processes=1, devices_per_process=4, timeout=300)
+    return _last_json(result)
 
 
 @pytest.fixture(scope="module")
-def multihost():
+def multihost(tmp_path_factory):
     """Two processes with two devices each, joined by jax.distributed over localhost."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    processes = [
-        subprocess.Popen(
-            [*CHECK, "multihost"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=_environment(
-                2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                JAX_PROCESS_ID=str(i),
-            ),
-        )
-        for i in range(2)
-    ]
-    outputs = []
-    try:
-        for process in processes:
-            stdout, stderr = process.communicate(timeout=180)
-            assert process.returncode == 0, stderr[-4000:]
-            outputs.append(json.loads(stdout.strip().splitlines()[-1]))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
-    return outputs
+    directory = tmp_path_factory.mktemp("multihost")
+    return [_last_json(result) for result in processes.run_processes(
+        [*CHECK, "multihost", str(directory)], processes=2, devices_per_process=2, timeout=180
+    )]
 
 
 def test_the_batch_is_split_over_four_devices_and_params_replicated(sharded):
@@ -160,6 +124,37 @@ def test_two_processes_each_load_their_own_rows_and_match_one_device(multihost):
     assert first["is_main_process"] and not second["is_main_process"]
     assert first["rows"] == list(range(32)) and second["rows"] == list(range(32, 64))
     assert first["local_shard_starts"] == [0, 16] and second["local_shard_starts"] == [32, 48]
+
+
+def test_processes_share_host_values(multihost):
+    for out in multihost:
+        assert out["gathered"] == [[0, 7], [1, 7]]
+        assert out["float64_sum_error"] < 1e-15  # float64 survives the trip
+        assert out["int_sum"] == 21
+        assert out["local_copy_devices"] == [1] * 6  # 3 layers x (w, b), on one local device
+
+
+def test_processes_agree_on_process_zeros_clock_and_any_stop_signal(multihost):
+    # Process 0 passed (10.25 s, no signal, 4 steps), process 1 (13.25 s, SIGTERM, 5 steps).
+    for out in multihost:
+        assert out["agreed"] == [10.25, 15, 4]
+
+
+def test_a_mesh_over_several_processes_takes_the_same_number_from_each(multihost):
+    for out in multihost:
+        assert out["mesh_of_two_processes"] == [0, 1]
+        assert "over 2 processes" in out["mesh_of_three_error"]
+        assert "multiple of 2" in out["mesh_of_three_error"]
+
+
+def test_run_on_own_rows_with_time_based_checks_and_a_resume_matches_one_device(multihost):
+    first, second = multihost
+    assert first["timed_check_steps"] == second["timed_check_steps"]  # the same checks
+    assert len(first["timed_check_steps"]) >= 2
+    for out in multihost:
+        assert out["timed_run_rel_error"] < TOLERANCE
+        assert out["resumed_steps"] == [4, 8]
+        assert out["resumed_rel_error"] < TOLERANCE
 
 
 # In this process: one device (or whatever the caller's JAX sees).

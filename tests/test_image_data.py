@@ -125,6 +125,25 @@ def test_bad_sizes(kwargs):
         dataset.load("mnist", data_dir=None, **kwargs)
 
 
+def test_each_process_reads_every_process_count_th_example(metadata_dir):
+    """Shards of a split (one per process) interleave: together, the whole split once."""
+    with tfds.testing.mock_data(num_examples=11, data_dir=metadata_dir):
+        builder = dataset._builder(dataset._import_tfds(), "mnist", "/nonexistent")
+        whole = dataset._read_split(tfds, builder, "train", None, 0, 1)
+        shards = [dataset._read_split(tfds, builder, "train", None, i, 3) for i in range(3)]
+        cut = dataset._read_split(tfds, builder, "train", 7, 1, 3)
+    assert [len(images) for images, _ in shards] == [4, 4, 3]
+    for index, (images, labels) in enumerate(shards):
+        np.testing.assert_array_equal(images, whole[0][index::3])
+        np.testing.assert_array_equal(labels, whole[1][index::3])
+    np.testing.assert_array_equal(cut[0], whole[0][:7][1::3])  # the first 7, then shard 1
+
+
+def test_a_process_outside_the_count_is_refused():
+    with pytest.raises(InputError, match="process 2 is not one of 0 .. 1"):
+        dataset.load("mnist", data_dir=None, batch_size=8, process_index=2, process_count=2)
+
+
 def test_shared_mnist_stand_in():
     if not (SHARED_TFDS_DIR / "mnist").is_dir():
         pytest.skip(f"no TFDS MNIST stand-in at {SHARED_TFDS_DIR}")
@@ -132,6 +151,7 @@ def test_shared_mnist_stand_in():
     assert data.num_classes == 10 and data.name == "mnist"
     assert data.train_images.shape == (8000, 28, 28, 1) and data.train_labels.shape == (8000, 10)
     assert data.test_images.shape == (2000, 28, 28, 1) and data.test_labels.shape == (2000,)
+    assert data.train_size == 8000 and data.test_size == 2000
     np.testing.assert_allclose(data.train_images[:100].mean(axis=0), 0, atol=1e-5)
     assert set(np.unique(data.test_labels)) == set(range(10))
     np.testing.assert_array_equal(np.bincount(data.train_labels.argmax(axis=1)) > 500, True)

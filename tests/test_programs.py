@@ -13,6 +13,7 @@ import pytest
 
 from sam_eos import errors
 from sam_eos.records import read_raw_data
+from tests import processes as processes_
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PDFS = ("eigs.pdf", "eigs_se_only.pdf", "a.pdf", "ell.pdf")
@@ -228,27 +229,69 @@ def check_cases(tmp_path, program: str, cases) -> None:
     assert not (tmp_path / "raw.txt").exists()
 
 
-@pytest.mark.parametrize("program", ["image_classification", "transformer"])
-def test_four_devices_write_the_rows_of_one(tmp_path, corpus, program):
-    """Data parallel over 4 (simulated CPU) devices gives one device's measurements."""
-    if program == "image_classification":
-        args = ["tests/tfds_mock.py", "32", "--mlp_width=16", "--batch_size=16", "--rho=0.1"]
-    else:
-        args = ["-m", "transformer", f"--corpus={corpus}", "--test_lines=100", "--rho=0.05",
-                *TINY_TRANSFORMER]
-    env = dict(environment(), XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               OPENBLAS_NUM_THREADS="1")
-    tables = []
-    for devices in (1, 4):
-        directory = tmp_path / str(devices)
-        result = subprocess.run(
-            [sys.executable, *args, "--max_steps=8", "--hessian_check_every_steps=4",
-             f"--num_devices={devices}", *output_flags(directory)],
-            cwd=ROOT, env=env, text=True, capture_output=True, timeout=300,
-        )
+def run_on(args: list[str], *, processes: int, devices: int) -> processes_.Finished:
+    """`args` run as one JAX run of `processes` processes with `devices` CPU devices each;
+    checks every process succeeded and that only process 0 logged. Returns process 0's."""
+    finished = processes_.run_processes(args, processes=processes, devices_per_process=devices,
+                                        timeout=300)
+    for result in finished:
         assert result.returncode == 0, result.stderr[-3000:]
-        assert ("Data parallel over 4" in result.stderr) == (devices == 4)
+    for other in finished[1:]:  # only warnings, and nothing on stdout but Gloo's lines
+        assert "Run '" not in other.stderr and "check at step" not in other.stderr
+        assert "Test " not in other.stdout
+    return finished[0]
+
+
+def printed_value(result: processes_.Finished, name: str) -> float:
+    return float(result.stdout.split(f"Test {name}:")[1].split()[0])
+
+
+
+
+@pytest.mark.parametrize("program", ["image_classification", "transformer"])
+def test_four_devices_and_two_hosts_write_the_rows_of_one(tmp_path, corpus, program):
+    """Data parallel over 4 (simulated CPU) devices, and over 2 processes of 2 devices each
+    (each loading only its rows of the data), gives one device's measurements."""
+    if program == "image_classification":  # minibatches of 16 in order
+        args = ["tests/tfds_mock.py", "32", "--mlp_width=16", "--batch_size=16", "--rho=0.1"]
+        name = "error"
+    else:  # the stream, checks on a fixed Hessian batch
+        args = ["-m", "transformer", f"--corpus={corpus}", "--test_lines=100", "--rho=0.05",
+                "--hessian_batch_size=8", *TINY_TRANSFORMER]
+        name = "loss"
+    tables, results = [], []
+    for count, devices in [(1, 1), (1, 4), (2, 2)]:
+        directory = tmp_path / f"{count}x{devices}"
+        result = run_on([*args, "--max_steps=8", "--hessian_check_every_steps=4",
+                         *output_flags(directory)], processes=count, devices=devices)
+        assert ("Data parallel over 4 cpu devices over " in result.stderr) == (devices > 1)
+        assert ("over 2 processes" in result.stderr) == (count == 2)
         tables.append(read_raw_data(str(directory / "raw.txt"))[2])
-    one, four = tables
-    assert one.shape == four.shape and len(one) == 3
-    np.testing.assert_allclose(four[:, 1:], one[:, 1:], rtol=1e-4, atol=1e-6)
+        results.append(result)
+    one = tables[0]
+    assert len(one) == 3
+    for table in tables[1:]:
+        assert table.shape == one.shape
+        np.testing.assert_allclose(table[:, 1:], one[:, 1:], rtol=1e-4, atol=1e-6)
+    values = [printed_value(result, name) for result in results]
+    np.testing.assert_allclose(values, values[0], rtol=1e-3)
+
+
+def test_two_hosts_resume_a_full_batch_run_from_their_checkpoint(tmp_path):
+    """Two processes stop at max_steps with a checkpoint; the same command with more steps
+    resumes, and the whole raw-data file equals an uninterrupted single-process run."""
+    args = ["tests/tfds_mock.py", "32", "--mlp_width=16", "--rho=0.1",
+            "--hessian_check_every_steps=4", "--hessian_check_gap=none"]
+    reference = run_on([*args, "--max_steps=8", *output_flags(tmp_path / "one")],
+                       processes=1, devices=1)
+    two = [*args, f"--checkpoint_dir={tmp_path / 'checkpoints'}", *output_flags(tmp_path / "two")]
+    run_on([*two, "--max_steps=4"], processes=2, devices=2)
+    resumed = run_on([*two, "--max_steps=8"], processes=2, devices=2)
+    assert "Resumed from the checkpoint at step 4" in resumed.stderr
+    assert "Full-batch training" in resumed.stderr
+    assert "this process holds 16 and 16" in resumed.stderr  # its half of 32 examples
+    _, _, one = read_raw_data(str(tmp_path / "one" / "raw.txt"))
+    _, _, table = read_raw_data(str(tmp_path / "two" / "raw.txt"))
+    np.testing.assert_array_equal(table[:, 8], [0, 4, 8])
+    np.testing.assert_allclose(table[:, 1:], one[:, 1:], rtol=1e-4, atol=1e-6)
+    assert printed_value(resumed, "error") == printed_value(reference, "error")

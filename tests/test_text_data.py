@@ -297,6 +297,23 @@ def test_train_stream_never_ends_and_take_matches_next():
     assert second.take(0)[0].shape == (0, 4, 4)
 
 
+def test_train_stream_rows_are_a_share_of_the_same_stream():
+    """A process's stream (`rows`) holds exactly those rows of every batch of the whole one."""
+    text = numbered_lines(37)
+    whole = dataset.TrainBatches(text, batch_size=4, sequence_length=4, seed=3)
+    rows = np.array([2, 3])
+    share = dataset.TrainBatches(text, batch_size=4, sequence_length=4, seed=3, rows=rows)
+    expected = whole.take(20)
+    inputs, targets = share.take(20)
+    assert inputs.shape == (20, 2, 4)
+    np.testing.assert_array_equal(inputs, expected[0][:, rows])
+    np.testing.assert_array_equal(targets, expected[1][:, rows])
+    share.skip(3), whole.skip(3)
+    np.testing.assert_array_equal(next(share)[0], next(whole)[0][rows])
+    with pytest.raises(InputError, match="below the batch size 4"):
+        dataset.TrainBatches(text, batch_size=4, sequence_length=4, seed=3, rows=[0, 4])
+
+
 def test_train_batches_need_one_whole_batch():
     with pytest.raises(InputError, match="does not fill one batch of 20") as info:
         dataset.TrainBatches(numbered_lines(19), batch_size=20, sequence_length=4, seed=0)

@@ -163,6 +163,12 @@ def test_evaluate_loss_weights_batches_by_tokens(network, params, loss_fn, apply
     nll = -np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     expected = float(np.mean(nll[targets != dataset.PAD_TOKEN]))  # each token counts once
     assert model.evaluate_loss(loss_fn, params, batches) == pytest.approx(expected, rel=1e-5)
+    # Its parts add up over any split of the batches (processes each evaluating some).
+    parts = [model.summed_loss(loss_fn, params, batches[i::2]) for i in range(2)]
+    assert sum(count for _, count in parts) == np.count_nonzero(targets != dataset.PAD_TOKEN)
+    assert sum(total for total, _ in parts) / sum(count for _, count in parts) == pytest.approx(
+        expected, rel=1e-5
+    )
     # Given the network instead, it builds (and caches) the loss itself.
     assert model.evaluate_loss(network, params, batches[:1]) == pytest.approx(
         model.evaluate_loss(loss_fn, params, batches[:1]), rel=1e-6
