@@ -295,3 +295,39 @@ def test_two_hosts_resume_a_full_batch_run_from_their_checkpoint(tmp_path):
     np.testing.assert_array_equal(table[:, 8], [0, 4, 8])
     np.testing.assert_allclose(table[:, 1:], one[:, 1:], rtol=1e-4, atol=1e-6)
     assert printed_value(resumed, "error") == printed_value(reference, "error")
+
+
+def test_a_sigterm_to_one_host_stops_every_host_at_the_same_step(tmp_path, corpus):
+    """Preemption may signal one host first: all stop together, with SIGTERM's exit code."""
+    variables = {"JAX_COORDINATOR_ADDRESS": f"localhost:{processes_.free_port()}",
+                 "JAX_NUM_PROCESSES": "2"}
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-m", "transformer", f"--corpus={corpus}", "--test_lines=100",
+             "--max_steps=100000", "--hessian_check_every_steps=5", *TINY_TRANSFORMER,
+             *output_flags(tmp_path)],
+            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=processes_.environment(1, **variables, JAX_PROCESS_ID=str(i)),
+        )
+        for i in range(2)
+    ]
+    try:
+        raw = tmp_path / "raw.txt"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and all(p.poll() is None for p in started):
+            if raw.exists() and raw.read_text().count("\n") >= 5:  # 3 header lines, 2 rows
+                break
+            time.sleep(0.2)
+        started[1].send_signal(signal.SIGTERM)  # process 1 only
+        outputs = [process.communicate(timeout=120) for process in started]
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+    assert [p.returncode for p in started] == [errors.EXIT_INTERRUPTED_SIGTERM] * 2, (
+        outputs[0][1][-2000:]
+    )
+    assert "Stopped (interrupted)" in outputs[0][1]
+    assert "Test loss:" in outputs[0][0]
+    rows = assert_outputs(tmp_path, 2)
+    assert np.all(np.isfinite(rows[:, 5]))
