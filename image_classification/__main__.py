@@ -94,9 +94,11 @@ def main(argv: list[str]) -> int:
         logging.info("Minibatch training: %d batches of %d per epoch (%s).",
                      num_train // batch_size, batch_size,
                      "shuffled" if SHUFFLE.value else "in order")
+        # With --shuffle each process shuffles its own rows, with its own seed.
+        seed = config.seed if processes == 1 else (config.seed, jax.process_index())
         batches = train.BatchStream(dataset.Minibatches(
             data.train_images, data.train_labels, batch_size // processes,
-            config.seed if SHUFFLE.value else None,
+            seed if SHUFFLE.value else None,
         ), per_process)
     result = train.run(
         model.make_loss_fn(network), params, batches, config, mesh=mesh,

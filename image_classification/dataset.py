@@ -124,11 +124,12 @@ def load(
     `~/tensorflow_datasets`); the data is downloaded there if missing and the network allows.
     The mini set options keep only the first that many batches of `batch_size` examples.
 
-    With several processes (hosts) each loads only its shard: examples process_index,
-    process_index + process_count, ... of each split. The arrays then hold this process's rows
-    and `train_size` / `test_size` count all processes' (summed with one collective); a
-    minibatch run keeps the same number of whole batches on every process, `batch_size /
-    process_count` rows each, so that process p's k-th local batch is its share of global batch
+    With several processes (hosts) each keeps only its shard: examples process_index,
+    process_index + process_count, ... of each split (each still reads the whole split). The
+    arrays then hold this process's rows and `train_size` / `test_size` count all processes'
+    (summed with one collective). A minibatch run keeps `train_size // process_count` training
+    rows on every process: in batches of `batch_size / process_count` that is the same number of
+    whole batches everywhere, and process p's k-th in-order batch is its share of global batch
     k. Every process must call this (the sums are collectives).
     Raises InputError for an unknown data set or data that is missing and cannot be downloaded.
     """
@@ -161,7 +162,7 @@ def load(
             raise InputError(
                 f"batch_size {batch_size} does not split evenly over {process_count} processes"
             )
-        keep = (train_size // batch_size) * (batch_size // process_count)
+        keep = train_size // process_count  # every process has at least this many
         train_images, train_labels = train_images[:keep], train_labels[:keep]
 
     num_classes = int(builder.info.features["label"].num_classes)
@@ -194,7 +195,7 @@ class Minibatches:
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int,
-                 shuffle_seed: int | None = None):
+                 shuffle_seed: int | tuple[int, ...] | None = None):
         self._images, self._labels, self._batch_size = images, labels, batch_size
         self._num_batches = len(images) // batch_size
         self._rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)

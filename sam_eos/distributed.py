@@ -256,12 +256,30 @@ def gather_from_processes(values: np.ndarray) -> np.ndarray:
     """`values` of every process stacked, [process_count, *shape], on every process.
 
     Shapes must match across processes. For small host values (counts, clocks, flags); one
-    collective across processes, nothing at all on a single process.
+    collective across processes, nothing at all on a single process. 64-bit values are refused
+    (JAX would carry them as 32-bit ones); `sum_over_processes` takes float64.
     """
     values = np.asarray(values)
+    if values.dtype.itemsize > 4 and not jax.config.jax_enable_x64:
+        raise ValueError(f"cannot gather {values.dtype} values exactly; use 32-bit ones")
     if jax.process_count() == 1:
         return values[None]
     return np.asarray(multihost_utils.process_allgather(values))
+
+
+def raise_if_any_process_failed(error: BaseException | None) -> None:
+    """Re-raises this process's `error`, or raises InputError if another process had one.
+
+    For a step that only some processes can fail (process 0 opening its files): each reports
+    whether it failed, so all stop together instead of waiting for a failed process in a later
+    collective. Every process must call it.
+    """
+    failed = gather_from_processes(np.int32(error is not None))
+    if error is not None:
+        raise error
+    if failed.any():
+        first = int(np.flatnonzero(failed)[0])
+        raise InputError(f"process {first} failed to start the run: see its error message")
 
 
 def sum_over_processes(values: np.ndarray) -> np.ndarray:
@@ -273,6 +291,10 @@ def sum_over_processes(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values)
     if jax.process_count() == 1:
         return values
+    if values.dtype.kind in "iu" and values.dtype.itemsize > 4:
+        if np.abs(values).max(initial=0) >= 2**31 // jax.process_count():
+            raise ValueError("integers summed over processes must fit in 32 bits")
+        return sum_over_processes(values.astype(np.int32)).astype(values.dtype)
     if values.dtype == np.float64:
         high = values.astype(np.float32)
         low = (values - high).astype(np.float32)

@@ -136,7 +136,13 @@ class RunResult:
 
 
 class _StopFlag:
-    """Turns SIGINT/SIGTERM into a polite request to stop, checked between dispatches."""
+    """Turns SIGINT/SIGTERM into a polite request to stop, checked between dispatches.
+
+    A second signal stops at once: a KeyboardInterrupt on one process, or on several processes
+    an immediate exit with the signal's code (the others, maybe mid-collective, could not
+    follow a KeyboardInterrupt; JAX's coordination service then ends them). The last
+    checkpoint stays usable either way.
+    """
 
     def __init__(self):
         self.signal_number: int | None = None
@@ -150,6 +156,10 @@ class _StopFlag:
 
     def _handle(self, number, frame):
         if self.signal_number is not None:  # a second signal: stop now
+            if jax.process_count() > 1:
+                logging.error("A second signal (%d): exiting now without a checkpoint.", number)
+                logging.flush()
+                os._exit(_finish("interrupted", number, []))
             raise KeyboardInterrupt
         self.signal_number = number
         logging.warning("Received signal %d: stopping after the current step.", number)
@@ -355,16 +365,26 @@ def run(
     checkpointer = None
     position = checkpoint.Position()
     rows: list[dict[str, float]] = []
+    resumed = False
     if config.checkpoint_dir:
         checkpointer = checkpoint.Checkpointer(config.checkpoint_dir, settings)
         if checkpointer.latest_step() is not None:
             state, position = checkpointer.restore(state)
-            rows = _resume_raw_data(outputs.raw_data, settings, columns, position.rows_written)
+            resumed = True
             logging.info("Resumed from the checkpoint at step %d (%.4f h of training).",
                          position.step, position.training_seconds / SECONDS_PER_HOUR)
             if not fixed:
                 data.skip(position.batches_taken)
-    writer = RawDataWriter(outputs.raw_data, columns, settings, append=bool(rows))
+    # Only process 0 touches the raw-data file, so only it can fail here; every process must
+    # hear of it, or the others would wait for it in the loop's first collective.
+    writer = failure = None
+    try:
+        if resumed:
+            rows = _resume_raw_data(outputs.raw_data, settings, columns, position.rows_written)
+        writer = RawDataWriter(outputs.raw_data, columns, settings, append=bool(rows))
+    except (errors.InputError, OSError) as error:
+        failure = error
+    distributed.raise_if_any_process_failed(failure)
     if mesh is not None:
         logging.info("Data parallel over %s.", distributed.describe(mesh))
     logging.info("Run %r: seed %d, rho %g, step size %g.", config.run_name, config.seed,

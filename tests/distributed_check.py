@@ -262,6 +262,13 @@ def multihost(directory: str) -> None:
     third = np.float64(1 / 3 + index * 1e-9)
     out["float64_sum_error"] = abs(float(distributed.sum_over_processes(third)) - (2 / 3 + 1e-9))
     out["int_sum"] = int(distributed.sum_over_processes(np.int32(10 + index)))
+    out["int64_sum"] = distributed.sum_over_processes(np.array([10**8, index], np.int64)).tolist()
+    # Only process 0 fails (as when it cannot open its raw-data file): both must stop.
+    try:
+        distributed.raise_if_any_process_failed(OSError("disk full") if index == 0 else None)
+        out["failure"] = None
+    except (OSError, InputError) as error:
+        out["failure"] = f"{type(error).__name__}: {error}"
     # Each process's own clock, signal and dispatch size: all take process 0's clock and
     # dispatch size, and stop if any process got a signal.
     out["agreed"] = list(train._agree(10.25 + 3 * index,
@@ -292,6 +299,16 @@ def multihost(directory: str) -> None:
     resumed = run(loss_fn, params, local, config(STEPS, checkpoint_dir=checkpoints))
     out["resumed_steps"] = [first.steps, resumed.steps]
     out["resumed_rel_error"] = relative_error(local_copy(resumed.params), reference.params)
+    # Process 0 cannot create its raw-data file (a path under a file); the others have none.
+    unwritable = TrainConfig(step_size=STEP_SIZE, max_steps=1,
+                             outputs=train.Outputs(raw_data=os.devnull + "/raw.txt"))
+    try:
+        run(loss_fn, params, local, unwritable)
+        out["unwritable_raw_data"] = None
+    except InputError:
+        out["unwritable_raw_data"] = "InputError"
+    except OSError:
+        out["unwritable_raw_data"] = "OSError"
     print("\n" + json.dumps(out))  # the last line (Gloo may print to stdout before it)
 
 

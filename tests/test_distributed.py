@@ -131,7 +131,25 @@ def test_processes_share_host_values(multihost):
         assert out["gathered"] == [[0, 7], [1, 7]]
         assert out["float64_sum_error"] < 1e-15  # float64 survives the trip
         assert out["int_sum"] == 21
+        assert out["int64_sum"] == [2 * 10**8, 1]
         assert out["local_copy_devices"] == [1] * 6  # 3 layers x (w, b), on one local device
+
+
+def test_a_failure_on_one_process_stops_every_process(multihost):
+    first, second = multihost
+    assert first["failure"] == "OSError: disk full"
+    assert second["failure"] == (
+        "InputError: process 0 failed to start the run: see its error message"
+    )
+    # In the loop: process 0 cannot open its raw-data file, and neither process trains.
+    assert first["unwritable_raw_data"] == "OSError"
+    assert second["unwritable_raw_data"] == "InputError"
+
+
+def test_64_bit_values_are_not_gathered_as_32_bit_ones():
+    with pytest.raises(ValueError, match="cannot gather float64"):
+        distributed.gather_from_processes(np.float64(1.0))
+    assert distributed.sum_over_processes(np.int64(5)) == 5  # one process: itself
 
 
 def test_processes_agree_on_process_zeros_clock_and_any_stop_signal(multihost):
