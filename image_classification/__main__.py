@@ -104,17 +104,13 @@ def main(argv: list[str]) -> int:
         model.make_loss_fn(network), params, batches, config, mesh=mesh,
         settings={"program": "image_classification", "flags": shared_flags.flag_values()},
     )
-    if result.status == "diverged":
-        message = "Test error: not computed (the run diverged)"
-    else:  # each process counts its own test examples
-        errors = model.count_test_errors(network, distributed.local_copy(result.params),
-                                         data.test_images, data.test_labels,
+
+    def test_error(trained: train.PyTree) -> float:  # each process counts its own test examples
+        errors = model.count_test_errors(network, trained, data.test_images, data.test_labels,
                                          min(batch_size, 10000))
-        error = int(distributed.sum_over_processes(np.int32(errors))) / data.test_size
-        message = f"Test error: {error:.4f}"
-    if distributed.is_main_process():
-        print(message)
-    return result.exit_code
+        return int(distributed.sum_over_processes(np.int32(errors))) / data.test_size
+
+    return cli.report_test_value("error", result, test_error)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,15 @@
 import logging as std_logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from absl import app, logging
 
 from sam_eos import distributed
 from sam_eos.errors import EXIT_BAD_INPUT, InputError
+from sam_eos.train import RunResult
 
-__all__ = ["InputError", "run_main"]
+__all__ = ["InputError", "report_test_value", "run_main"]
 
 
 QUIET_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/xla_bridge")
@@ -44,3 +46,17 @@ def run_main(main: Callable[[list[str]], int | None]) -> None:
         sys.exit(code or 0)
 
     app.run(wrapped)
+
+
+def report_test_value(name: str, result: RunResult, evaluate: Callable[[Any], float]) -> int:
+    """Prints `Test <name>: <value>` on process 0 (or that it was not computed, when the run
+    diverged) and returns the run's exit code. Every process calls `evaluate` on its own copy
+    of the trained parameters, so it can evaluate its share of the test set and sum over
+    processes."""
+    if result.status == "diverged":
+        message = f"Test {name}: not computed (the run diverged)"
+    else:
+        message = f"Test {name}: {evaluate(distributed.local_copy(result.params)):.4f}"
+    if distributed.is_main_process():
+        print(message)
+    return result.exit_code

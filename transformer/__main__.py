@@ -96,17 +96,14 @@ def main(argv: list[str]) -> int:
         hessian_batch=hessian_batch, mesh=mesh,
         settings={"program": "transformer", "flags": shared_flags.flag_values()},
     )
-    if result.status == "diverged":
-        message = "Test loss: not computed (the run diverged)"
-    else:  # process p evaluates test batches p, p + P, ...
+
+    def test_loss(trained: train.PyTree) -> float:  # process p evaluates test batches p, p + P, ...
         total, tokens = distributed.sum_over_processes(np.array(model.summed_loss(
-            loss_fn, distributed.local_copy(result.params),
-            test_batches[jax.process_index()::jax.process_count()],
+            loss_fn, trained, test_batches[jax.process_index()::jax.process_count()],
         ), np.float64))
-        message = f"Test loss: {total / tokens:.4f}"
-    if distributed.is_main_process():
-        print(message)
-    return result.exit_code
+        return total / tokens
+
+    return cli.report_test_value("loss", result, test_loss)
 
 
 if __name__ == "__main__":
