@@ -18,6 +18,7 @@ import signal
 import sys
 
 from sam_eos import distributed
+from sam_eos.distributed import local_copy
 
 distributed.initialize_multihost()  # before any other JAX call; nothing in a plain run
 
@@ -199,11 +200,6 @@ def main() -> None:
     print("\n" + json.dumps(out))  # the last line (Gloo may print to stdout before it)
 
 
-def local_copy(tree):
-    """This process's copy of replicated arrays, as numpy."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
-
-
 def multihost(directory: str) -> None:
     """Every process loads only its rows; the results equal one process on one device."""
     mesh = distributed.make_mesh()
@@ -280,7 +276,7 @@ def multihost(directory: str) -> None:
     except InputError as error:
         out["mesh_of_three_error"] = str(error)
     out["local_copy_devices"] = [len(x.sharding.device_set)
-                                 for x in jax.tree.leaves(distributed.local_copy(replicated))]
+                                 for x in jax.tree.leaves(local_copy(replicated))]
 
     # The loop with each process's rows (per_process): checks every 4 ms of training time as
     # process 0's clock says (each process must take them at the same steps), then a run to a
