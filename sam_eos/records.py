@@ -19,6 +19,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -183,13 +184,19 @@ def read_raw_data(path: str) -> tuple[dict[str, Any], list[str], np.ndarray]:
         raise ValueError(f"{path} has no column names: not a sam_eos raw-data file (a file "
                          "of the original program reads with read_original_raw_data, or "
                          "`python3 -m sam_eos.plot --original_format`)")
-    rows = np.loadtxt(path, comments="#", skiprows=skip, ndmin=2)
-    if rows.size == 0:
-        rows = np.zeros((0, len(columns)))
+    rows = _load_rows(path, skip, len(columns))
     if rows.shape[1] != len(columns):
         raise ValueError(f"{path}: {len(columns)} column names but rows of {rows.shape[1]} "
                          "values")
     return settings, columns, rows
+
+
+def _load_rows(path: str, skip: int, num_columns: int) -> np.ndarray:
+    """The numeric rows [n, num_columns] after `skip` lines (no rows yet: n = 0, no warning)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "loadtxt: input contained no data")
+        rows = np.loadtxt(path, comments="#", skiprows=skip, ndmin=2)
+    return rows if rows.size else np.zeros((0, num_columns))
 
 
 def read_original_raw_data(path: str) -> tuple[dict[str, Any], list[str], np.ndarray]:
@@ -200,9 +207,7 @@ def read_original_raw_data(path: str) -> tuple[dict[str, Any], list[str], np.nda
     what the columns tell: the step size (from 2/eta) and rho (from the SAM edge at ||g||,
     inverting `sam_eos.edge.sam_edge`), marked `"source": "original program"`.
     """
-    rows = np.loadtxt(path, comments="#", ndmin=2)
-    if rows.size == 0:
-        rows = np.zeros((0, len(ORIGINAL_COLUMNS)))
+    rows = _load_rows(path, 0, len(ORIGINAL_COLUMNS))
     if rows.shape[1] != len(ORIGINAL_COLUMNS):
         raise ValueError(f"{path}: the original program wrote {len(ORIGINAL_COLUMNS)} columns, "
                          f"this file has {rows.shape[1]}")
