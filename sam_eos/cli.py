@@ -1,4 +1,5 @@
-"""Running a program's `main` under absl: bad input becomes one message and exit code 2."""
+"""Running a program's `main` under absl: bad input becomes one message and exit code 2
+(flags absl cannot parse too); `--help` exits 0."""
 
 import logging as std_logging
 import sys
@@ -8,6 +9,7 @@ from typing import Any
 from absl import app, logging
 
 from sam_eos import distributed
+from sam_eos.command_line import parse_flags
 from sam_eos.errors import EXIT_BAD_INPUT, InputError
 from sam_eos.train import RunResult
 
@@ -26,7 +28,8 @@ def _quiet_libraries(record: std_logging.LogRecord) -> bool:
 
 def run_main(main: Callable[[list[str]], int | None]) -> None:
     """`absl.app.run(main)`, logging at INFO, with `InputError` turned into
-    `error: <message>` on stderr and exit code EXIT_BAD_INPUT (no traceback)."""
+    `error: <message>` on stderr and exit code EXIT_BAD_INPUT (no traceback), as is a flag
+    absl cannot parse (`sam_eos.command_line.parse_flags`); `--help` exits 0."""
 
     def wrapped(argv: list[str]) -> None:
         if len(argv) > 1:
@@ -45,7 +48,7 @@ def run_main(main: Callable[[list[str]], int | None]) -> None:
             sys.exit(EXIT_BAD_INPUT)
         sys.exit(code or 0)
 
-    app.run(wrapped)
+    app.run(wrapped, flags_parser=parse_flags)
 
 
 def report_test_value(name: str, result: RunResult, evaluate: Callable[[Any], float]) -> int:

@@ -1,9 +1,13 @@
-"""Redraws a run's four PDFs from its raw-data file.
+"""Redraws the four PDFs from raw-data files, one run or several overlaid (e.g. GD vs SAM).
 
-    python3 -m sam_eos.plot --raw_data=/tmp/raw.txt
+    python3 -m sam_eos.plot runs/gd/raw.txt                       # runs/gd/eigs.pdf, ...
+    python3 -m sam_eos.plot runs/gd/raw.txt runs/sam/raw.txt --output_dir=runs/both
+    python3 -m sam_eos.plot --original_format original_raw.txt    # the original's files
 
-writes next to the raw data (`/tmp/raw_eigs.pdf`, `/tmp/raw_eigs_se_only.pdf`,
-`/tmp/raw_alignment.pdf`, `/tmp/raw_loss.pdf`) unless the output flags say otherwise.
+The files get the programs' names (`sam_eos.outputs.OUTPUT_FILE_NAMES`: eigs.pdf,
+eigs_se_only.pdf, alignment.pdf, loss.pdf) in `--output_dir`, after `--output_prefix`. One file
+draws next to itself by default; several need `--output_dir`. `--<plot>_output` flags name one
+plot's path (empty: skip it).
 """
 
 import os
@@ -11,50 +15,73 @@ import sys
 
 from absl import app, flags
 
+from sam_eos.command_line import parse_flags
 from sam_eos.errors import EXIT_BAD_INPUT, InputError
-from sam_eos.plots import draw_plots
-from sam_eos.records import check_output_path, read_raw_data
+from sam_eos.outputs import PLOT_FIELDS, output_paths
+from sam_eos.plots import X_AXES, RunData, draw_runs
+from sam_eos.records import check_output_path, read_original_raw_data, read_raw_data
 
-RAW_DATA = flags.DEFINE_string("raw_data", None, "Raw-data file written by a run.")
+RAW_DATA = flags.DEFINE_string("raw_data", None, "A raw-data file (or give files as arguments).")
+OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "Write the plots here (default: the raw-data file's directory, when "
+    "there is one file)."
+)
+OUTPUT_PREFIX = flags.DEFINE_string("output_prefix", "", "Put this before each file name.")
+PLOT_X = flags.DEFINE_enum("plot_x", "steps", X_AXES, "The x-axis: steps, or training time.")
+ORIGINAL_FORMAT = flags.DEFINE_bool(
+    "original_format", False, "The files were written by the original program (8 columns, no "
+    "header, time in seconds); drawn against time."
+)
 OUTPUTS = {
-    "eigs_curve": flags.DEFINE_string("eigs_curve_output", None, "Default: <raw>_eigs.pdf."),
-    "eigs_se_only": flags.DEFINE_string(
-        "eigs_se_only_output", None, "Default: <raw>_eigs_se_only.pdf."
-    ),
-    "alignment_curve": flags.DEFINE_string(
-        "alignment_curve_output", None, "Default: <raw>_alignment.pdf."
-    ),
-    "loss_curve": flags.DEFINE_string("loss_curve_output", None, "Default: <raw>_loss.pdf."),
+    field: flags.DEFINE_string(f"{field}_output", None, f"This plot's path (default: "
+                               f"<output_dir>/<prefix>{name}; empty: skip it).")
+    for field, name in (("eigs_curve", "eigs.pdf"), ("eigs_se_only", "eigs_se_only.pdf"),
+                        ("alignment_curve", "alignment.pdf"), ("loss_curve", "loss.pdf"))
 }
-SUFFIXES = {
-    "eigs_curve": "_eigs.pdf",
-    "eigs_se_only": "_eigs_se_only.pdf",
-    "alignment_curve": "_alignment.pdf",
-    "loss_curve": "_loss.pdf",
-}
+
+
+def plot_paths(raw_paths: list[str], output_dir: str | None, prefix: str,
+               overrides: dict[str, str | None]) -> dict[str, str]:
+    """Plot field -> path: `overrides` where given, else the standard name in `output_dir`
+    (default: the directory of the only raw-data file)."""
+    if output_dir is None:
+        if len(raw_paths) > 1:
+            raise InputError(f"{len(raw_paths)} raw-data files overlay into one set of plots: "
+                             "pass --output_dir (and --output_prefix if you like) for them")
+        output_dir = os.path.dirname(os.path.abspath(raw_paths[0]))
+    standard = output_paths(output_dir, prefix)
+    return {field: standard[field] if overrides.get(field) is None else overrides[field]
+            for field in PLOT_FIELDS}
+
+
+def read_run(path: str, original_format: bool) -> RunData:
+    """One raw-data file as RunData; raises InputError when it cannot be read."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path} is not a file")
+    reader = read_original_raw_data if original_format else read_raw_data
+    try:
+        settings, columns, rows = reader(path)
+    except ValueError as error:
+        raise InputError(f"{path} is not a raw-data file: {error}") from error
+    return RunData(settings, columns, rows)
 
 
 def main(argv: list[str]) -> None:
-    del argv
+    raw_paths = ([RAW_DATA.value] if RAW_DATA.value else []) + list(argv[1:])
     try:
-        if not RAW_DATA.value or not os.path.isfile(RAW_DATA.value):
-            raise InputError(f"--raw_data={RAW_DATA.value} is not a file")
-        stem = os.path.splitext(RAW_DATA.value)[0]
-        outputs = {}
-        for name, flag in OUTPUTS.items():
-            outputs[name] = stem + SUFFIXES[name] if flag.value is None else flag.value
-            check_output_path(outputs[name], flag.name)
-        try:
-            settings, columns, rows = read_raw_data(RAW_DATA.value)
-        except ValueError as error:
-            message = f"--raw_data={RAW_DATA.value} is not a raw-data file: {error}"
-            raise InputError(message) from error
+        if not raw_paths:
+            raise InputError("give raw-data files: python3 -m sam_eos.plot RAW [RAW ...]")
+        outputs = plot_paths(raw_paths, OUTPUT_DIR.value, OUTPUT_PREFIX.value,
+                             {field: flag.value for field, flag in OUTPUTS.items()})
+        for field, path in outputs.items():
+            check_output_path(path, f"{field}_output")
+        runs = [read_run(path, ORIGINAL_FORMAT.value) for path in raw_paths]
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    for path in draw_plots(rows, columns, settings, outputs):
+    for path in draw_runs(runs, outputs, PLOT_X.value):
         print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,11 +1,24 @@
-"""The four PDF plots of a run, drawn from its raw-data rows (matplotlib, headless).
+r"""The four PDF plots of one run, or of several overlaid (matplotlib, headless).
 
-Each plot is against training time, skips non-finite values (a diverged or failed check), and
-is skipped entirely when its output path is empty.
+Every plot is against steps (`x_axis="steps"`, the default) or training time
+(`x_axis="hours"`: hours, minutes or seconds, whichever reads best, named on the axis); files
+without a `step` column (the original program's) are drawn against time. Non-finite values (a
+diverged or failed check) are skipped; a plot whose output path is empty is not drawn.
+
+The eigenvalue plots draw the sharpness (the operator norm), lambda_max beside it wherever the
+two differ (lambda_min dominated), the `batch_sharpness` and `sam_point_sharpness` columns and
+further eigenvalues when the file has them, the SAM edge and (eigs_curve) 2/eta. Their y-axis is
+linear and clipped so one early outlier cannot squash the rest: its top is the smaller of the
+largest value and `OFF_SCALE_FACTOR` times the scale, the scale being the largest of 2/eta, the
+SAM edge and the 95th percentile of the second half of the checks. The reference lines are
+therefore always in view; values above the top are marked with a triangle on the top edge and
+counted in the title. Several runs share one figure: one colour per run, labelled from its
+settings (GD or SAM rho, eta); one 2/eta line when they share eta.
 """
 
+import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import matplotlib
@@ -17,6 +30,36 @@ import numpy as np  # noqa: E402
 from sam_eos.errors import InputError  # noqa: E402
 
 PLOT_NAMES = ("eigs_curve", "eigs_se_only", "alignment_curve", "loss_curve")
+X_AXES = ("steps", "hours")
+OFF_SCALE_FACTOR = 2.0
+SHARPNESS_SERIES = (  # column, label, style; drawn when the column has a finite value
+    ("hessian_norm", "sharpness (operator norm)", {"linestyle": "-", "marker": "."}),
+    ("lambda_max", r"$\lambda_{\max}$", {"linestyle": "--", "marker": "x", "markersize": 3,
+                                         "linewidth": 0.8}),
+    ("batch_sharpness", "batch sharpness", {"linestyle": "-.", "marker": "+"}),
+    ("sam_point_sharpness", "sharpness at the SAM point", {"linestyle": (0, (3, 1, 1, 1)),
+                                                           "marker": "1"}),
+)
+SINGLE_RUN_COLOURS = {"hessian_norm": "C0", "sam_edge": "C1", "two_over_eta": "C2",
+                      "lambda_max": "C3", "batch_sharpness": "C4", "sam_point_sharpness": "C5",
+                      "g_alignment": "C0", "sg_alignment": "C1", "loss": "C0"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """One run's raw data: settings, column names, rows [num_checks, num_columns]."""
+
+    settings: dict[str, Any]
+    columns: Sequence[str]
+    rows: np.ndarray
+
+    def column(self, name: str) -> np.ndarray | None:
+        """The column's values (one per check), or None when the file has no such column."""
+        if name not in self.columns:
+            return None
+        if self.rows.size == 0:
+            return np.zeros((0,))
+        return self.rows[:, list(self.columns).index(name)].astype(np.float64)
 
 
 def check_plot_format(path: str, flag_name: str) -> None:
@@ -31,19 +74,256 @@ def check_plot_format(path: str, flag_name: str) -> None:
                          f"needs one of these extensions")
 
 
-def _time_axis(hours: np.ndarray) -> tuple[np.ndarray, str]:
-    """Training time in the unit that reads best: hours, minutes or seconds."""
-    longest = float(np.nanmax(hours)) if hours.size else 0.0
-    if longest >= 1.0:
-        return hours, "training time (hours)"
-    if longest >= 1.0 / 60:
-        return hours * 60, "training time (minutes)"
-    return hours * 3600, "training time (seconds)"
+def run_label(settings: dict[str, Any]) -> str:
+    """A run's name in a legend: "GD, eta=1" or "SAM rho=0.1, eta=1" (what the settings say)."""
+    rho, eta = settings.get("rho"), settings.get("step_size")
+    parts = []
+    if rho is not None:
+        parts.append("GD" if rho == 0 else f"SAM rho={rho:g}")
+    if eta is not None:
+        parts.append(f"eta={eta:g}")
+    return ", ".join(parts) or str(settings.get("run_name", "run"))
 
 
-def _series(ax, x: np.ndarray, y: np.ndarray, **style) -> None:
+def time_unit(longest_hours: float) -> tuple[float, str]:
+    """(factor from hours, unit name) that reads best for a run of `longest_hours`."""
+    if longest_hours >= 1.0:
+        return 1.0, "hours"
+    if longest_hours >= 1.0 / 60:
+        return 60.0, "minutes"
+    return 3600.0, "seconds"
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    return values[np.isfinite(values)]
+
+
+def eigenvalue_limits(
+    series: Sequence[np.ndarray], references: Sequence[np.ndarray]
+) -> tuple[float, float] | None:
+    """The eigenvalue plots' y-range (bottom, top); None leaves matplotlib's.
+
+    `series`: the drawn eigenvalue columns, each in check order; `references`: the drawn SAM
+    edge and 2/eta columns. See the module docstring for the rule.
+    """
+    values = np.concatenate([_finite(v) for v in (*series, *references)] or [np.zeros(0)])
+    if values.size == 0:
+        return None
+    later = np.concatenate([_finite(v[len(v) // 2:]) for v in series] or [np.zeros(0)])
+    reference_values = np.concatenate([_finite(v) for v in references] or [np.zeros(0)])
+    scale = max([float(np.max(reference_values))] if reference_values.size else [0.0])
+    if later.size:
+        scale = max(scale, float(np.quantile(later, 0.95)))
+    largest = float(np.max(values))
+    top = min(1.05 * largest, OFF_SCALE_FACTOR * scale) if scale > 0 else 1.05 * largest
+    smallest = float(np.min(values))
+    bottom = 0.0 if smallest >= 0 else max(1.05 * smallest, -top)
+    if not top > bottom:
+        return None
+    return bottom, top
+
+
+def _common_title(runs: Sequence[RunData]) -> str:
+    names = [str(run.settings.get("run_name", "sam_eos run")) for run in runs]
+    if len(set(names)) == 1:
+        return names[0]
+    prefixes = {name.split(":")[0] for name in names}
+    return prefixes.pop() if len(prefixes) == 1 else ""
+
+
+def _x_data(runs: Sequence[RunData], x_axis: str) -> tuple[list[np.ndarray], str, str]:
+    """Per run x values, the axis label, and the unit for notes (x_axis "steps" falls back to
+    time when a run has no step column)."""
+    if x_axis not in X_AXES:
+        raise ValueError(f"x_axis must be one of {X_AXES} (got {x_axis!r})")
+    if x_axis == "steps" and all(run.column("step") is not None for run in runs):
+        return [run.column("step") for run in runs], "step", "step"
+    hours = [run.column("time_hours") for run in runs]
+    hours = [np.zeros(len(run.rows)) if h is None else h for h, run in zip(hours, runs,
+                                                                             strict=True)]
+    longest = max((float(np.max(_finite(h))) for h in hours if _finite(h).size), default=0.0)
+    factor, unit = time_unit(longest)
+    return [h * factor for h in hours], f"training time ({unit})", unit
+
+
+def _draw(ax, x: np.ndarray, y: np.ndarray | None, **style) -> bool:
+    """Plots the finite points of (x, y); False (nothing drawn) when there are none."""
+    if y is None:
+        return False
     finite = np.isfinite(x) & np.isfinite(y)
+    if not np.any(finite):
+        return False
     ax.plot(x[finite], y[finite], **style)
+    return True
+
+
+def _differs(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Whether column a has a finite value not equal to b's (so both are worth drawing)."""
+    if a is None or b is None:
+        return a is not None
+    finite = np.isfinite(a)
+    return bool(np.any(finite & ~np.isclose(a, b, rtol=1e-9, atol=0.0)))
+
+
+class _Figure:
+    """Draws one plot kind for several runs: colours, labels, x data."""
+
+    def __init__(self, runs: Sequence[RunData], xs: list[np.ndarray], ax):
+        self.runs, self.xs, self.ax = runs, xs, ax
+        self.several = len(runs) > 1
+        self.labels = [run_label(run.settings) for run in runs]
+        self.off_scale: list[tuple[float, float]] = []  # (value, x) above the y-range
+
+    def style(self, i: int, column: str, label: str, **style) -> dict[str, Any]:
+        """One colour per run when there are several (series told apart by line style),
+        else one colour per column."""
+        colour = f"C{i % 10}" if self.several else SINGLE_RUN_COLOURS.get(column, "C6")
+        return {"color": colour, "label": f"{self.labels[i]}: {label}" if self.several else label,
+                **style}
+
+    def eigenvalues(self, with_two_over_eta: bool) -> None:
+        ax = self.ax
+        drawn: list[tuple[np.ndarray, np.ndarray]] = []  # (x, eigenvalues) per series
+        references: list[np.ndarray] = []
+        etas = {float(v) for run in self.runs for v in _finite(_column_or_empty(run,
+                                                                                "two_over_eta"))}
+        one_two_over_eta = with_two_over_eta and self.several and len(etas) == 1
+        for i, (run, x) in enumerate(zip(self.runs, self.xs, strict=True)):
+            norm = run.column("hessian_norm")
+            for column, label, style in SHARPNESS_SERIES:
+                values = run.column(column)
+                if column == "lambda_max" and not _differs(values, norm):
+                    continue
+                if _draw(ax, x, values, **self.style(i, column, label, **style)):
+                    drawn.append((x, values))
+            further = [name for name in run.columns if name.startswith("eig_")]
+            for j, name in enumerate(further):
+                style = self.style(i, name, f"eigenvalue {name[4:]}", marker=".",
+                                   linewidth=0.6, alpha=0.7)
+                if not self.several:
+                    style["color"] = f"C{(j + 6) % 10}"
+                if _draw(ax, x, run.column(name), **style):
+                    drawn.append((x, run.column(name)))
+            edge, two_over_eta = run.column("sam_edge"), run.column("two_over_eta")
+            if not with_two_over_eta or _differs(edge, two_over_eta):  # GD: the edge is 2/eta
+                if _draw(ax, x, edge, **self.style(i, "sam_edge", "SAM edge", linestyle="--")):
+                    references.append(edge)
+            if with_two_over_eta and not one_two_over_eta:
+                if _draw(ax, x, two_over_eta, **self.style(i, "two_over_eta", r"$2/\eta$",
+                                                            linestyle=":")):
+                    references.append(two_over_eta)
+        if one_two_over_eta:
+            value = etas.pop()
+            ax.axhline(value, color="0.2", linestyle=":", label=r"$2/\eta$")
+            references.append(np.array([value]))
+        ax.set_ylabel("eigenvalue")
+        self._clip(drawn, references)
+
+    def _clip(self, drawn: list[tuple[np.ndarray, np.ndarray]],
+              references: list[np.ndarray]) -> None:
+        """Sets the y-range (`eigenvalue_limits`) and marks the values above it."""
+        limits = eigenvalue_limits([values for _, values in drawn], references)
+        if limits is None:
+            return
+        bottom, top = limits
+        self.ax.set_ylim(bottom, top)
+        self.off_scale = [(float(y), float(x)) for xs, values in drawn
+                          for x, y in zip(xs, values, strict=True)
+                          if np.isfinite(x) and np.isfinite(y) and y > top]
+        if self.off_scale:
+            xs = [x for _, x in self.off_scale]
+            self.ax.plot(xs, [top] * len(xs), linestyle="none", marker="^", color="0.3",
+                         clip_on=False, label="_off scale")
+
+    def alignment(self) -> None:
+        for i, (run, x) in enumerate(zip(self.runs, self.xs, strict=True)):
+            g, sg = run.column("g_alignment"), run.column("sg_alignment")
+            _draw(self.ax, x, g, **self.style(i, "g_alignment", "gradient", marker="."))
+            if _differs(sg, g):  # at rho = 0 the SAM gradient is the gradient
+                _draw(self.ax, x, sg, **self.style(i, "sg_alignment", "SAM gradient",
+                                                   marker=".", linestyle="--"))
+        self.ax.set_ylabel("alignment with the principal direction")
+        self.ax.set_ylim(-0.02, 1.02)
+
+    def loss(self) -> None:
+        losses = []
+        for i, (run, x) in enumerate(zip(self.runs, self.xs, strict=True)):
+            loss = _column_or_empty(run, "loss")
+            if _draw(self.ax, x, loss, **self.style(i, "loss", "training loss", marker=".")):
+                losses.append(_finite(loss))
+        if losses and all(np.all(loss > 0) for loss in losses):
+            self.ax.set_yscale("log")
+        self.ax.set_ylabel("training loss (on the check's batch)")
+
+
+def _column_or_empty(run: RunData, name: str) -> np.ndarray:
+    values = run.column(name)
+    return np.zeros(0) if values is None else values
+
+
+def _off_scale_note(above: list[tuple[float, float]], unit: str) -> str:
+    value, x = max(above)
+    where = f"step {x:g}" if unit == "step" else f"{x:.3g} {unit}"
+    count = len(above)
+    return (f"{count} value{'s' if count != 1 else ''} above the axis (largest {value:.4g} "
+            f"at {where})")
+
+
+def make_figure(name: str, runs: Sequence[RunData], x_axis: str = "steps"):
+    """The matplotlib Figure of plot `name` (from PLOT_NAMES) with every run overlaid, against
+    `x_axis` ("steps" or "hours"); the caller saves and closes it."""
+    kinds: dict[str, Callable[[_Figure], None]] = {
+        "eigs_curve": lambda drawing: drawing.eigenvalues(with_two_over_eta=True),
+        "eigs_se_only": lambda drawing: drawing.eigenvalues(with_two_over_eta=False),
+        "alignment_curve": _Figure.alignment,
+        "loss_curve": _Figure.loss,
+    }
+    xs, x_label, unit = _x_data(runs, x_axis)
+    figure, ax = plt.subplots(figsize=(6.4, 4.2))
+    try:
+        drawing = _Figure(runs, xs, ax)
+        kinds[name](drawing)
+        ax.set_xlabel(x_label)
+        title = _common_title(runs)
+        if drawing.off_scale:
+            note = _off_scale_note(drawing.off_scale, unit)
+            title = f"{title}\n{note}" if title else note
+        ax.set_title(title, fontsize=9)
+        if any(not line.get_label().startswith("_") for line in ax.lines):
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        figure.tight_layout()
+    except Exception:
+        plt.close(figure)
+        raise
+    return figure
+
+
+def draw_runs(
+    runs: Sequence[RunData], outputs: dict[str, str], x_axis: str = "steps"
+) -> list[str]:
+    """Draws the plots named in `outputs` (keys from PLOT_NAMES, values file paths; empty
+    skips), each with every run of `runs` overlaid, against `x_axis` ("steps" or "hours").
+
+    Returns:
+      The paths written. Raises RuntimeError naming the plots that failed (after the others).
+    """
+    written, failed = [], []
+    for name, path in outputs.items():
+        if not path:
+            continue
+        try:
+            figure = make_figure(name, runs, x_axis)
+            try:
+                figure.savefig(path)
+            finally:
+                plt.close(figure)
+            written.append(path)
+        except (OSError, ValueError) as error:  # one plot failing must not stop the others
+            failed.append(f"{path}: {error}")
+    if failed:
+        raise RuntimeError("could not draw " + "; ".join(failed))
+    return written
 
 
 def draw_plots(
@@ -51,76 +331,18 @@ def draw_plots(
     columns: Sequence[str],
     settings: dict[str, Any],
     outputs: dict[str, str],
+    x_axis: str = "steps",
 ) -> list[str]:
-    """Draws the plots named in `outputs` (keys from PLOT_NAMES, values PDF paths).
+    """Draws one run's plots named in `outputs` (keys from PLOT_NAMES, values PDF paths).
 
     Args:
       rows: [num_checks, num_columns] raw data; columns: their names; settings: the run's
-        settings (its `run_name` becomes the title).
+        settings (its `run_name` becomes the title); x_axis: "steps" or "hours".
     Returns:
       The paths written.
     """
-    data = {name: rows[:, i] for i, name in enumerate(columns)} if rows.size else {}
-    empty = np.zeros((0,))
-    column = lambda name: data.get(name, empty)  # noqa: E731
-    time, time_label = _time_axis(column("time_hours"))
-    title = settings.get("run_name", "sam_eos run")
-    further = [name for name in columns if name.startswith("eig_")]
-    written, failed = [], []
+    rows = np.asarray(rows, np.float64)
+    if rows.size == 0:
+        rows = np.zeros((0, len(columns)))
+    return draw_runs([RunData(settings, list(columns), rows)], outputs, x_axis)
 
-    def eigenvalues(ax) -> None:
-        _series(ax, time, column("hessian_norm"), label="sharpness (Hessian operator norm)",
-                color="C0", marker=".")
-        for i, name in enumerate(further):
-            _series(ax, time, column(name), label=f"eigenvalue {name[4:]}", color=f"C{i + 3}",
-                    marker=".", linewidth=0.8)
-        _series(ax, time, column("sam_edge"), label="SAM edge", color="C1", linestyle="--")
-
-    def eigs_curve(ax) -> None:
-        eigenvalues(ax)
-        _series(ax, time, column("two_over_eta"), label="2/eta", color="C2", linestyle=":")
-        ax.set_ylabel("eigenvalue")
-
-    def eigs_se_only(ax) -> None:
-        eigenvalues(ax)
-        ax.set_ylabel("eigenvalue")
-
-    def alignment_curve(ax) -> None:
-        _series(ax, time, column("g_alignment"), label="gradient", color="C0", marker=".")
-        _series(ax, time, column("sg_alignment"), label="SAM gradient", color="C1", marker=".")
-        ax.set_ylabel("alignment with the principal direction")
-        ax.set_ylim(-0.02, 1.02)
-
-    def loss_curve(ax) -> None:
-        loss = column("loss")
-        _series(ax, time, loss, label="training loss", color="C0", marker=".")
-        if np.any(np.isfinite(loss)) and np.all(loss[np.isfinite(loss)] > 0):
-            ax.set_yscale("log")
-        ax.set_ylabel("loss")
-
-    drawers = {
-        "eigs_curve": eigs_curve,
-        "eigs_se_only": eigs_se_only,
-        "alignment_curve": alignment_curve,
-        "loss_curve": loss_curve,
-    }
-    for name, path in outputs.items():
-        if not path:
-            continue
-        figure, ax = plt.subplots(figsize=(6.4, 4.2))
-        try:
-            drawers[name](ax)
-            ax.set_xlabel(time_label)
-            ax.set_title(title, fontsize=9)
-            ax.legend(fontsize=8)
-            ax.grid(alpha=0.3)
-            figure.tight_layout()
-            figure.savefig(path)
-            written.append(path)
-        except (OSError, ValueError) as error:  # one plot failing must not stop the others
-            failed.append(f"{path}: {error}")
-        finally:
-            plt.close(figure)
-    if failed:
-        raise RuntimeError("could not draw " + "; ".join(failed))
-    return written

@@ -1,16 +1,25 @@
-"""The raw-data file: one row per Hessian check, readable with `numpy.loadtxt`.
+r"""The raw-data file: one row per Hessian check, loadable by column name.
 
-Layout: `#` comment lines first (a title, the run's settings as JSON, the column names), then
-one whitespace-separated row per check, flushed as soon as it is written so an interrupted run
-keeps every measurement. Notes (e.g. a failed check) are `#` lines between rows. The first eight
-columns keep the original program's order: time, hessian_norm, 2/eta, sam_edge, grad_norm, loss,
-g_alignment, sg_alignment.
+Layout: the first line holds the column names; then `#` comment lines (a title, the run's
+settings as JSON); then one whitespace-separated row per check, flushed as soon as it is
+written so an interrupted run keeps every measurement. Notes (e.g. a failed check) are `#`
+lines between rows; a finished run ends with a `# summary:` JSON line. Counts (`step`,
+`hessian_vector_products`) are written as integers. Both one-liners load it by name:
+
+    numpy.genfromtxt(path, names=True)                  # data["hessian_norm"]
+    pandas.read_csv(path, sep=r"\s+", comment="#")       # frame["hessian_norm"]
+
+(`numpy.loadtxt(path, skiprows=1)` gives the bare table.) The first eight columns keep the
+original program's order: time, hessian_norm, 2/eta, sam_edge, grad_norm, loss, g_alignment,
+sg_alignment. `read_raw_data` also reads files written before the names line existed (names
+in a `# columns:` comment); `read_original_raw_data` reads the original program's files.
 """
 
 import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,9 +37,13 @@ ORIGINAL_COLUMNS = (
     "g_alignment",  # |<g, v>| / ||g||, v the principal direction
     "sg_alignment",  # the same for the SAM gradient
 )
+INTEGER_COLUMNS = frozenset({"step", "hessian_vector_products"})  # written without a ".0"
+TITLE = "# sam_eos raw data: one row per Hessian check; the first line names the columns\n"
 SETTINGS_PREFIX = "# settings: "
-COLUMNS_PREFIX = "# columns: "
+COLUMNS_PREFIX = "# columns: "  # files written before the names line (still read)
 NOTE_PREFIX = "# note: "
+SUMMARY_PREFIX = "# summary: "
+SECONDS_PER_HOUR = 3600.0
 
 
 def column_names(num_principal_components: int) -> list[str]:
@@ -78,9 +91,9 @@ class RawDataWriter:
         self.columns = list(columns)
         self._file = open(path, "a" if append else "w") if path else None  # noqa: SIM115
         if not append:
-            self._write("# sam_eos raw data: one row per Hessian check\n")
+            self._write(" ".join(self.columns) + "\n")
+            self._write(TITLE)
             self._write(SETTINGS_PREFIX + json.dumps(settings, sort_keys=True, default=str) + "\n")
-            self._write(COLUMNS_PREFIX + " ".join(self.columns) + "\n")
 
     def _write(self, text: str) -> None:
         if self._file is not None:
@@ -89,7 +102,8 @@ class RawDataWriter:
 
     def row(self, values: dict[str, float]) -> None:
         """Appends one row; `values` maps every column name to a number (nan allowed)."""
-        self._write(" ".join(_format(values[name]) for name in self.columns) + "\n")
+        self._write(" ".join(format_value(values[name], name in INTEGER_COLUMNS)
+                             for name in self.columns) + "\n")
 
     def note(self, text: str) -> None:
         """Appends a `# note:` line (kept by readers as a comment)."""
@@ -101,26 +115,47 @@ class RawDataWriter:
             self._file = None
 
 
-def _format(value: float) -> str:
+def format_value(value: float, integer: bool = False) -> str:
+    """A number as written in a row: `repr` of the float (exact), `nan`, `inf`, `-inf`, or, for
+    an integer column holding a whole number, the integer (`50`, not `50.0`)."""
     value = float(value)
     if math.isnan(value):
         return "nan"
-    return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if not math.isfinite(value):
+        return "inf" if value > 0 else "-inf"
+    if integer and value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
+def _is_names_line(line: str) -> bool:
+    """Whether an uncommented line holds column names rather than numbers."""
+    fields = line.split()
+    if not fields or line.startswith("#"):
+        return False
+    try:
+        float(fields[0])
+    except ValueError:
+        return True
+    return False
 
 
 def keep_first_rows(path: str, num_rows: int) -> None:
     """Truncates a raw-data file after its `num_rows`-th row (the header and the notes before
-    that row stay): what a resumed run does with rows written after its last checkpoint."""
+    that row stay; a `# summary:` line goes, as the resumed run writes its own): what a resumed
+    run does with rows written after its last checkpoint."""
     with open(path) as file:
         lines = file.readlines()
     kept, rows = [], 0
-    for line in lines:
-        if rows == num_rows and not line.startswith("#"):
-            break
-        if rows == num_rows and line.startswith(NOTE_PREFIX):
+    for number, line in enumerate(lines):
+        if line.startswith(SUMMARY_PREFIX):
+            continue
+        is_row = bool(line.strip()) and not line.startswith("#") and not (
+            number == 0 and _is_names_line(line))
+        if rows == num_rows and (is_row or line.startswith(NOTE_PREFIX)):
             break
         kept.append(line)
-        rows += not line.startswith("#")
+        rows += is_row
     scratch = path + ".resume"
     with open(scratch, "w") as file:  # written aside and renamed: a kill now loses nothing
         file.writelines(kept)
@@ -128,16 +163,120 @@ def keep_first_rows(path: str, num_rows: int) -> None:
 
 
 def read_raw_data(path: str) -> tuple[dict[str, Any], list[str], np.ndarray]:
-    """(settings, column names, rows [num_checks, num_columns]) of a raw-data file."""
+    """(settings, column names, rows [num_checks, num_columns] as floats) of a raw-data file.
+
+    Reads this format and the one before it (names in a `# columns:` comment). Raises
+    ValueError for a file without column names, e.g. one of the original program's
+    (`read_original_raw_data` reads those).
+    """
     settings: dict[str, Any] = {}
-    columns: list[str] = list(ORIGINAL_COLUMNS)
+    columns: list[str] | None = None
+    skip = 0
+    with open(path) as file:
+        for number, line in enumerate(file):
+            if number == 0 and _is_names_line(line):
+                columns, skip = line.split(), 1
+            elif line.startswith(SETTINGS_PREFIX):
+                settings = json.loads(line[len(SETTINGS_PREFIX):])
+            elif line.startswith(COLUMNS_PREFIX) and columns is None:
+                columns = line[len(COLUMNS_PREFIX):].split()
+    if columns is None:
+        raise ValueError(f"{path} has no column names: not a sam_eos raw-data file (a file "
+                         "of the original program reads with read_original_raw_data, or "
+                         "`python3 -m sam_eos.plot --original_format`)")
+    rows = _load_rows(path, skip, len(columns))
+    if rows.shape[1] != len(columns):
+        raise ValueError(f"{path}: {len(columns)} column names but rows of {rows.shape[1]} "
+                         "values")
+    return settings, columns, rows
+
+
+def _load_rows(path: str, skip: int, num_columns: int) -> np.ndarray:
+    """The numeric rows [n, num_columns] after `skip` lines (no rows yet: n = 0, no warning)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "loadtxt: input contained no data")
+        rows = np.loadtxt(path, comments="#", skiprows=skip, ndmin=2)
+    return rows if rows.size else np.zeros((0, num_columns))
+
+
+def read_original_raw_data(path: str) -> tuple[dict[str, Any], list[str], np.ndarray]:
+    """A raw-data file of the original program, as `read_raw_data` returns ours.
+
+    That file has no header and eight columns, the first the training time in seconds (taken
+    after the eigensolver): returned as `ORIGINAL_COLUMNS`, time in hours. The settings are
+    what the columns tell: the step size (from 2/eta) and rho (from the SAM edge at ||g||,
+    inverting `sam_eos.edge.sam_edge`), marked `"source": "original program"`.
+    """
+    rows = _load_rows(path, 0, len(ORIGINAL_COLUMNS))
+    if rows.shape[1] != len(ORIGINAL_COLUMNS):
+        raise ValueError(f"{path}: the original program wrote {len(ORIGINAL_COLUMNS)} columns, "
+                         f"this file has {rows.shape[1]}")
+    rows = rows.copy()
+    rows[:, 0] /= SECONDS_PER_HOUR
+    settings: dict[str, Any] = {"source": "original program",
+                                "run_name": os.path.basename(path)}
+    two_over_eta = rows[:, 2][np.isfinite(rows[:, 2]) & (rows[:, 2] > 0)]
+    if two_over_eta.size:
+        step_size = 2.0 / float(np.median(two_over_eta))
+        settings["step_size"] = float(f"{step_size:.6g}")
+        rho = _rho_from_sam_edge(rows[:, 3], rows[:, 4], step_size)
+        if rho is not None:
+            settings["rho"] = rho
+    return settings, list(ORIGINAL_COLUMNS), rows
+
+
+def _rho_from_sam_edge(edge: np.ndarray, grad_norm: np.ndarray, step_size: float) -> float | None:
+    """rho such that sam_edge(||g||, eta, rho) = edge (median over the rows; 6 digits).
+
+    From edge = (4/eta) / (1 + sqrt(1 + t)), t = 8 rho / (eta ||g||)."""
+    usable = np.isfinite(edge) & np.isfinite(grad_norm) & (edge > 0) & (grad_norm > 0)
+    if not np.any(usable):
+        return None
+    root = 4.0 / (step_size * edge[usable]) - 1.0  # sqrt(1 + t)
+    t = np.maximum(root**2 - 1.0, 0.0)
+    rho = float(np.median(t * step_size * grad_norm[usable] / 8.0))
+    return float(f"{rho:.6g}") if rho > 1e-12 else 0.0
+
+
+def append_summary(path: str, summary: dict[str, Any]) -> None:
+    """Appends the run's summary (`sam_eos.summary.summarize`) as a `# summary: {json}` line;
+    non-finite numbers become null. An empty path writes nothing."""
+    if not path:
+        return
+    with open(path, "a") as file:
+        file.write(SUMMARY_PREFIX + json.dumps(_finite_or_none(summary), sort_keys=True) + "\n")
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_summary(path: str) -> dict[str, Any] | None:
+    """The last `# summary:` of a raw-data file, or None (a run still going, or interrupted
+    before it could write one)."""
+    summary = None
     with open(path) as file:
         for line in file:
-            if line.startswith(SETTINGS_PREFIX):
-                settings = json.loads(line[len(SETTINGS_PREFIX):])
-            elif line.startswith(COLUMNS_PREFIX):
-                columns = line[len(COLUMNS_PREFIX):].split()
-    rows = np.loadtxt(path, comments="#", ndmin=2)
-    if rows.size == 0:
-        rows = np.zeros((0, len(columns)))
-    return settings, columns, rows
+            if line.startswith(SUMMARY_PREFIX):
+                summary = json.loads(line[len(SUMMARY_PREFIX):])
+    return summary
+
+
+def is_same_run(path: str, settings: dict[str, Any], columns: Sequence[str]) -> bool:
+    """Whether the raw-data file at `path` was written by a run with these settings and
+    columns (settings compared as `sam_eos.checkpoint.settings_differences` does, so a resumed
+    run may have more time or steps). False for a file that is not raw data."""
+    from sam_eos.checkpoint import settings_differences  # orbax: only when needed
+
+    try:
+        saved_settings, saved_columns, _ = read_raw_data(path)
+    except (OSError, ValueError):
+        return False
+    current = json.loads(json.dumps(settings, default=str))
+    return saved_columns == list(columns) and not settings_differences(saved_settings, current)

@@ -102,8 +102,9 @@ def test_transformer_learns_and_writes_everything(tmp_path, corpus):
     # The plots can be redrawn from the raw data alone.
     redraw = run(["-m", "sam_eos.plot", f"--raw_data={tmp_path / 'raw.txt'}"], timeout=60)
     assert redraw.returncode == 0, redraw.stderr[-2000:]
-    for suffix in ("eigs", "eigs_se_only", "alignment", "loss"):
-        content = (tmp_path / f"raw_{suffix}.pdf").read_bytes()
+    assert redraw.stdout.count("wrote ") == 4
+    for name in ("eigs.pdf", "eigs_se_only.pdf", "alignment.pdf", "loss.pdf"):
+        content = (tmp_path / name).read_bytes()
         assert content.startswith(b"%PDF-") and b"%%EOF" in content[-64:]
 
 

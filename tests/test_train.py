@@ -68,8 +68,8 @@ def test_stops_at_max_steps_with_rows_header_and_pdfs(tmp_path):
     np.testing.assert_array_equal(rows[:, columns.index("step")], [0, 10, 20])
     np.testing.assert_allclose(rows[:, 2], 2 / 0.1)
     assert np.all(np.diff(rows[:, 0]) >= 0)
-    # numpy.loadtxt reads it directly, as the original's scripts did.
-    assert np.loadtxt(tmp_path / "raw.txt").shape == rows.shape
+    # numpy loads it by name (the first line names the columns).
+    assert np.genfromtxt(tmp_path / "raw.txt", names=True).shape == (rows.shape[0],)
     # Row 0 is the initial point: its loss and SAM edge follow from the parameters.
     g = jax.grad(mlp_loss)(params, batch)
     g_norm = float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g))))
