@@ -144,7 +144,9 @@ def load(
         raise InputError(f"process {process_index} is not one of 0 .. {process_count - 1}")
     tfds = _import_tfds()
     builder = _builder(tfds, dataset, data_dir)
-    cut = lambda num_batches: None if num_batches is None else num_batches * batch_size  # noqa: E731
+    # Examples to keep; capped at int64 (tf.data's take), larger than any split anyway.
+    cut = lambda num_batches: None if num_batches is None else min(  # noqa: E731
+        num_batches * batch_size, 2**63 - 1)
     shard = {"shard_index": process_index, "num_shards": process_count}
     train_images, train_labels = _read_split(
         tfds, builder, "train", cut(mini_training_set_num_batches), **shard

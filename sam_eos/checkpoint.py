@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+from absl import logging
 
 from sam_eos.errors import InputError
 
@@ -71,40 +72,74 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, state: PyTree, position: Position) -> None:
+    def save(self, state: PyTree, position: Position) -> bool:
         """Writes a checkpoint of `state` (e.g. (params, opt_state)) at `position.step`, unless
-        one of that step exists already (the state at a step is the same)."""
+        one of that step exists already (the state at a step is the same).
+
+        A failed save (a full disk, a lost mount) is logged in one line and returns False: the
+        run goes on, the previous checkpoint stays usable, and the next save tries again.
+        """
         if position.step in self._manager.all_steps():
-            return
+            return True
         meta = {"position": dataclasses.asdict(position), "settings": self.settings}
-        self._manager.save(
-            position.step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(
+                position.step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+            self._manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001 - orbax raises many kinds; all mean "not saved"
+            logging.error("Could not save the checkpoint of step %d in %s (%s); training goes "
+                          "on and the next save tries again.", position.step, self.directory,
+                          _first_line(error))
+            return False
+        return True
 
     def restore(self, template: PyTree) -> tuple[PyTree, Position]:
-        """The latest checkpoint's (state, position); `template` gives structure and placement.
+        """The newest intact checkpoint's (state, position); `template` gives structure and
+        placement. A checkpoint that fails to restore (damaged, half-deleted) is reported in
+        one line and skipped for the one before it.
 
-        Raises InputError when the checkpoint was made with different settings.
+        Raises InputError when the checkpoint was made with different settings, or when no
+        checkpoint in the directory can be restored.
         """
-        step = self._manager.latest_step()
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        meta = meta["meta"]
-        differences = settings_differences(meta["settings"], self.settings)
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                meta = self._manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                self._refuse_other_settings(meta["settings"])
+                restored = self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))
+                )
+                return restored["state"], Position(**meta["position"])
+            except InputError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any failure means "not this one"
+                logging.warning("The checkpoint of step %d in %s cannot be restored (%s); "
+                                "trying the one before it.", step, self.directory,
+                                _first_line(error))
+        raise InputError(
+            f"no checkpoint in {self.directory} can be restored (steps {steps} are damaged); "
+            "move the directory away to start afresh"
+        )
+
+    def _refuse_other_settings(self, saved_settings: dict[str, Any]) -> None:
+        differences = settings_differences(saved_settings, self.settings)
         if differences:
             raise InputError(
                 f"the checkpoint in {self.directory} is of a run with different settings ("
                 + "; ".join(differences[:5])
                 + "); use another --checkpoint_dir, or the same flags to resume"
             )
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))
-        )
-        return restored["state"], Position(**meta["position"])
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _first_line(error: BaseException) -> str:
+    """`Type: first line of the message`, for one-line log messages."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"

@@ -114,8 +114,13 @@ def require_positive_int(name: str, value: int | None, *, allow_none: bool = Fal
     require(value is not None and value >= 1, f"--{name} must be at least 1 (got {value})")
 
 
-def train_config_from_flags(run_name: str) -> TrainConfig:
-    """Validates the shared flags and returns the loop's config; raises InputError."""
+def train_config_from_flags(run_name: str,
+                            input_paths: dict[str, str | None] | None = None) -> TrainConfig:
+    """Validates the shared flags and returns the loop's config; raises InputError.
+
+    `input_paths` (flag name -> path) are the program's input files: no output may be one.
+    """
+    _refuse_huge_integers()
     for name in ("rho", "step_size", "time_limit_in_hours"):
         value = FLAGS[name].value
         require(math.isfinite(value), f"--{name} must be a finite number (got {value})")
@@ -165,10 +170,9 @@ def train_config_from_flags(run_name: str) -> TrainConfig:
         check_output_path(path, name)
         if path and field != "raw_data":
             check_plot_format(path, name)
-        clash = [other for other, used in outputs.items() if path and used == path]
-        require(not clash, f"--{name} and --{OUTPUT_FLAGS[clash[0]] if clash else ''} are the "
-                "same file; give each output its own path")
         outputs[field] = path
+    _refuse_aliases({f"--{OUTPUT_FLAGS[field]}": path for field, path in outputs.items()},
+                    {f"--{name}": path for name, path in (input_paths or {}).items()})
     return TrainConfig(
         step_size=FLAGS.step_size,
         rho=FLAGS.rho,
@@ -186,6 +190,41 @@ def train_config_from_flags(run_name: str) -> TrainConfig:
         checkpoint_dir=FLAGS.checkpoint_dir,
         checkpoint_every_minutes=minutes,
     )
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: by resolved path (`d/./r.pdf`, symlinks), or by inode
+    when both exist (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _refuse_aliases(outputs: dict[str, str], inputs: dict[str, str | None]) -> None:
+    """No output may be another output or an input (flag -> path; empty paths are skipped)."""
+    named = [(flag, path) for flag, path in outputs.items() if path]
+    for i, (flag, path) in enumerate(named):
+        for other_flag, other in named[:i]:
+            require(not _same_file(path, other), f"{other_flag} and {flag} are the same file "
+                    f"({path}); give each output its own path")
+        for input_flag, input_path in inputs.items():
+            require(not (input_path and _same_file(path, input_path)),
+                    f"{flag}={path} would overwrite the input {input_flag}={input_path}; "
+                    "choose another output path")
+
+
+INT64_MAX = 2**63 - 1
+
+
+def _refuse_huge_integers() -> None:
+    """Integer flags must fit in int64 (TensorFlow and numpy take them as such)."""
+    for name, value in flag_values().items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            require(-INT64_MAX <= value <= INT64_MAX,
+                    f"--{name}={value} is beyond the largest supported integer 2**63 - 1")
 
 
 def mesh_from_flags(batch_sizes: dict[str, int]) -> Mesh | None:

@@ -71,6 +71,8 @@ def check_output_path(path: str, flag_name: str) -> None:
     try:
         if os.path.isdir(path):
             raise OSError(f"{path} is a directory")
+        if os.path.exists(path) and not os.path.isfile(path):  # e.g. /dev/full, a pipe
+            raise OSError(f"{path} is not a regular file")
         os.makedirs(directory, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".sam_eos_check_"):
             pass

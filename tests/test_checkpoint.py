@@ -124,3 +124,65 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_end(tmp_path):
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    params, batch = mlp_problem()
+    train.run(mlp_loss, params, train.FullBatch(batch), config(tmp_path, "run", 7))
+    directory = tmp_path / "run"
+    steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+    assert len(steps) == 2  # orbax keeps the latest two
+    # Damage every data file of the latest checkpoint.
+    for root, _, files in os.walk(directory / str(steps[-1])):
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(max(os.path.getsize(os.path.join(root, name)) // 3, 1))
+    checkpointer = checkpoint.Checkpointer(str(directory), train.settings_record(
+        config(tmp_path, "run", 7), {}))
+    template = (params, train.optax.sgd(0.1).init(params))
+    state, position = checkpointer.restore(template)
+    checkpointer.close()
+    assert position.step == steps[0]
+    # The previous checkpoint is intact: a fresh run to that step ends with the same params.
+    fresh = train.run(mlp_loss, params, train.FullBatch(batch),
+                      config(tmp_path, "fresh", steps[0], checkpoint_dir=""))
+    for name in params:
+        np.testing.assert_allclose(state[0][name], fresh.params[name], rtol=1e-6)
+
+
+def test_an_empty_latest_checkpoint_directory_is_skipped_and_none_left_is_an_error(tmp_path):
+    params, batch = mlp_problem()
+    run_config = config(tmp_path, "run", 3)
+    train.run(mlp_loss, params, train.FullBatch(batch), run_config)
+    directory = tmp_path / "run"
+    (directory / "45").mkdir()  # an empty step directory, e.g. a half-deleted copy
+    checkpointer = checkpoint.Checkpointer(str(directory), train.settings_record(run_config, {}))
+    template = (params, train.optax.sgd(0.1).init(params))
+    _, position = checkpointer.restore(template)
+    assert position.step == 3
+    for name in os.listdir(directory):
+        if name.isdigit() and name != "45":
+            import shutil
+
+            shutil.rmtree(directory / name)
+    with pytest.raises(errors.InputError, match="no checkpoint in .* can be restored"):
+        checkpointer.restore(template)
+    checkpointer.close()
+
+
+def test_a_failed_save_is_logged_and_the_run_goes_on(tmp_path, monkeypatch):
+    params, batch = mlp_problem()
+    run_config = config(tmp_path, "run", 3)
+    checkpointer = checkpoint.Checkpointer(str(tmp_path / "run"),
+                                           train.settings_record(run_config, {}))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpointer._manager, "save", disk_full)
+    state = (params, train.optax.sgd(0.1).init(params))
+    assert checkpointer.save(state, checkpoint.Position(step=2)) is False
+    monkeypatch.undo()
+    assert checkpointer.save(state, checkpoint.Position(step=2)) is True
+    checkpointer.close()
+    assert checkpoint.Checkpointer(str(tmp_path / "run"), {}).latest_step() == 2

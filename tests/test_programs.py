@@ -165,6 +165,10 @@ BAD_TRANSFORMER_INPUTS = [
     (["--seed=-1"], "--seed must be in [0, 2**32)"),
     (["--checkpoint_every_minutes=0"], "--checkpoint_every_minutes must be > 0"),
     (["--num_devices=5"], "cannot use 5 devices"),
+    (["--raw_data_output=/dev/full"], "not a regular file"),
+    (["--raw_data_output=/tmp/sam_eos_alias/r.pdf",
+      "--eigs_curve_output=/tmp/sam_eos_alias/./r.pdf"], "are the same file"),
+    (["--batch_size=10000000000000000000"], "beyond the largest supported integer"),
 ]
 
 
@@ -194,6 +198,9 @@ def test_every_bad_input_has_its_message(tmp_path, corpus):
         ([f"--training_data={short_text}", f"--test_data={corpus}"], "whole batches"),
         ([f"--test_data={corpus}"], "--training_data and --test_data are required"),
         ([f"--corpus={corpus}", "--test_lines=100000"], "--test_lines"),
+        (corpus_flags + [f"--raw_data_output={corpus}"], "would overwrite the input --corpus"),
+        ([f"--training_data={corpus}", f"--test_data={short_text}",
+          f"--raw_data_output={tmp_path}/./short.txt"], "would overwrite the input --test_data"),
     ]
     check_cases(tmp_path, "transformer", cases)
 
@@ -211,6 +218,7 @@ def test_every_bad_image_flag_has_its_message(tmp_path):
         (["--mini_training_set_num_batches=0"], "--mini_training_set_num_batches must be"),
         (["--mini_test_set_num_batches=0"], "--mini_test_set_num_batches must be"),
         (["--rho=nan"], "--rho must be a finite number"),
+        (["--batch_size=10000000000000000000"], "beyond the largest supported integer"),
         ([f"--data_dir={empty}", "--dataset=no_such_dataset"], "no_such_dataset"),
     ]
     check_cases(tmp_path, "image_classification", cases)

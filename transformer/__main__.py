@@ -54,7 +54,9 @@ def main(argv: list[str]) -> int:
     del argv
     config = shared_flags.train_config_from_flags(
         f"Transformer ({NUM_LAYERS.value} layers, width {MODEL_SIZE.value}): "
-        f"rho={flags.FLAGS.rho:g}, eta={flags.FLAGS.step_size:g}, seed {flags.FLAGS.seed}"
+        f"rho={flags.FLAGS.rho:g}, eta={flags.FLAGS.step_size:g}, seed {flags.FLAGS.seed}",
+        input_paths={"corpus": CORPUS.value, "training_data": TRAINING_DATA.value,
+                     "test_data": TEST_DATA.value},
     )
     for name in ("num_layers", "num_heads", "key_size", "model_size", "sequence_length"):
         shared_flags.require_positive_int(name, flags.FLAGS[name].value)

@@ -1,0 +1,36 @@
+"""Exclusive locks on a run's outputs."""
+
+import os
+
+import pytest
+
+from sam_eos import locks
+from sam_eos.errors import InputError
+
+
+def test_a_second_lock_on_the_same_outputs_is_refused_until_the_first_is_released(tmp_path):
+    raw = tmp_path / "raw.txt"
+    raw.write_text("# a finished run's rows\n1 2\n")
+    first = locks.lock_run_outputs(str(raw), str(tmp_path / "ckpt"))
+    with pytest.raises(InputError, match=f"another run is writing the raw-data file {raw}"):
+        locks.lock_run_outputs(str(raw), "")
+    with pytest.raises(InputError, match="another run is writing the checkpoint directory"):
+        locks.lock_run_outputs(str(tmp_path / "other.txt"), str(tmp_path / "ckpt"))
+    assert not (tmp_path / "other.txt").exists()  # the refused run left nothing behind
+    for lock in first:
+        lock.release()
+    assert raw.read_text() == "# a finished run's rows\n1 2\n"  # locking never writes
+    again = locks.lock_run_outputs(str(raw), str(tmp_path / "ckpt"))
+    for lock in again:
+        lock.release()
+
+
+def test_a_lock_that_created_an_empty_file_removes_it(tmp_path):
+    path = tmp_path / "new.txt"
+    with locks.OutputLock(str(path), "the raw-data file"):
+        assert path.exists()
+    assert not path.exists()
+    with locks.OutputLock(str(path), "the raw-data file"):
+        path.write_text("a row\n")
+    assert path.read_text() == "a row\n"
+    assert os.listdir(tmp_path) == ["new.txt"]
