@@ -496,7 +496,8 @@ def fidelity_rows(settings: Settings) -> list[Row]:
         return (f"median {medians[case]:.4f} (range {min(values):.4f}-{max(values):.4f}); "
                 f"median rel. error vs exact {medians[case] / exact - 1:+.1e}, worst "
                 f"{max(abs(v / exact - 1) for v in values):.1e}; products "
-                f"{min(products)}-{max(products)}")
+                f"{min(products)}-{max(products)}; {sum(n >= 100 for n in products)} of "
+                f"{len(products)} ran to the cap of 100")
 
     keys_text = f"{FIDELITY_KEYS} start keys"
     difference = medians["power"] / medians["original"] - 1
