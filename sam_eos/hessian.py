@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from sam_eos.power_iteration import power_iteration
+
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
@@ -26,7 +28,6 @@ DEFAULT_MAX_ITERATIONS = {"lanczos": 100, "power": 100}
 # Lanczos stops when min(res, res^2 / gap), its estimate of each eigenvalue's error, is below
 # tolerance * ||H||; 1e-5 leaves a margin of ten below the 1e-4 relative error asked of it.
 DEFAULT_TOLERANCE = {"lanczos": 1e-5, "power": 1e-3}
-FINITE_DIFFERENCE_OFFSET = 1e-3  # the original's central-difference offset
 
 
 class EigenInfo(NamedTuple):
@@ -68,9 +69,10 @@ def top_eigenvalues(
       method: "lanczos" (default; exact HVPs, full reorthogonalisation, stops when the
         estimated error of every top-k Ritz value, and of the bottom one when it may be the
         largest in magnitude, is below `tolerance * ||H||`) or "power"
-        (the original's: power iteration on central finite differences with offset 1e-3,
-        stopping when successive estimates agree to `tolerance` relatively; block power with
-        Gram-Schmidt for k > 1; finds the eigenvalues of largest magnitude).
+        (`sam_eos.power_iteration`, the original's estimator: power iteration on central
+        finite differences, stopping when successive product norms agree to `tolerance`
+        relatively; it returns magnitudes, the norms of the last products, estimating the
+        largest |eigenvalues|; block power with Gram-Schmidt for k > 1).
       max_iterations: Lanczos steps (each one HVP) or power iterations; default 100.
       tolerance: default 1e-5 (Lanczos) or 1e-3 (power, as the original).
       key: PRNG key for the starting vector; default `PRNGKey(0)`.
@@ -261,45 +263,10 @@ def _lanczos(loss_fn, params, batch, key, tolerance, *, k, max_iterations):
     return top, unravel(ritz_vector), info
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "k", "max_iterations"))
 def _power_iteration(loss_fn, params, batch, key, tolerance, *, k, max_iterations):
-    """The original's estimator: block power iteration on central finite differences."""
-    flat_params, unravel = ravel_pytree(params)
-    n = flat_params.size
-    dtype = flat_params.dtype
-
-    def gradient(flat):
-        return ravel_pytree(jax.grad(loss_fn)(unravel(flat), batch))[0]
-
-    def finite_difference_hvp(v):
-        offset = FINITE_DIFFERENCE_OFFSET * v
-        return (gradient(flat_params + offset) - gradient(flat_params - offset)) / (
-            2 * FINITE_DIFFERENCE_OFFSET
-        )
-
-    def orthonormalise(vectors):  # Gram-Schmidt on the rows, [k, n]
-        q, _ = jnp.linalg.qr(vectors.T)
-        return q.T
-
-    vectors = orthonormalise(jax.random.normal(key, (k, n), dtype))
-
-    def body(state):
-        i, vectors, previous, _ = state
-        products = jax.vmap(finite_difference_hvp)(vectors)
-        values = jnp.sum(vectors * products, axis=1)  # Rayleigh quotients
-        converged = jnp.all(jnp.abs(values - previous) < tolerance * jnp.abs(values))
-        return i + 1, orthonormalise(products), values, converged
-
-    def cond(state):
-        i, _, _, converged = state
-        return (i < max_iterations) & ~converged
-
-    initial = (jnp.int32(0), vectors, jnp.full((k,), jnp.inf, dtype), jnp.bool_(False))
-    iterations, vectors, values, converged = jax.lax.while_loop(cond, body, initial)
-    order = jnp.argsort(-values)
-    top = values[order]
-    direction = vectors[order[0]]
-    info = EigenInfo(
-        jnp.asarray(jnp.nan, dtype), iterations * k, jnp.asarray(jnp.nan, dtype), converged
-    )
-    return top, unravel(direction / jnp.linalg.norm(direction)), info
+    """`power_iteration.power_iteration` (the original's estimator) with an `EigenInfo`."""
+    result = power_iteration(loss_fn, params, batch, key, tolerance, k=k,
+                             max_iterations=max_iterations)
+    nan = jnp.asarray(jnp.nan, result.magnitudes.dtype)
+    info = EigenInfo(nan, result.iterations * k, nan, result.converged)
+    return result.magnitudes, result.direction, info

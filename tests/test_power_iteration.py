@@ -1,0 +1,182 @@
+"""sam_eos.power_iteration: the original code's estimator, against a re-implementation of it
+written here from its description, and against dense Hessians (its bias)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from sam_eos import tree
+from sam_eos.hessian import top_eigenvalues
+from sam_eos.power_iteration import power_iteration
+
+# The original's finite difference divides by 2 * 1e-3 + 1e-5 instead of 2 * 1e-3: on a
+# quadratic every product, and so the estimate, is this fraction of the exact one.
+DENOMINATOR_SHRINK = 2e-3 / (2e-3 + 1e-5)
+
+
+def original_power_iteration(loss_fn, params, batch, key, tolerance=1e-3, limit=100):
+    """The original's loop, step by step in Python: (estimate, unit direction, iterations)."""
+    flat, unravel = ravel_pytree(params)
+    gradient = jax.jit(lambda f: ravel_pytree(jax.grad(loss_fn)(unravel(f), batch))[0])
+    v = jax.random.normal(key, (1, flat.size), flat.dtype)[0]
+    v = v / jnp.linalg.norm(v)
+    last_norm, current_norm, t = None, 1.0, 0
+    while (last_norm is None or (abs(current_norm - last_norm) > current_norm * tolerance
+                                 and abs(current_norm) > 1e-3)) and t < limit:
+        last_norm = current_norm
+        product = (gradient(flat + 1e-3 * v) - gradient(flat - 1e-3 * v)) / (2 * 1e-3 + 1e-5)
+        current_norm = float(jnp.linalg.norm(product))
+        v = product / current_norm
+        t += 1
+    return float(jnp.vdot(v, product)), np.asarray(v), t
+
+
+def mlp_loss(params, batch, activation=jax.nn.relu):
+    x, y = batch
+    h = x
+    for layer in params[:-1]:
+        h = activation(h @ layer["w"] + layer["b"])
+    return jnp.mean((h @ params[-1]["w"] + params[-1]["b"] - y) ** 2)
+
+
+def tanh_mlp_loss(params, batch):
+    return mlp_loss(params, batch, jnp.tanh)
+
+
+def make_mlp(sizes, num_examples=64, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes) + 1)
+    params = [
+        {"w": jax.random.normal(keys[i], (m, n)) / np.sqrt(m), "b": jnp.full((n,), 0.1)}
+        for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+    ]
+    x = jax.random.normal(keys[-2], (num_examples, sizes[0]))
+    y = jax.nn.one_hot(jax.random.randint(keys[-1], (num_examples,), 0, sizes[-1]), sizes[-1])
+    return params, (x, y)
+
+
+def dense_spectrum(loss_fn, params, batch):
+    flat, unravel = ravel_pytree(params)
+    hessian = jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat)
+    return np.linalg.eigvalsh(np.asarray(hessian, np.float64))
+
+
+def quadratic_loss(params, matrix):
+    return 0.5 * params @ (matrix @ params)
+
+
+def keys(n):
+    return [jax.random.PRNGKey(i) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def relu_mlp():
+    """A ReLU MLP of 1013 parameters and its dense Hessian's spectrum (ascending)."""
+    params, batch = make_mlp([10, 30, 20, 3])
+    assert ravel_pytree(params)[0].size == 1013
+    return params, batch, dense_spectrum(mlp_loss, params, batch)
+
+
+@pytest.mark.parametrize("loss_fn", [mlp_loss, tanh_mlp_loss], ids=["relu", "tanh"])
+def test_matches_the_original_loop(relu_mlp, loss_fn):
+    params, batch, _ = relu_mlp
+    for key in keys(3):
+        expected, expected_direction, expected_iterations = original_power_iteration(
+            loss_fn, params, batch, key)
+        result = power_iteration(loss_fn, params, batch, key)
+        assert int(result.iterations) == expected_iterations
+        assert bool(result.converged)
+        np.testing.assert_allclose(float(result.magnitudes[0]), expected, rtol=1e-5)
+        direction = ravel_pytree(result.direction)[0]
+        np.testing.assert_allclose(np.asarray(direction), expected_direction, atol=1e-5)
+
+
+def test_top_eigenvalues_dispatches_to_it(relu_mlp):
+    params, batch, _ = relu_mlp
+    key = jax.random.PRNGKey(7)
+    values, direction, info = top_eigenvalues(mlp_loss, params, batch, 1, method="power",
+                                              key=key, return_info=True)
+    result = power_iteration(mlp_loss, params, batch, key)
+    np.testing.assert_allclose(np.asarray(values), np.asarray(result.magnitudes), rtol=1e-6)
+    np.testing.assert_allclose(float(tree.norm(direction)), 1.0, rtol=1e-5)
+    assert int(info.matrix_vector_products) == int(result.iterations)
+    assert bool(info.converged)
+    assert np.isnan(float(info.error_bound)) and np.isnan(float(info.bottom_eigenvalue))
+
+
+def test_exact_on_a_quadratic_but_for_the_denominator():
+    # Eigenvalues 10, 5, 2.5, ... (gap 2), one negative: power iteration finds |lambda|_max,
+    # up to the 1e-3 stopping rule, times the shrink from the original's denominator.
+    rotation, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(40, 40)))
+    eigenvalues = 10.0 * 0.5 ** np.arange(40)
+    eigenvalues[0] = -10.0
+    matrix = jnp.asarray(rotation @ np.diag(eigenvalues) @ rotation.T, jnp.float32)
+    for key in keys(5):
+        result = power_iteration(quadratic_loss, jnp.ones(40), matrix, key)
+        assert float(result.magnitudes[0]) == pytest.approx(10.0 * DENOMINATOR_SHRINK, rel=1e-3)
+        alignment = abs(float(jnp.vdot(result.direction, jnp.asarray(rotation[:, 0]))))
+        assert alignment > 0.999
+    block = power_iteration(quadratic_loss, jnp.ones(40), matrix, keys(1)[0], k=2)
+    np.testing.assert_allclose(np.asarray(block.magnitudes), np.array([10.0, 5.0])
+                               * DENOMINATOR_SHRINK, rtol=2e-3)
+
+
+@pytest.mark.parametrize("loss_fn", [mlp_loss, tanh_mlp_loss], ids=["relu", "tanh"])
+def test_bias_against_the_dense_hessian(relu_mlp, loss_fn):
+    params, batch, _ = relu_mlp
+    spectrum = dense_spectrum(loss_fn, params, batch)
+    exact = max(abs(spectrum[0]), abs(spectrum[-1]))
+    errors = np.array([
+        float(power_iteration(loss_fn, params, batch, key).magnitudes[0]) / exact - 1
+        for key in keys(5)
+    ])
+    # Measured on these 64 examples: -0.57 % to -0.65 % (ReLU), -0.65 % to -0.71 % (tanh):
+    # the denominator's -0.50 % and the early stop of a 1e-3 relative test. Few examples sit
+    # within the 1e-3 offset of a ReLU kink here; on MNIST the kinks push the estimate up
+    # (BENCHMARKS.md).
+    assert np.all(errors < 0)
+    assert np.all(np.abs(errors - (DENOMINATOR_SHRINK - 1)) < 4e-3)
+    assert np.all(errors > -1.2e-2)
+
+
+def test_first_norm_is_compared_with_the_start_norm():
+    # A product of norm 1 (the unit start's norm) stops the original after one iteration.
+    matrix = jnp.eye(6) / DENOMINATOR_SHRINK
+    result = power_iteration(quadratic_loss, jnp.zeros(6), matrix, jax.random.PRNGKey(0))
+    assert int(result.iterations) == 1
+    assert bool(result.converged)
+    # Identity: norms 0.995, 0.995: the second iteration stops it.
+    result = power_iteration(quadratic_loss, jnp.zeros(6), jnp.eye(6), jax.random.PRNGKey(0))
+    assert int(result.iterations) == 2
+
+
+def test_a_norm_below_1e_3_stops_at_once():
+    matrix = jnp.diag(jnp.array([5e-4, 2e-4, 1e-4, 1e-5]))
+    result = power_iteration(quadratic_loss, jnp.zeros(4), matrix, jax.random.PRNGKey(3))
+    assert int(result.iterations) == 1
+    assert bool(result.converged)
+    assert 0 < float(result.magnitudes[0]) <= 5e-4
+
+
+def test_max_iterations_is_respected(relu_mlp):
+    params, batch, _ = relu_mlp
+    key = jax.random.PRNGKey(2)
+    # A negative tolerance never stops on the norms: only the cap ends the loop.
+    result = power_iteration(mlp_loss, params, batch, key, -1.0, max_iterations=7)
+    assert int(result.iterations) == 7
+    assert not bool(result.converged)
+    expected, _, iterations = original_power_iteration(mlp_loss, params, batch, key, -1.0, 7)
+    assert iterations == 7
+    np.testing.assert_allclose(float(result.magnitudes[0]), expected, rtol=1e-5)
+    _, _, info = top_eigenvalues(mlp_loss, params, batch, 2, method="power", key=key,
+                                 tolerance=-1.0, max_iterations=4, return_info=True)
+    assert int(info.matrix_vector_products) == 8  # 4 iterations of a block of 2
+    assert not bool(info.converged)
+
+
+def test_a_nan_loss_stops_at_once_unconverged():
+    matrix = jnp.full((3, 3), jnp.nan)
+    result = power_iteration(quadratic_loss, jnp.zeros(3), matrix, jax.random.PRNGKey(0))
+    assert int(result.iterations) == 1
+    assert not bool(result.converged)
