@@ -103,33 +103,37 @@ def _log_seconds(log: str, text: str) -> float:
     raise ValueError(f"no log line with {text!r}")
 
 
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--only", choices=("rate", "cache"), default=None,
+                        help="measure only the step rate (1) or the cache (2)")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    program, bare = [], []
-    for _ in range(args.repeats):
+    program, bare, cold, warm = [], [], [], []
+    for _ in range(args.repeats if args.only != "cache" else 0):
         program.append(program_rate(args.corpus, args.seconds))
         bare.append(bare_rate(args.corpus, args.seconds))
-    cold, warm = [], []
-    for _ in range(args.repeats):
+    for _ in range(args.repeats if args.only != "rate" else 0):
         with tempfile.TemporaryDirectory() as cache_dir:
             cold.append(time_to_first_step(args.corpus, cache_dir))
             warm.append(time_to_first_step(args.corpus, cache_dir))
-    median = lambda runs, key: statistics.median(run[key] for run in runs)  # noqa: E731
-    out = {
-        "date": datetime.date.today().isoformat(),
-        "model": MODEL, "batch_size": BATCH_SIZE,
-        "program_steps_per_second": median(program, "rate"),
-        "bare_steps_per_second": median(bare, "rate"),
-        "ratio_program_over_bare": median(program, "rate") / median(bare, "rate"),
-        "cold_seconds_to_first_step": median(cold, "seconds_to_first_step"),
-        "warm_seconds_to_first_step": median(warm, "seconds_to_first_step"),
-        "runs": {"program": program, "bare": bare, "cold": cold, "warm": warm},
-    }
+    out = {"date": datetime.date.today().isoformat(), "model": MODEL, "batch_size": BATCH_SIZE}
+    if program:
+        out["program_steps_per_second"] = _median(program, "rate")
+        out["bare_steps_per_second"] = _median(bare, "rate")
+        out["ratio_program_over_bare"] = out["program_steps_per_second"] / out[
+            "bare_steps_per_second"]
+    if cold:
+        out["cold_seconds_to_first_step"] = _median(cold, "seconds_to_first_step")
+        out["warm_seconds_to_first_step"] = _median(warm, "seconds_to_first_step")
+    out["runs"] = {"program": program, "bare": bare, "cold": cold, "warm": warm}
     print(json.dumps(out, indent=1))
 
 
