@@ -50,6 +50,8 @@ from jax.flatten_util import ravel_pytree
 
 from benchmarks import problems
 from sam_eos import hessian, power_iteration, sam, train
+from sam_eos.feed import FullBatchFeed
+from sam_eos.steps import make_train_steps
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -203,9 +205,9 @@ def trained_mlp(settings: Settings) -> TrainedMlp:
     batch = jax.device_put((images, labels))
     params = network.init(jax.random.PRNGKey(0), images[:1])
     optimizer = optax.sgd(STEP_SIZE)
-    steps = train.make_train_steps(loss_fn, optimizer, 0.0)
+    steps = make_train_steps(loss_fn, optimizer, 0.0, FullBatchFeed.select)
     taken, params, _, loss, _ = steps(
-        params, optimizer.init(params), batch, settings.train_steps, True
+        params, optimizer.init(params), batch, 0, settings.train_steps
     )
     return TrainedMlp(loss_fn, params, batch, source, int(taken), float(loss),
                       problems.num_params(params))
@@ -562,7 +564,7 @@ def compile_seconds(loss_fn: LossFn, config: train.TrainConfig, params: PyTree,
     """Seconds to trace, lower and compile a fresh `train.make_measure` (not running it)."""
     measure = train.make_measure(loss_fn, config)
     start = time.perf_counter()
-    measure.lower(params, batch, jax.random.PRNGKey(0)).compile()
+    measure.lower(params, batch, jax.random.PRNGKey(0), np.int32(0)).compile()
     return time.perf_counter() - start
 
 
@@ -611,9 +613,9 @@ def step_times(loss_fn: LossFn, params: PyTree, batch: PyTree, repeats: int) -> 
     """Median seconds of one jitted GD step and one SAM step (`make_train_steps`, 1 step)."""
     optimizer = optax.sgd(STEP_SIZE)
     opt_state = optimizer.init(params)
-    steps = {"gd": train.make_train_steps(loss_fn, optimizer, 0.0),
-             "sam": train.make_train_steps(loss_fn, optimizer, RHO)}
-    cases = {name: functools.partial(lambda step, i: step(params, opt_state, batch, 1, True), step)
+    steps = {"gd": make_train_steps(loss_fn, optimizer, 0.0, FullBatchFeed.select),
+             "sam": make_train_steps(loss_fn, optimizer, RHO, FullBatchFeed.select)}
+    cases = {name: functools.partial(lambda step, i: step(params, opt_state, batch, 0, 1), step)
              for name, step in steps.items()}
     for case in cases.values():
         timed(lambda case=case: case(0))  # compile

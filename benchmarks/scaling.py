@@ -8,7 +8,7 @@ for each child process) and share the machine's cores, so perfect scaling is not
 there; on a machine with several accelerators the same command measures real scaling. Each
 device count runs in its own child process: the paper's MLP (3 x 1000 ReLU, squared loss), SAM
 with rho 0.1, full batch sharded over the devices with `sam_eos.distributed`, timed over
-`--steps` steps of `sam_eos.train.make_train_steps` after compilation (median of 3 dispatches).
+`--steps` steps of `sam_eos.steps.make_train_steps` after compilation (median of 3 dispatches).
 Scaling efficiency = (rate on N devices / rate on 1) / N. `--two_processes` adds the largest
 device count again as two processes joined by `jax.distributed` over localhost (half the
 devices each, each process putting only its rows of the batch), which is what several hosts do:
@@ -36,7 +36,8 @@ def child(num_devices: int, num_images: int, steps: int) -> None:
     import optax
 
     from image_classification import model
-    from sam_eos import train
+    from sam_eos import steps as steps_
+    from sam_eos.feed import FullBatchFeed
 
     mesh = distributed.make_mesh(num_devices)
     rng = np.random.default_rng(0)
@@ -48,12 +49,13 @@ def child(num_devices: int, num_images: int, steps: int) -> None:
     optimizer = optax.sgd(0.01)
     state = distributed.put_replicated((params, optimizer.init(params)), mesh)
     batch = distributed.put_batch((images, labels), mesh)
-    train_steps = train.make_train_steps(model.make_loss_fn(network), optimizer, 0.1)
-    jax.block_until_ready(train_steps(*state, batch, 1, True))  # compile
+    train_steps = steps_.make_train_steps(model.make_loss_fn(network), optimizer, 0.1,
+                                          FullBatchFeed.select)
+    jax.block_until_ready(train_steps(*state, batch, 0, 1))  # compile
     times = []
     for _ in range(3):
         start = time.perf_counter()
-        jax.block_until_ready(train_steps(*state, batch, steps, True))
+        jax.block_until_ready(train_steps(*state, batch, 0, steps))
         times.append(time.perf_counter() - start)
     print(json.dumps({"devices": mesh.size, "processes": jax.process_count(),
                       "rate": steps / statistics.median(times),

@@ -10,7 +10,7 @@ import numpy as np
 from absl import flags, logging
 
 from image_classification import dataset, model
-from sam_eos import cli, distributed, train
+from sam_eos import cli, distributed, feed, train
 from sam_eos import flags as shared_flags
 
 shared_flags.define_shared_flags(
@@ -44,8 +44,22 @@ SHUFFLE = flags.DEFINE_bool(
 )
 
 
+def training_data(data: dataset.ImageData, order: dataset.Minibatches, mesh,
+                  per_process: bool) -> feed.Data:
+    """The training images and labels on the device, each step gathering its minibatch there;
+    or, when they do not fit (`sam_eos.feed.fits_on_device`), host batches sent in chunks."""
+    examples = (data.train_images, data.train_labels)
+    num_bytes = sum(x.nbytes for x in examples) * jax.process_count()
+    if feed.fits_on_device(num_bytes, 1 if mesh is None else mesh.size):
+        logging.info("Training data on the device (%.1f MB).", num_bytes / 1e6)
+        return feed.DeviceData(examples, order, per_process=per_process)
+    logging.info("Training data on the host (%.1f MB): batches sent in chunks.", num_bytes / 1e6)
+    return feed.BatchStream(order, per_process)
+
+
 def main(argv: list[str]) -> int:
     del argv
+    shared_flags.use_compilation_cache()
     config = shared_flags.train_config_from_flags(
         f"{NN_ARCHITECTURE.value} on {DATASET.value}: rho={flags.FLAGS.rho:g}, "
         f"eta={flags.FLAGS.step_size:g}, seed {flags.FLAGS.seed}"
@@ -96,10 +110,9 @@ def main(argv: list[str]) -> int:
                      "shuffled" if SHUFFLE.value else "in order")
         # With --shuffle each process shuffles its own rows, with its own seed.
         seed = config.seed if processes == 1 else (config.seed, jax.process_index())
-        batches = train.BatchStream(dataset.Minibatches(
-            data.train_images, data.train_labels, batch_size // processes,
-            seed if SHUFFLE.value else None,
-        ), per_process)
+        order = dataset.Minibatches(data.train_images, data.train_labels,
+                                    batch_size // processes, seed if SHUFFLE.value else None)
+        batches = training_data(data, order, mesh, per_process)
     result = train.run(
         model.make_loss_fn(network), params, batches, config, mesh=mesh,
         settings={"program": "image_classification", "flags": shared_flags.flag_values()},

@@ -224,6 +224,11 @@ class Minibatches:
         index = self._next_index()
         return self._images[index], self._labels[index]
 
+    def take_indices(self, n: int) -> np.ndarray:
+        """Rows of the images and labels of the next `n` batches, int32 [n, batch_size]."""
+        rows = [self._next_index() for _ in range(n)]
+        return np.array(rows, np.int32).reshape(n, self._batch_size)
+
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         index = np.stack([self._next_index() for _ in range(n)])
         return self._images[index], self._labels[index]

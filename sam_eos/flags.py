@@ -9,7 +9,8 @@ import math
 import os
 from typing import Any
 
-from absl import flags
+import jax
+from absl import flags, logging
 from jax.sharding import Mesh
 
 from sam_eos import distributed, hessian
@@ -91,6 +92,11 @@ def define_shared_flags(
     flags.DEFINE_float(
         "checkpoint_every_minutes", 10.0, "Minutes of training time between checkpoints."
     )
+    flags.DEFINE_string(
+        "compilation_cache_dir", default_compilation_cache_dir(), "JAX's persistent "
+        "compilation cache: a second run of the same model loads its compiled step and check "
+        "from here instead of compiling them (empty: off)."
+    )
     defaults = {
         "eigs_curve_output": ("/tmp/eigs.pdf", "eigenvalues, SAM edge and 2/eta"),
         "eigs_se_only_output": ("/tmp/eigs_se_only.pdf", "eigenvalues and SAM edge"),
@@ -100,6 +106,21 @@ def define_shared_flags(
     }
     for name, (default, what) in defaults.items():
         flags.DEFINE_string(name, default, f"Where to write the {what} (empty: skip).")
+
+
+def default_compilation_cache_dir() -> str:
+    """$XDG_CACHE_HOME/sam_eos/jax, or ~/.cache/sam_eos/jax."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sam_eos", "jax")
+
+
+def use_compilation_cache() -> None:
+    """Turns JAX's persistent compilation cache on in `--compilation_cache_dir` (off when
+    empty). Call it before anything is compiled."""
+    directory = FLAGS.compilation_cache_dir
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+        logging.info("Compilation cache: %s.", directory)
 
 
 def require(condition: bool, message: str) -> None:

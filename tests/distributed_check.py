@@ -29,8 +29,10 @@ import optax  # noqa: E402
 
 from sam_eos import hessian, train  # noqa: E402
 from sam_eos.errors import InputError  # noqa: E402
+from sam_eos.feed import FullBatchFeed, StreamFeed  # noqa: E402
 from sam_eos.sam import loss_gradient_and_sam_gradient, sam_gradient, sam_update  # noqa: E402
-from sam_eos.train import FullBatch, TrainConfig, make_train_steps, run  # noqa: E402
+from sam_eos.steps import make_train_steps  # noqa: E402
+from sam_eos.train import FullBatch, TrainConfig, run  # noqa: E402
 
 BATCH = 64
 SIZES = (16, 64, 32, 4)  # 3,300 parameters
@@ -141,11 +143,12 @@ def main() -> None:
 
     # make_train_steps: a fixed FullBatch and a stacked stream of batches.
     optimizer = optax.sgd(STEP_SIZE)
-    train_steps = make_train_steps(loss_fn, optimizer, RHO)
+    full_steps = make_train_steps(loss_fn, optimizer, RHO, FullBatchFeed.select)
+    train_steps = make_train_steps(loss_fn, optimizer, RHO, StreamFeed.select)
     state4 = distributed.put_replicated(optimizer.init(params), mesh)
     state1 = distributed.put_replicated(optimizer.init(params), single)
-    full4 = train_steps(params4, state4, batch4, STEPS, True)
-    full1 = train_steps(params1, state1, batch1, STEPS, True)
+    full4 = full_steps(params4, state4, batch4, 0, STEPS)
+    full1 = full_steps(params1, state1, batch1, 0, STEPS)
     out["full_batch_taken"] = [int(full4[0]), int(full1[0])]
     out["full_batch_rel_error"] = relative_error(full4[1], full1[1])
     out["full_batch_loss"] = [float(full4[3]), float(full1[3])]
@@ -157,8 +160,8 @@ def main() -> None:
     stack4 = distributed.put_batch(stack, mesh, stacked=True)
     stack1 = distributed.put_batch(stack, single, stacked=True)
     out["stack_shard_shape"] = list(stack4["x"].sharding.shard_shape(stack4["x"].shape))
-    stream4 = train_steps(params4, state4, stack4, STEPS, False)
-    stream1 = train_steps(params1, state1, stack1, STEPS, False)
+    stream4 = train_steps(params4, state4, stack4, 0, STEPS)
+    stream1 = train_steps(params1, state1, stack1, 0, STEPS)
     out["stream_taken"] = [int(stream4[0]), int(stream1[0])]
     out["stream_rel_error"] = relative_error(stream4[1], stream1[1])
     out["stream_moved"] = relative_error(stream1[1], params)
@@ -229,12 +232,12 @@ def multihost(directory: str) -> None:
         local_copy(step(replicated, batch)), step(params, host_batch)
     )
     optimizer = optax.sgd(STEP_SIZE)
-    train_steps = make_train_steps(loss_fn, optimizer, RHO)
+    train_steps = make_train_steps(loss_fn, optimizer, RHO, StreamFeed.select)
     state = optimizer.init(params)
     sharded = train_steps(replicated, distributed.put_replicated(state, mesh), stack_batch,
-                          STEPS, False)
+                          0, STEPS)
     out["stream_rel_error"] = relative_error(
-        local_copy(sharded[1]), train_steps(params, state, stack, STEPS, False)[1]
+        local_copy(sharded[1]), train_steps(params, state, stack, 0, STEPS)[1]
     )
     # What train.run does: every process passes the whole batch to put_batch, which sends only
     # this process's rows to its devices.
@@ -248,8 +251,8 @@ def multihost(directory: str) -> None:
     whole_stack = distributed.put_batch(stack, mesh, stacked=True)
     out["whole_stream_rel_error"] = relative_error(
         local_copy(train_steps(replicated, distributed.put_replicated(state, mesh), whole_stack,
-                               STEPS, False)[1]),
-        train_steps(params, state, stack, STEPS, False)[1],
+                               0, STEPS)[1]),
+        train_steps(params, state, stack, 0, STEPS)[1],
     )
 
     # Host values shared between processes.

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from sam_eos import cli, distributed, train
+from sam_eos import cli, distributed, feed, train
 from sam_eos import flags as shared_flags
 from transformer import dataset, model
 
@@ -35,6 +35,18 @@ HESSIAN_BATCH_SIZE = flags.DEFINE_integer(
 )
 
 
+def training_data(stream: dataset.TrainBatches, mesh, per_process: bool) -> feed.Data:
+    """The training crops on the device, each step gathering its batch there; or, when they do
+    not fit (`sam_eos.feed.fits_on_device`), host batches sent in fixed-size chunks."""
+    num_bytes = stream.crops.nbytes
+    if feed.fits_on_device(num_bytes, 1 if mesh is None else mesh.size):
+        logging.info("Training data on the device: %d crops (%.1f MB).", len(stream.crops),
+                     num_bytes / 1e6)
+        return feed.DeviceData(stream.crops, stream, dataset.split_crops)
+    logging.info("Training data on the host (%.1f MB): batches sent in chunks.", num_bytes / 1e6)
+    return feed.BatchStream(stream, per_process)
+
+
 def _texts() -> tuple[str, str, str]:
     """(training text, test text, a name for messages) from the data flags."""
     if CORPUS.value is not None:
@@ -52,6 +64,7 @@ def _texts() -> tuple[str, str, str]:
 
 def main(argv: list[str]) -> int:
     del argv
+    shared_flags.use_compilation_cache()
     config = shared_flags.train_config_from_flags(
         f"Transformer ({NUM_LAYERS.value} layers, width {MODEL_SIZE.value}): "
         f"rho={flags.FLAGS.rho:g}, eta={flags.FLAGS.step_size:g}, seed {flags.FLAGS.seed}",
@@ -94,7 +107,7 @@ def main(argv: list[str]) -> int:
                  "batches.", num_params, stream.num_batches_per_epoch, len(test_batches))
     loss_fn = model.make_loss_fn(network)
     result = train.run(
-        loss_fn, params, train.BatchStream(stream, per_process), config,
+        loss_fn, params, training_data(stream, mesh, per_process), config,
         hessian_batch=hessian_batch, mesh=mesh,
         settings={"program": "transformer", "flags": shared_flags.flag_values()},
     )

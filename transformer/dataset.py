@@ -112,6 +112,12 @@ def make_crops(text: str, sequence_length: int) -> np.ndarray:
     return codes[: num_crops * width].reshape(num_crops, width)
 
 
+def split_crops(crops):
+    """(inputs, targets) = (crops[..., :-1], crops[..., 1:]) of numpy or jax crops
+    [..., sequence_length + 1]; jit-able (the training loop gathers crops on the device)."""
+    return crops[..., :-1], crops[..., 1:]
+
+
 def _split(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, targets) = (crops[..., :-1], crops[..., 1:]) as contiguous int32 arrays."""
     return np.ascontiguousarray(crops[..., :-1]), np.ascontiguousarray(crops[..., 1:])
@@ -223,6 +229,20 @@ class TrainBatches:
     def skip(self, n: int) -> None:
         """Passes the next `n` batches without building them (a resumed run)."""
         self._next_indices(n * self._batch_size)
+
+    @property
+    def crops(self) -> np.ndarray:
+        """The usable training crops, int32 [num_batches_per_epoch * batch_size,
+        sequence_length + 1]: what `take_indices` indexes."""
+        return self._crops
+
+    def take_indices(self, n: int) -> np.ndarray:
+        """Rows of `crops` of the next `n` batches, int32 [n, len(rows)]: the same batches
+        `take(n)` gives, as `split_crops(crops[indices])`."""
+        if n < 0:
+            raise ValueError(f"take_indices(n) needs n >= 0, got {n}.")
+        indices = self._next_indices(n * self._batch_size).reshape(n, self._batch_size)
+        return indices[:, self._rows].astype(np.int32)
 
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The next `n` batches stacked: (inputs, targets), int32 [n, batch_size,

@@ -1,0 +1,117 @@
+"""The compiled parts of the loop: several SAM steps in one dispatch, and one Hessian check.
+
+Both are pure, jit-compiled functions of their arguments (parameters, data, a traced step
+count), compiled ahead of time once per run (`compile_ahead`) before the training clock starts:
+nothing run-varying is a shape, so no later call compiles again.
+"""
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+
+from sam_eos import hessian, tree
+from sam_eos.edge import sam_edge
+from sam_eos.feed import Select
+from sam_eos.sam import loss_gradient_and_sam_gradient
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+
+def make_train_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, rho: float,
+                     select: Select):
+    """A jitted `(params, opt_state, arrays, start, num_steps) -> (taken, params, opt_state,
+    loss, finite)` running up to `num_steps` SAM steps in one `lax.while_loop`.
+
+    Step j uses the batch `select(arrays, start + j)` (`sam_eos.feed`); `start` and
+    `num_steps` are int32 scalars, traced, so any count reuses one compiled program. The loop
+    stops early, without updating, at the first step whose loss or gradient is not finite;
+    `loss` is the loss at the last step it evaluated.
+    """
+
+    @jax.jit
+    def train_steps(params, opt_state, arrays, start, num_steps):
+        def body(carry):
+            i, params, opt_state, _, _ = carry
+            batch = select(arrays, start + i)
+            loss, _, sam_grad = loss_gradient_and_sam_gradient(loss_fn, params, batch, rho)
+            finite = jnp.isfinite(loss) & jnp.isfinite(tree.norm(sam_grad))
+            updates, new_opt_state = optimizer.update(sam_grad, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            keep = lambda new, old: jax.tree.map(  # noqa: E731
+                lambda a, b: jnp.where(finite, a, b), new, old
+            )
+            return (
+                i + jnp.where(finite, 1, 0),
+                keep(new_params, params),
+                keep(new_opt_state, opt_state),
+                loss.astype(jnp.float32),
+                finite,
+            )
+
+        def cond(carry):
+            i, _, _, _, finite = carry
+            return (i < num_steps) & finite
+
+        begin = (jnp.int32(0), params, opt_state, jnp.float32(0), jnp.bool_(True))
+        return jax.lax.while_loop(cond, body, begin)
+
+    return train_steps
+
+
+def make_measure(loss_fn: LossFn, *, rho: float, step_size: float, num_components: int,
+                 eigensolver: str, max_iterations: int | None, tolerance: float | None):
+    """A jitted `(params, batch, key, step) -> dict of scalars` taking one Hessian check; the
+    eigensolver starts from `fold_in(key, step)`."""
+
+    @jax.jit
+    def measure(params, batch, key, step):
+        loss, gradient, sam_grad = loss_gradient_and_sam_gradient(loss_fn, params, batch, rho)
+        eigenvalues, direction, info = hessian.top_eigenvalues(
+            loss_fn, params, batch, num_components, method=eigensolver,
+            max_iterations=max_iterations, tolerance=tolerance,
+            key=jax.random.fold_in(key, step), return_info=True,
+        )
+        grad_norm = tree.norm(gradient)
+        return {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "sam_edge": sam_edge(grad_norm, jnp.float32(step_size), rho),
+            "g_alignment": tree.alignment(gradient, direction),
+            "sg_alignment": tree.alignment(sam_grad, direction),
+            "eigenvalues": eigenvalues,
+            "lambda_min": info.bottom_eigenvalue,
+            "hessian_vector_products": info.matrix_vector_products,
+            "error_bound": info.error_bound,
+            "converged": info.converged,
+        }
+
+    return measure
+
+
+def make_batch_at(select: Select):
+    """A jitted `(arrays, row) -> batch`: the batch a check measures (the next step's)."""
+    return jax.jit(select)
+
+
+def compile_ahead(name: str, function, *args) -> Callable:
+    """`function` (jitted) compiled for `args` now (`jit(...).lower(...).compile()`), with one
+    log line giving the compile's duration in seconds. Later calls must match `args`' shapes,
+    dtypes and placement; they never compile again."""
+    started = time.perf_counter()
+    compiled = function.lower(*args).compile()
+    logging.info("Compiled %s in %.2f s.", name, time.perf_counter() - started)
+    return compiled
+
+
+def failing(error: BaseException) -> Callable:
+    """A stand-in for a function that could not be compiled: every call raises `error`."""
+    def fail(*args):
+        del args
+        raise error
+    return fail

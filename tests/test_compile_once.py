@@ -1,0 +1,47 @@
+"""Each program compiles its step and its check once per run (JAX's compile log, not timing)."""
+
+import collections
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_programs import ROOT, environment, shakespeare_like_text
+
+NO_OUTPUTS = ["--raw_data_output=", "--eigs_curve_output=", "--eigs_se_only_output=",
+              "--alignment_curve_output=", "--loss_curve_output="]
+# 600 minibatch steps, a check every 100; no compilation cache, so every compile is logged.
+LONG_RUN = ["--max_steps=600", "--hessian_check_every_steps=100", "--hessian_check_gap=none",
+            "--compilation_cache_dir=", *NO_OUTPUTS]
+
+
+def compiles(args: list[str]) -> tuple[collections.Counter, str]:
+    """How often each jitted function was compiled in a run of `args` (JAX_LOG_COMPILES)."""
+    result = subprocess.run([sys.executable, *args, *LONG_RUN], cwd=ROOT, text=True,
+                            capture_output=True, timeout=600,
+                            env=dict(environment(), JAX_LOG_COMPILES="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Stopped (max_steps) after 600 steps" in result.stderr
+    names = re.findall(r"Finished XLA compilation of (\S+) in", result.stderr)
+    return collections.Counter(names), result.stderr
+
+
+@pytest.mark.parametrize("program", ["transformer", "image_classification"])
+def test_a_600_step_minibatch_run_compiles_no_function_more_than_twice(tmp_path, program):
+    if program == "transformer":
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text(shakespeare_like_text())
+        args = ["-m", "transformer", f"--corpus={corpus}", "--test_lines=100",
+                "--num_layers=1", "--model_size=16", "--num_heads=2", "--key_size=8",
+                "--sequence_length=16", "--batch_size=8"]
+    else:
+        args = ["tests/tfds_mock.py", "64", "--mlp_width=8", "--batch_size=8", "--shuffle"]
+    counts, log = compiles(args)
+    assert "Training data on the device" in log
+    assert counts["jit(train_steps)"] == 1  # every dispatch size runs one program
+    assert counts["jit(measure)"] == 1  # 7 checks, one compile
+    assert max(counts.values()) <= 2, counts
+    # Compiled ahead of time, each with its duration logged.
+    for what in ("the SAM step", "the Hessian check"):
+        assert len(re.findall(rf"Compiled {what} in \d+\.\d+ s\.", log)) == 1
