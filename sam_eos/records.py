@@ -15,6 +15,7 @@ sg_alignment. `read_raw_data` also reads files written before the names line exi
 in a `# columns:` comment); `read_original_raw_data` reads the original program's files.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -85,22 +86,29 @@ def check_output_path(path: str, flag_name: str) -> None:
 
 class RawDataWriter:
     """Writes the raw-data file of one run: afresh (truncating any old file) with its header,
-    or, with `append=True` (a resumed run), continuing the file after its existing rows."""
+    or, with `append=True` (a resumed run), continuing the file after its existing rows.
+
+    Each line goes to the file in one unbuffered write, so nothing waits in a buffer and a
+    failed write (a full disk) raises at once, from that line's call: at worst the last line is
+    cut short, and readers drop a last line without its newline. `close` never raises.
+    """
 
     def __init__(
         self, path: str, columns: Sequence[str], settings: dict[str, Any], append: bool = False
     ):
         self.columns = list(columns)
-        self._file = open(path, "a" if append else "w") if path else None  # noqa: SIM115
+        self._file = open(path, "ab" if append else "wb", buffering=0) if path else None  # noqa: SIM115
         if not append:
             self._write(" ".join(self.columns) + "\n")
             self._write(TITLE)
             self._write(SETTINGS_PREFIX + json.dumps(settings, sort_keys=True, default=str) + "\n")
 
     def _write(self, text: str) -> None:
-        if self._file is not None:
-            self._file.write(text)
-            self._file.flush()
+        if self._file is None:
+            return
+        data = memoryview(text.encode())
+        while data:  # a raw write may take only part of the line
+            data = data[self._file.write(data):]
 
     def row(self, values: dict[str, float]) -> None:
         """Appends one row; `values` maps every column name to a number (nan allowed)."""
@@ -113,8 +121,9 @@ class RawDataWriter:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            with contextlib.suppress(OSError):  # nothing is buffered: nothing is lost
+                file.close()
 
 
 def format_value(value: float, integer: bool = False) -> str:
@@ -142,12 +151,22 @@ def _is_names_line(line: str) -> bool:
     return False
 
 
-def keep_first_rows(path: str, num_rows: int) -> None:
-    """Truncates a raw-data file after its `num_rows`-th row (the header and the notes before
-    that row stay; a `# summary:` line goes, as the resumed run writes its own): what a resumed
-    run does with rows written after its last checkpoint."""
+def complete_lines(path: str) -> list[str]:
+    """The lines of a text file, without a last line cut short (no newline): a row whose write
+    was interrupted (a kill, a full disk) is dropped, not half read."""
     with open(path) as file:
         lines = file.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    return lines
+
+
+def keep_first_rows(path: str, num_rows: int) -> int:
+    """Truncates a raw-data file after its `num_rows`-th row (the header and the notes before
+    that row stay; a `# summary:` line goes, as the resumed run writes its own; a last line cut
+    short goes): what a resumed run does with rows written after its last checkpoint. Returns
+    the rows kept (fewer than `num_rows` when the file holds fewer)."""
+    lines = complete_lines(path)
     kept, rows = [], 0
     for number, line in enumerate(lines):
         if line.startswith(SUMMARY_PREFIX):
@@ -162,6 +181,7 @@ def keep_first_rows(path: str, num_rows: int) -> None:
     with open(scratch, "w") as file:  # written aside and renamed: a kill now loses nothing
         file.writelines(kept)
     os.replace(scratch, path)
+    return rows
 
 
 def read_raw_data(path: str) -> tuple[dict[str, Any], list[str], np.ndarray]:
@@ -194,10 +214,11 @@ def read_raw_data(path: str) -> tuple[dict[str, Any], list[str], np.ndarray]:
 
 
 def _load_rows(path: str, skip: int, num_columns: int) -> np.ndarray:
-    """The numeric rows [n, num_columns] after `skip` lines (no rows yet: n = 0, no warning)."""
+    """The numeric rows [n, num_columns] after `skip` lines (no rows yet: n = 0, no warning);
+    a last row cut short is left out."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "loadtxt: input contained no data")
-        rows = np.loadtxt(path, comments="#", skiprows=skip, ndmin=2)
+        rows = np.loadtxt(complete_lines(path)[skip:], comments="#", ndmin=2)
     return rows if rows.size else np.zeros((0, num_columns))
 
 
