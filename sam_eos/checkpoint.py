@@ -94,7 +94,7 @@ class Checkpointer:
         except Exception as error:  # noqa: BLE001 - orbax raises many kinds; all mean "not saved"
             logging.error("Could not save the checkpoint of step %d in %s (%s); training goes "
                           "on and the next save tries again.", position.step, self.directory,
-                          _first_line(error))
+                          first_line(error))
             return False
         return True
 
@@ -121,7 +121,7 @@ class Checkpointer:
             except Exception as error:  # noqa: BLE001 - any failure means "not this one"
                 logging.warning("The checkpoint of step %d in %s cannot be restored (%s); "
                                 "trying the one before it.", step, self.directory,
-                                _first_line(error))
+                                first_line(error))
         raise InputError(
             f"no checkpoint in {self.directory} can be restored (steps {steps} are damaged); "
             "move the directory away to start afresh"
@@ -140,6 +140,6 @@ class Checkpointer:
         self._manager.close()
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     """`Type: first line of the message`, for one-line log messages."""
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"

@@ -4,7 +4,6 @@
 others get empty paths); every process saves its part of a checkpoint.
 """
 
-import json
 import math
 import os
 from typing import Any
@@ -12,9 +11,15 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from sam_eos import checkpoint, distributed, errors
+from sam_eos import checkpoint, distributed, errors, outputs
 from sam_eos.plots import draw_plots
-from sam_eos.records import RawDataWriter, column_names, keep_first_rows, read_raw_data
+from sam_eos.records import (
+    RawDataWriter,
+    column_names,
+    is_same_run,
+    keep_first_rows,
+    read_raw_data,
+)
 
 PyTree = Any
 SECONDS_PER_HOUR = 3600.0
@@ -71,23 +76,36 @@ def log_row(row: dict[str, float], seconds_taken: float) -> None:
     )
 
 
-def resume_raw_data(path: str, settings: dict[str, Any], columns: list[str],
-                    rows_written: int) -> list[dict[str, float]]:
-    """The rows a resumed run had written (the file cut back to them); checks the header."""
+def start_raw_data(path: str, settings: dict[str, Any], columns: list[str], resuming: bool,
+                   rows_written: int) -> list[dict[str, float]] | None:
+    """Readies the raw-data path for a starting run: the rows to continue after (a resumed
+    run's own file, cut back to its checkpoint's rows), or None for a new file.
+
+    No run's raw data is overwritten: a file of another run, or of an earlier run of these
+    settings when this one does not resume, is moved aside under a numbered name, logged. A
+    resumed run's file that was deleted or cut short continues with the rows it still has.
+    """
     if not path:
-        return []
-    if not os.path.exists(path):
-        logging.warning("The raw-data file %s is gone; the resumed run starts it afresh.", path)
-        return []
-    saved_settings, saved_columns, _ = read_raw_data(path)
-    differences = checkpoint.settings_differences(saved_settings, json.loads(
-        json.dumps(settings, default=str)))
-    if differences or saved_columns != columns:
-        raise errors.InputError(
-            f"{path} holds another run's raw data ({'; '.join(differences[:3]) or 'columns'}); "
-            "move it away or pass the original --raw_data_output to resume"
-        )
-    keep_first_rows(path, rows_written)
+        return None
+    exists = os.path.exists(path) and os.path.getsize(path) > 0
+    same_run = exists and is_same_run(path, settings, columns)
+    action = outputs.raw_data_action(exists, resuming, same_run)
+    if action == "move_aside":
+        moved = outputs.move_aside(path)
+        logging.warning("%s holds the raw data of %s; moved it to %s so that nothing is "
+                        "overwritten.", path, "an earlier run of these settings" if same_run
+                        else "another run", moved)
+        return None
+    if action == "create":
+        if resuming and rows_written:
+            logging.warning("The raw-data file %s is gone; the resumed run starts it afresh.",
+                            path)
+        return None
+    kept = keep_first_rows(path, rows_written)
+    if kept < rows_written:
+        logging.warning("The raw-data file %s holds %d of the %d rows the checkpoint counts "
+                        "(cut short or replaced); the run continues after those %d.", path,
+                        kept, rows_written, kept)
     _, _, table = read_raw_data(path)
     return [dict(zip(columns, map(float, row), strict=True)) for row in table]
 
@@ -110,6 +128,7 @@ class Recorder:
         self._checkpointer = (checkpoint.Checkpointer(checkpoint_dir, settings)
                               if checkpoint_dir else None)
         self._writer: RawDataWriter | None = None
+        self.output_failed = False  # a raw-data write failed: the run should stop
 
     def restore(self, template: PyTree) -> tuple[PyTree, checkpoint.Position] | None:
         """The latest checkpoint's (state, position), or None (no checkpoint: a fresh run)."""
@@ -118,18 +137,24 @@ class Recorder:
         return self._checkpointer.restore(template)
 
     def open(self, position: checkpoint.Position, resumed: bool) -> None:
-        """Opens the raw-data file (continued after a resume). Only process 0 has one, so only
+        """Opens the raw-data file (continued after a resume; another run's moved aside) and
+        sets `position.rows_written` to the rows it holds. Only process 0 has one, so only
         it can fail here; every process hears of it, or the others would wait for it in the
         loop's first collective. Every process must call this."""
         failure = None
         try:
-            if resumed:
-                self.rows = resume_raw_data(self._raw_data, self._settings, self.columns,
-                                            position.rows_written)
+            rows = start_raw_data(self._raw_data, self._settings, self.columns, resumed,
+                                  position.rows_written)
+            self.rows = rows or []
+            if self._raw_data:
+                position.rows_written = len(self.rows)
             self._writer = RawDataWriter(self._raw_data, self.columns, self._settings,
-                                         append=bool(self.rows))
-        except (errors.InputError, OSError) as error:
+                                         append=rows is not None)
+        except errors.InputError as error:
             failure = error
+        except OSError as error:
+            failure = errors.InputError(
+                f"--raw_data_output={self._raw_data} cannot be written ({error.strerror or error})")
         distributed.raise_if_any_process_failed(failure)
 
     def check(self, step: int, seconds: float, measured: dict[str, Any] | BaseException,
@@ -154,14 +179,28 @@ class Recorder:
                 )
                 logging.warning(message)
                 self.note(message)
-        self._writer.row(row)
         self.rows.append(row)
+        self._write(self._writer.row, row)
         if not isinstance(measured, BaseException):
             log_row(row, seconds_taken)
         return row
 
     def note(self, text: str) -> None:
-        self._writer.note(text)
+        self._write(self._writer.note, text)
+
+    def _write(self, write: Any, line: Any) -> None:
+        """Writes one line of raw data; the first failure is logged in one line and sets
+        `output_failed` (the rows stay in memory, for the plots), later lines are skipped."""
+        if self.output_failed:
+            return
+        try:
+            write(line)
+        except OSError as error:
+            self.output_failed = True
+            self._writer.close()
+            logging.error("Could not write the raw data to %s (%s); the run stops here with "
+                          "exit code %d, keeping the %d rows measured.", self._raw_data,
+                          error.strerror or error, errors.EXIT_OUTPUT_FAILED, len(self.rows))
 
     def save(self, state: PyTree, position: checkpoint.Position) -> None:
         if self._checkpointer is not None:
@@ -180,10 +219,14 @@ class Recorder:
         self.draw()
 
     def draw(self) -> None:
+        """Draws the plots from the rows in memory; none without rows (earlier plots stay). A
+        plot that cannot be drawn or written is logged in one line; the others are drawn."""
         rows, columns = self.rows, self.columns
-        table = (np.array([[r[name] for name in columns] for r in rows]) if rows
-                 else np.zeros((0, 0)))
+        if not rows:
+            logging.warning("No checks were recorded: no plots drawn.")
+            return
+        table = np.array([[r[name] for name in columns] for r in rows])
         try:
             draw_plots(table, columns, {"run_name": self._run_name}, self._plot_paths)
-        except Exception:  # noqa: BLE001 - drawing must not hide the run's result
-            logging.exception("Drawing the plots failed; the raw data is complete.")
+        except Exception as error:  # noqa: BLE001 - a plot must not hide the run's result
+            logging.error("%s; the raw data is complete.", checkpoint.first_line(error))

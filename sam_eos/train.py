@@ -4,8 +4,10 @@ At each check (before that step's update, on that step's batch, or on a fixed He
 it measures the loss, the plain and SAM gradients, the top eigenvalue(s) and principal
 direction, both alignments, ||g|| and the SAM edge; logs one line; writes one raw-data row; then
 updates. The run stops at the time limit, at `max_steps`, when the loss stops being finite (exit
-code EXIT_DIVERGED), or on SIGINT/SIGTERM (rows are on disk already; the plots are drawn from
-what exists).
+code EXIT_DIVERGED), when its raw data cannot be written (EXIT_OUTPUT_FAILED), or on
+SIGINT/SIGTERM, also during compiling (rows are on disk already; the plots are drawn from what
+exists). Process 0 holds exclusive locks on the raw-data file and the checkpoint directory for
+the whole run (`sam_eos.locks`): a second run on them fails before training.
 
 The loop is split along the way data flows: `sam_eos.schedule` decides (pure: check? save?
 stop? how many steps?), `sam_eos.feed` places the data, `sam_eos.steps` holds the compiled
@@ -19,6 +21,7 @@ and steps.
 """
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -32,7 +35,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from sam_eos import checkpoint, distributed, errors, schedule, steps
+from sam_eos import checkpoint, distributed, errors, locks, schedule, steps
 from sam_eos.feed import (  # noqa: F401 - the data kinds, re-exported for the programs
     BatchStream,
     Data,
@@ -98,7 +101,7 @@ class RunResult:
     opt_state: PyTree
     steps: int  # updates taken
     training_seconds: float
-    status: str  # "time_limit", "max_steps", "diverged" or "interrupted"
+    status: str  # "time_limit", "max_steps", "diverged", "interrupted" or "output_failed"
     exit_code: int
     rows: list[dict[str, float]]
 
@@ -115,9 +118,14 @@ class _StopFlag:
     def __init__(self):
         self.signal_number: int | None = None
         self._previous: dict[int, Any] = {}
+        self._depth = 0  # entered again (compiling, then the loop): handlers installed once
+
+    def requested(self) -> bool:
+        return self.signal_number is not None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
             for number in (signal.SIGINT, signal.SIGTERM):
                 self._previous[number] = signal.signal(number, self._handle)
         return self
@@ -133,8 +141,12 @@ class _StopFlag:
         logging.warning("Received signal %d: stopping after the current step.", number)
 
     def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth:
+            return
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+        self._previous = {}
 
 
 def settings_record(config: TrainConfig, extra: dict[str, Any]) -> dict[str, Any]:
@@ -177,15 +189,22 @@ class Program:
 
 def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     config: TrainConfig, feed: Feed, state: dict[str, PyTree],
-                    hessian_batch: PyTree | None, key: jax.Array, with_checks: bool) -> Program:
+                    hessian_batch: PyTree | None, key: jax.Array, with_checks: bool,
+                    stop_requested: Callable[[], bool] = lambda: False) -> Program:
     """Compiles the step and (`with_checks`) the check for this run's shapes and placement,
     logging each compile's seconds. A check that cannot be compiled fails at every check (a
-    nan row and a note), as a check that raises does; training goes on."""
+    nan row and a note), as a check that raises does; training goes on. A compile cannot be
+    interrupted: `stop_requested` is asked after each, and once it is true the rest is skipped
+    (their stand-ins fail; the loop stops before calling them)."""
+    logging.info("Compiling the step%s for this run's shapes.",
+                 " and the Hessian check" if with_checks else "")
     arrays, row = feed.arrays(), np.int32(feed.row())
     train_steps = steps.compile_ahead(
         "the SAM step", steps.make_train_steps(loss_fn, optimizer, config.rho, feed.select),
         state["params"], state["opt_state"], arrays, row, np.int32(1),
     )
+    if stop_requested():
+        return _not_compiled(train_steps)
     if hessian_batch is not None:
         check_batch = lambda arrays, row: hessian_batch  # noqa: E731
     elif isinstance(feed, FullBatchFeed):
@@ -194,7 +213,7 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         check_batch = steps.compile_ahead("the check's batch", steps.make_batch_at(feed.select),
                                           arrays, row)
     measure = steps.failing(RuntimeError("no checks are scheduled"))
-    if with_checks:
+    if with_checks and not stop_requested():
         try:
             measure = steps.compile_ahead("the Hessian check", make_measure(loss_fn, config),
                                           state["params"], check_batch(arrays, row), key,
@@ -205,6 +224,31 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     return Program(train_steps, measure, check_batch)
 
 
+def _not_compiled(train_steps: Callable) -> Program:
+    """The program of a run stopped while compiling: no check can be taken."""
+    skipped = steps.failing(RuntimeError("stopped while compiling"))
+    return Program(train_steps, skipped, skipped)
+
+
+def _holding_output_locks(run_function: Callable[..., "RunResult"]) -> Callable[..., "RunResult"]:
+    """`run` holding exclusive locks on its raw-data file and checkpoint directory (process 0)
+    from before anything is read or written until it returns or raises."""
+
+    @functools.wraps(run_function)
+    def locked(loss_fn: LossFn, params: PyTree, data: Data, config: TrainConfig,
+               **options: Any) -> RunResult:
+        held = (locks.lock_run_outputs(config.outputs.raw_data, config.checkpoint_dir)
+                if distributed.is_main_process() else [])
+        try:
+            return run_function(loss_fn, params, data, config, **options)
+        finally:
+            for lock in held:
+                lock.release()
+
+    return locked
+
+
+@_holding_output_locks
 def run(
     loss_fn: LossFn,
     params: PyTree,
@@ -268,9 +312,11 @@ def run(
         logging.warning("No Hessian checks scheduled: set --hessian_check_gap (hours) or "
                         "--hessian_check_every_steps to measure the sharpness.")
     key = jax.random.PRNGKey(config.seed)
-    program = compile_program(loss_fn, optimizer, config, feed, state, hessian_batch, key,
-                              plan.has_checks)
-    state, status, signal_number = _loop(program, feed, state, position, plan, recorder, key)
+    with _StopFlag() as stop:  # a signal while compiling stops the run before its first step
+        program = compile_program(loss_fn, optimizer, config, feed, state, hessian_batch, key,
+                                  plan.has_checks, stop.requested)
+        state, status, signal_number = _loop(program, feed, state, position, plan, recorder,
+                                             key, stop)
     consistent = status not in ("diverged", "hard_stop")  # keep the last consistent state
     status = "interrupted" if status == "hard_stop" else status
     exit_code = _finish(status, signal_number, recorder.rows)
@@ -294,6 +340,8 @@ def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
         measured = error
     row = recorder.check(position.step, position.training_seconds, measured,
                          time.perf_counter() - started)
+    if recorder.output_failed:  # not on disk: a resume takes this check again
+        return False
     position.rows_written += 1
     position.last_checked_step = position.step
     if isinstance(measured, Exception) or np.isfinite(row["loss"]):
@@ -305,19 +353,23 @@ def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
 
 def _loop(program: Program, feed: Feed, state: dict[str, PyTree],
           position: checkpoint.Position, plan: schedule.Schedule, recorder: Recorder,
-          key: jax.Array) -> tuple[dict[str, PyTree], str, int | None]:
+          key: jax.Array, stop: _StopFlag) -> tuple[dict[str, PyTree], str, int | None]:
     """Steps and checks until `plan` says stop: (state, status, signal number). The status is
-    "time_limit", "max_steps", "diverged", "interrupted", or "hard_stop" (a second signal:
-    the state may be mid-update). The clock starts here, after compiling."""
+    "time_limit", "max_steps", "diverged", "interrupted", "output_failed" (the raw data could
+    not be written), or "hard_stop" (a second signal: the state may be mid-update). The clock
+    starts here, after compiling."""
     start = time.perf_counter() - position.training_seconds
     clock = lambda: time.perf_counter() - start  # noqa: E731
     last_saved = position.training_seconds
     dispatch_size, signal_number, status = 1, None, "time_limit"
-    with _StopFlag() as stop:
+    with stop:
         try:
             while True:
-                position.training_seconds, signal_number, dispatch_size = _agree(
-                    clock(), stop.signal_number, dispatch_size)
+                position.training_seconds, signal_number, dispatch_size, failed = _agree(
+                    clock(), stop.signal_number, dispatch_size, recorder.output_failed)
+                if failed:
+                    status = "output_failed"
+                    break
                 if schedule.checkpoint_due(plan, position, last_saved):
                     recorder.save(state, position)
                     last_saved = position.training_seconds
@@ -331,7 +383,11 @@ def _loop(program: Program, feed: Feed, state: dict[str, PyTree],
                     if _take_check(program, feed, state, position, recorder, key):
                         status = "diverged"
                         break
-                    ended, _, _ = _agree(clock(), None, dispatch_size)
+                    ended, _, _, failed = _agree(clock(), None, dispatch_size,
+                                                 recorder.output_failed)
+                    if failed:
+                        status = "output_failed"
+                        break
                     position.next_check_seconds = schedule.next_check_after(plan, ended)
                 if schedule.reached_max_steps(plan, position):
                     status = "max_steps"
@@ -372,22 +428,22 @@ def _dispatch(program: Program, feed: Feed, state: dict[str, PyTree],
     return state, size, False
 
 
-def _agree(seconds: float, signal_number: int | None,
-           steps_per_dispatch: int) -> tuple[float, int | None, int]:
-    """Process 0's clock (seconds) and dispatch size, and any process's stop signal, on every
-    process. Several processes must take the same checks, saves and steps, or their collectives
-    deadlock; their own clocks and dispatch timings differ. One small collective per dispatch,
-    nothing on a single process."""
+def _agree(seconds: float, signal_number: int | None, steps_per_dispatch: int,
+           output_failed: bool = False) -> tuple[float, int | None, int, bool]:
+    """Process 0's clock (seconds) and dispatch size, and any process's stop signal and output
+    failure, on every process. Several processes must take the same checks, saves and steps,
+    or their collectives deadlock; their own clocks and dispatch timings differ. One small
+    collective per dispatch, nothing on a single process."""
     if jax.process_count() == 1:
-        return seconds, signal_number, steps_per_dispatch
+        return seconds, signal_number, steps_per_dispatch, output_failed
     microseconds = round(seconds * 1e6)
     table = distributed.gather_from_processes(np.array(
-        [microseconds // 10**6, microseconds % 10**6, signal_number or 0, steps_per_dispatch],
-        np.int32,
+        [microseconds // 10**6, microseconds % 10**6, signal_number or 0, steps_per_dispatch,
+         int(output_failed)], np.int32,
     ))
-    whole, micro, _, steps = (int(v) for v in table[0])
+    whole, micro, _, steps, _ = (int(v) for v in table[0])
     signals = [int(s) for s in table[:, 2] if s]
-    return whole + micro * 1e-6, (signals[0] if signals else None), steps
+    return whole + micro * 1e-6, (signals[0] if signals else None), steps, bool(table[:, 4].any())
 
 
 def _finish(status: str, signal_number: int | None, rows: list[dict[str, float]]) -> int:
@@ -399,6 +455,8 @@ def _finish(status: str, signal_number: int | None, rows: list[dict[str, float]]
             logging.error("Last finite check: step %d, loss %.6g, sharpness %.6g.",
                           last["step"], last["loss"], last["hessian_norm"])
         return errors.EXIT_DIVERGED
+    if status == "output_failed":
+        return errors.EXIT_OUTPUT_FAILED
     if status == "interrupted":
         if signal_number == signal.SIGTERM:
             return errors.EXIT_INTERRUPTED_SIGTERM

@@ -268,10 +268,10 @@ def multihost(directory: str) -> None:
         out["failure"] = None
     except (OSError, InputError) as error:
         out["failure"] = f"{type(error).__name__}: {error}"
-    # Each process's own clock, signal and dispatch size: all take process 0's clock and
-    # dispatch size, and stop if any process got a signal.
-    out["agreed"] = list(train._agree(10.25 + 3 * index,
-                                      signal.SIGTERM if index == 1 else None, 4 + index))
+    # Each process's own clock, signal, dispatch size and output failure: all take process 0's
+    # clock and dispatch size, and stop if any process got a signal or failed to write.
+    out["agreed"] = list(train._agree(10.25 + 3 * index, signal.SIGTERM if index == 1 else None,
+                                      4 + index, index == 0))
     out["mesh_of_two_processes"] = [d.process_index for d in distributed.make_mesh(2).devices.flat]
     try:
         distributed.make_mesh(3)

@@ -53,13 +53,29 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
         train.run(mlp_loss, params, train.FullBatch(batch), config(tmp_path, "run", 6, rho=0.2))
 
 
-def test_raw_data_of_another_run_is_not_continued(tmp_path):
+def test_raw_data_of_another_run_is_moved_aside_not_continued(tmp_path):
     params, batch = mlp_problem()
     train.run(mlp_loss, params, train.FullBatch(batch), config(tmp_path, "run", 3))
     raw = tmp_path / "run.txt"
     raw.write_text(raw.read_text().replace('"seed": 0', '"seed": 5'))
-    with pytest.raises(errors.InputError, match="another run's raw data"):
-        train.run(mlp_loss, params, train.FullBatch(batch), config(tmp_path, "run", 6))
+    other_run = raw.read_text()
+    resumed = train.run(mlp_loss, params, train.FullBatch(batch), config(tmp_path, "run", 6))
+    assert (tmp_path / "run.1.txt").read_text() == other_run  # kept whole, under a new name
+    # The resumed run (the checkpoint is of seed 0) starts a file of its own at its step 3.
+    _, _, rows = read_raw_data(str(raw))
+    assert rows[:, 8].tolist() == [5]  # the check at step 3 was taken before; next one: 5
+    assert [row["step"] for row in resumed.rows] == [5]
+
+
+def test_a_fresh_run_moves_a_finished_run_of_the_same_settings_aside(tmp_path):
+    params, batch = mlp_problem()
+    first = config(tmp_path, "run", 5, checkpoint_dir="")
+    train.run(mlp_loss, params, train.FullBatch(batch), first)
+    finished = (tmp_path / "run.txt").read_text()
+    second = train.run(mlp_loss, params, train.FullBatch(batch), first)
+    assert (tmp_path / "run.1.txt").read_text() == finished
+    _, _, rows = read_raw_data(str(tmp_path / "run.txt"))
+    assert rows[:, 8].tolist() == [0, 5] == [row["step"] for row in second.rows]
 
 
 def test_settings_differences_and_keep_first_rows(tmp_path):
@@ -139,7 +155,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
                 f.truncate(max(os.path.getsize(os.path.join(root, name)) // 3, 1))
     checkpointer = checkpoint.Checkpointer(str(directory), train.settings_record(
         config(tmp_path, "run", 7), {}))
-    template = (params, train.optax.sgd(0.1).init(params))
+    template = {"params": params, "opt_state": train.optax.sgd(0.1).init(params)}
     state, position = checkpointer.restore(template)
     checkpointer.close()
     assert position.step == steps[0]
@@ -147,7 +163,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
     fresh = train.run(mlp_loss, params, train.FullBatch(batch),
                       config(tmp_path, "fresh", steps[0], checkpoint_dir=""))
     for name in params:
-        np.testing.assert_allclose(state[0][name], fresh.params[name], rtol=1e-6)
+        np.testing.assert_allclose(state["params"][name], fresh.params[name], rtol=1e-6)
 
 
 def test_an_empty_latest_checkpoint_directory_is_skipped_and_none_left_is_an_error(tmp_path):
@@ -157,7 +173,7 @@ def test_an_empty_latest_checkpoint_directory_is_skipped_and_none_left_is_an_err
     directory = tmp_path / "run"
     (directory / "45").mkdir()  # an empty step directory, e.g. a half-deleted copy
     checkpointer = checkpoint.Checkpointer(str(directory), train.settings_record(run_config, {}))
-    template = (params, train.optax.sgd(0.1).init(params))
+    template = {"params": params, "opt_state": train.optax.sgd(0.1).init(params)}
     _, position = checkpointer.restore(template)
     assert position.step == 3
     for name in os.listdir(directory):

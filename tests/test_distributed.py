@@ -155,7 +155,7 @@ def test_64_bit_values_are_not_gathered_as_32_bit_ones():
 def test_processes_agree_on_process_zeros_clock_and_any_stop_signal(multihost):
     # Process 0 passed (10.25 s, no signal, 4 steps), process 1 (13.25 s, SIGTERM, 5 steps).
     for out in multihost:
-        assert out["agreed"] == [10.25, 15, 4]
+        assert out["agreed"] == [10.25, 15, 4, True]
 
 
 def test_a_mesh_over_several_processes_takes_the_same_number_from_each(multihost):
