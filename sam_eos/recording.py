@@ -110,6 +110,15 @@ def start_raw_data(path: str, settings: dict[str, Any], columns: list[str], resu
     return [dict(zip(columns, map(float, row), strict=True)) for row in table]
 
 
+def _match_position_to_rows(position: checkpoint.Position, rows: list[dict[str, float]]) -> None:
+    """Makes a resumed position agree with the raw data it continues: the rows written are
+    those on file, and a last check whose row is missing (cut short, deleted) is taken again at
+    the same step, so no step is repeated or left out later."""
+    position.rows_written = len(rows)
+    if not any(row["step"] == position.last_checked_step for row in rows):
+        position.last_checked_step = -1
+
+
 class Recorder:
     """Rows (in memory and in the raw-data file), notes, checkpoints and the final plots.
 
@@ -138,16 +147,16 @@ class Recorder:
 
     def open(self, position: checkpoint.Position, resumed: bool) -> None:
         """Opens the raw-data file (continued after a resume; another run's moved aside) and
-        sets `position.rows_written` to the rows it holds. Only process 0 has one, so only
-        it can fail here; every process hears of it, or the others would wait for it in the
-        loop's first collective. Every process must call this."""
+        matches `position` to the rows it holds (`_match_position_to_rows`). Only process 0
+        has one, so only it can fail here; every process hears of it, or the others would wait
+        for it in the loop's first collective. Every process must call this."""
         failure = None
         try:
             rows = start_raw_data(self._raw_data, self._settings, self.columns, resumed,
                                   position.rows_written)
             self.rows = rows or []
             if self._raw_data:
-                position.rows_written = len(self.rows)
+                _match_position_to_rows(position, self.rows)
             self._writer = RawDataWriter(self._raw_data, self.columns, self._settings,
                                          append=rows is not None)
         except errors.InputError as error:
