@@ -206,7 +206,7 @@ def test_sigterm_while_compiling_stops_before_training(tmp_path):
     log = []
     for line in process.stderr:
         log.append(line)
-        if "Compil" in line:
+        if "Compiling the step" in line:  # logged with the stop flag installed
             process.send_signal(signal.SIGTERM)
             break
     stdout, rest = process.communicate(timeout=120)
