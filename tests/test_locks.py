@@ -34,3 +34,24 @@ def test_a_lock_that_created_an_empty_file_removes_it(tmp_path):
         path.write_text("a row\n")
     assert path.read_text() == "a row\n"
     assert os.listdir(tmp_path) == ["new.txt"]
+
+
+def test_the_raw_data_lock_is_a_file_beside_it_so_moving_the_raw_data_aside_keeps_it(tmp_path):
+    raw = tmp_path / "raw.txt"
+    raw.write_text("an earlier run's rows\n")
+    held = locks.lock_run_outputs(str(raw), "")
+    assert sorted(os.listdir(tmp_path)) == [".raw.txt.lock", "raw.txt"]
+    os.rename(raw, tmp_path / "raw.1.txt")  # as a run moves an earlier file aside
+    raw.write_text("this run's rows\n")
+    with pytest.raises(InputError, match="another run is writing the raw-data file"):
+        locks.lock_run_outputs(str(raw), "")
+    for lock in held:
+        lock.release()
+    assert sorted(os.listdir(tmp_path)) == ["raw.1.txt", "raw.txt"]  # the lock file is gone
+
+
+def test_a_stale_lock_file_of_a_killed_run_is_taken_and_removed(tmp_path):
+    (tmp_path / ".raw.txt.lock").touch()  # left by a run killed with SIGKILL: no lock held
+    for lock in locks.lock_run_outputs(str(tmp_path / "raw.txt"), ""):
+        lock.release()
+    assert os.listdir(tmp_path) == []

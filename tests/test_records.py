@@ -1,5 +1,6 @@
 """The raw-data file: loads by name (numpy, pandas), old and original files, the summary line."""
 
+import errno
 import math
 
 import numpy as np
@@ -142,3 +143,27 @@ def test_is_same_run_compares_settings_but_not_the_resumable_ones(tmp_path):
     assert not records.is_same_run(str(path), {**SETTINGS, "rho": 0.2}, COLUMNS)
     assert not records.is_same_run(str(path), SETTINGS | {"max_steps": 10}, COLUMNS[:-1])
     assert not records.is_same_run(str(tmp_path / "missing.txt"), SETTINGS, COLUMNS)
+
+
+def test_a_last_row_cut_short_is_dropped_by_readers_and_by_keep_first_rows(tmp_path):
+    path = tmp_path / "raw.txt"
+    writer = records.RawDataWriter(str(path), COLUMNS, SETTINGS)
+    for step in (0, 5):
+        writer.row({**dict.fromkeys(COLUMNS, 1.5), "step": step})
+    writer.close()
+    writer.close()  # closing twice is harmless
+    whole = path.read_text()
+    path.write_text(whole + "2.5 3.5 4")  # a row whose write was cut short
+    _, _, rows = records.read_raw_data(str(path))
+    assert rows[:, COLUMNS.index("step")].tolist() == [0, 5]
+    assert records.keep_first_rows(str(path), 5) == 2  # only two rows to keep
+    assert path.read_text() == whole
+
+
+def test_a_full_disk_fails_the_row_that_hits_it_and_close_does_not_fail_again(tmp_path):
+    writer = records.RawDataWriter(str(tmp_path / "raw.txt"), COLUMNS, SETTINGS)
+    writer._file = open("/dev/full", "wb", buffering=0)  # noqa: SIM115 - the kernel's full disk
+    with pytest.raises(OSError) as raised:
+        writer.row(dict.fromkeys(COLUMNS, 1.0))
+    assert raised.value.errno == errno.ENOSPC
+    writer.close()  # no second error: nothing was buffered

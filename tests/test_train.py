@@ -161,16 +161,21 @@ def test_unconverged_check_is_recorded_as_nan_with_a_note_and_training_goes_on(t
     assert np.all(np.isfinite(rows[:, columns.index("loss")]))
 
 
-def test_a_second_run_to_the_same_path_starts_the_file_afresh(tmp_path):
+def test_a_second_run_to_the_same_path_starts_afresh_and_keeps_the_first_aside(tmp_path):
     params, batch = mlp_problem()
+    kept = []
     for max_steps, seed in ((20, 1), (4, 2)):
         config = train.TrainConfig(step_size=0.1, max_steps=max_steps, seed=seed,
                                    hessian_check_every_steps=2, outputs=outputs(tmp_path))
         train.run(mlp_loss, params, train.FullBatch(batch), config)
+        kept.append((tmp_path / "raw.txt").read_text())
     settings, columns, rows = read_raw_data(str(tmp_path / "raw.txt"))
     assert settings["seed"] == 2
     np.testing.assert_array_equal(rows[:, columns.index("step")], [0, 2, 4])
     assert open(tmp_path / "raw.txt").read().count("# settings:") == 1
+    assert (tmp_path / "raw.1.txt").read_text() == kept[0]  # the first run's file, whole
+    first_settings, _, first_rows = read_raw_data(str(tmp_path / "raw.1.txt"))
+    assert first_settings["seed"] == 1 and first_rows[:, columns.index("step")][-1] == 20
 
 
 def test_empty_output_paths_skip_outputs(tmp_path):
