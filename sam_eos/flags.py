@@ -231,17 +231,26 @@ def train_config_from_flags(run_name: str,
 
 
 def output_paths_from_flags() -> dict[str, tuple[str, str]]:
-    """Each output's (flag that names it, path): the --*_output flag when given, else the
-    standard name inside --output_dir when set, else the --*_output flag's default."""
-    inside = output_paths(FLAGS.output_dir) if FLAGS.output_dir else {}
-    paths = {}
-    for field, name in OUTPUT_FLAGS.items():
-        flag = FLAGS[name]
-        if field in inside and flag.using_default_value:
-            paths[field] = ("output_dir", inside[field])
-        else:
-            paths[field] = (name, flag.value)
-    return paths
+    """Each output's (flag that names it, path) from --output_dir and the --*_output flags
+    (`choose_output_paths`)."""
+    return choose_output_paths(
+        {field: FLAGS[name].value for field, name in OUTPUT_FLAGS.items()},
+        {field for field, name in OUTPUT_FLAGS.items() if not FLAGS[name].using_default_value},
+        FLAGS.output_dir,
+    )
+
+
+def choose_output_paths(flag_paths: dict[str, str], given: set[str],
+                        output_dir: str | None) -> dict[str, tuple[str, str]]:
+    """Each output's (flag that names it, path): its --*_output flag's path when `given` on the
+    command line, else the standard name inside `output_dir` when set, else the flag's default
+    (`flag_paths`: output field -> the flag's value)."""
+    inside = output_paths(output_dir) if output_dir else {}
+    return {
+        field: ("output_dir", inside[field]) if field in inside and field not in given
+        else (OUTPUT_FLAGS[field], path)
+        for field, path in flag_paths.items()
+    }
 
 
 def _same_file(a: str, b: str) -> bool:
