@@ -103,6 +103,22 @@ def test_output_dir_progress_summary_and_the_files_written(tmp_path):
     assert "hbm_oom_exit" not in settings["flags"] and "data_dir" in settings["flags"]
 
 
+def test_the_mnist_edge_experiment_writes_into_its_output_dir_with_progress(tmp_path):
+    figure = ROOT / "docs" / "mnist_edge.png"
+    before = figure.read_bytes()
+    result = run(["tests/tfds_mock.py", "64", "--program=experiments.mnist_edge",
+                  "--num_examples=64", "--mlp_width=16", "--steps=10", "--check_every=5",
+                  "--progress_every_seconds=1e-6", f"--output_dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Progress: step 10 of 10 | " in result.stderr
+    assert "GD : median sharpness / (2/eta)" in result.stdout
+    listed = result.stdout.split("files written:")[1].split()
+    assert listed == [str(tmp_path / name) for name in ("raw_gd.txt", "raw_sam.txt",
+                                                        "mnist_edge.png")]
+    assert (tmp_path / "mnist_edge.png").read_bytes().startswith(b"\x89PNG")
+    assert figure.read_bytes() == before  # the README's figure only when asked
+
+
 def test_image_classification_cnn_end_to_end_on_mock_cifar10(tmp_path):
     result = run(["tests/tfds_mock.py", "24", "--dataset=cifar10", "--nn_architecture=CNN",
                   "--cnn_feature_multiplier=4", "--batch_size=8", "--rho=0.05",
