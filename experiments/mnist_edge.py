@@ -6,6 +6,10 @@ Trains the paper's MLP (ReLU, squared loss; here 3 x 200 hidden units) full-batc
 2000 training images twice, with GD and with SAM (same step size and seed), checking the
 Hessian every `--check_every` steps. Prints, for the second half of each run, the median of
 sharpness / (2/eta) (GD) and sharpness / SAM edge (SAM), and draws both runs into one PNG.
+Everything goes into `--output_dir` (default out/mnist_edge under the current directory):
+raw_gd.txt, raw_sam.txt and mnist_edge.png; the README's figure is made with
+`--figure=docs/mnist_edge.png`. Progress lines (a bar on a terminal) every
+`--progress_every_seconds` of training.
 """
 
 import argparse
@@ -14,6 +18,7 @@ import os
 import jax
 import matplotlib
 import numpy as np
+from absl import logging
 
 from image_classification import dataset, model
 from sam_eos import train
@@ -32,8 +37,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--check_every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", default="/tmp/mnist_edge")
-    parser.add_argument("--figure", default="docs/mnist_edge.png")
+    parser.add_argument("--output_dir", default=os.path.join("out", "mnist_edge"),
+                        help="Folder for the raw data and the figure.")
+    parser.add_argument("--figure", default=None,
+                        help="Where to write the figure (default: OUTPUT_DIR/mnist_edge.png).")
+    parser.add_argument("--progress_every_seconds", type=float, default=30.0,
+                        help="Seconds of training between progress lines (0: off).")
     return parser.parse_args()
 
 
@@ -44,6 +53,7 @@ def run_one(args, data, network, rho: float) -> np.ndarray:
     config = train.TrainConfig(
         step_size=args.step_size, rho=rho, time_limit_in_hours=1.0, max_steps=args.steps,
         hessian_check_every_steps=args.check_every, seed=args.seed,
+        progress_every_seconds=args.progress_every_seconds,
         outputs=train.Outputs(raw_data=os.path.join(args.output_dir, f"raw_{name}.txt")),
         run_name=f"MLP on {args.num_examples} MNIST images, rho={rho:g}, eta={args.step_size:g}",
     )
@@ -55,7 +65,9 @@ def run_one(args, data, network, rho: float) -> np.ndarray:
 
 def main() -> None:
     args = parse_args()
+    logging.set_verbosity(logging.INFO)  # the checks' and progress lines
     os.makedirs(args.output_dir, exist_ok=True)
+    figure_path = args.figure or os.path.join(args.output_dir, "mnist_edge.png")
     data = dataset.load("mnist", data_dir=args.data_dir, batch_size=args.num_examples,
                         mini_training_set_num_batches=1)
     network = model.make_network("MLP", data.num_classes, mlp_depth=4, mlp_width=args.mlp_width,
@@ -86,9 +98,12 @@ def main() -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     figure.tight_layout()
-    os.makedirs(os.path.dirname(args.figure) or ".", exist_ok=True)
-    figure.savefig(args.figure, dpi=110)
-    print(f"wrote {args.figure}")
+    os.makedirs(os.path.dirname(figure_path) or ".", exist_ok=True)
+    figure.savefig(figure_path, dpi=110)
+    print("files written:")
+    for path in (os.path.join(args.output_dir, "raw_gd.txt"),
+                 os.path.join(args.output_dir, "raw_sam.txt"), figure_path):
+        print(f"  {os.path.abspath(path)}")
 
 
 if __name__ == "__main__":

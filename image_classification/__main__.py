@@ -12,6 +12,7 @@ from absl import flags, logging
 from image_classification import dataset, model
 from sam_eos import cli, distributed, feed, train
 from sam_eos import flags as shared_flags
+from sam_eos.command_line import project_flag_values
 
 shared_flags.define_shared_flags(
     time_limit_in_hours=4.0, hessian_check_gap=0.25, step_size=0.01, batch_size=60000
@@ -115,7 +116,7 @@ def main(argv: list[str]) -> int:
         batches = training_data(data, order, mesh, per_process)
     result = train.run(
         model.make_loss_fn(network), params, batches, config, mesh=mesh,
-        settings={"program": "image_classification", "flags": shared_flags.flag_values()},
+        settings={"program": "image_classification", "flags": project_flag_values()},
     )
 
     def test_error(trained: train.PyTree) -> float:  # each process counts its own test examples

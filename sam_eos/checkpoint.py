@@ -20,7 +20,8 @@ from sam_eos.errors import InputError
 
 PyTree = Any
 RESUMABLE_CHANGES = frozenset(
-    {"time_limit_in_hours", "max_steps", "checkpoint_every_minutes", "checkpoint_dir"}
+    {"time_limit_in_hours", "max_steps", "checkpoint_every_minutes", "checkpoint_dir",
+     "plot_x", "progress_every_seconds"}
 )
 
 

@@ -2,13 +2,14 @@
 (flags absl cannot parse too); `--help` exits 0."""
 
 import logging as std_logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from absl import app, logging
 
-from sam_eos import distributed
+from sam_eos import distributed, records, summary
 from sam_eos.command_line import parse_flags
 from sam_eos.errors import EXIT_BAD_INPUT, InputError
 from sam_eos.train import RunResult
@@ -53,13 +54,41 @@ def run_main(main: Callable[[list[str]], int | None]) -> None:
 
 def report_test_value(name: str, result: RunResult, evaluate: Callable[[Any], float]) -> int:
     """Prints `Test <name>: <value>` on process 0 (or that it was not computed, when the run
-    diverged) and returns the run's exit code. Every process calls `evaluate` on its own copy
-    of the trained parameters, so it can evaluate its share of the test set and sum over
-    processes."""
+    diverged), then ends the run (`end_run`: summary and files written); returns the run's
+    exit code. Every process calls `evaluate` on its own copy of the trained parameters, so it
+    can evaluate its share of the test set and sum over processes."""
+    value = None
     if result.status == "diverged":
         message = f"Test {name}: not computed (the run diverged)"
     else:
-        message = f"Test {name}: {evaluate(distributed.local_copy(result.params)):.4f}"
+        value = evaluate(distributed.local_copy(result.params))
+        message = f"Test {name}: {value:.4f}"
     if distributed.is_main_process():
         print(message)
+        end_run(result, name, value)
     return result.exit_code
+
+
+def end_run(result: RunResult, test_name: str, test_value: float | None) -> dict[str, Any]:
+    """Logs the run's summary (`sam_eos.summary`), appends it to the raw data as a
+    `# summary:` line (when there is raw data), and logs the files written. Process 0 only."""
+    run_summary = summary.summarize(result.rows, steps=result.steps, test_name=test_name,
+                                    test_value=test_value, seconds=result.seconds)
+    for line in summary.summary_lines(run_summary):
+        logging.info(line)
+    try:
+        records.append_summary(result.raw_data, run_summary)
+    except OSError as error:
+        logging.error("Could not append the summary to %s: %s", result.raw_data, error)
+    log_files(result.files)
+    return run_summary
+
+
+def log_files(paths: list[str]) -> None:
+    """One log line per output file (or folder) the run wrote."""
+    if not paths:
+        logging.info("No output files were written.")
+        return
+    logging.info("Files written:")
+    for path in paths:
+        logging.info("  %s", os.path.abspath(path))

@@ -7,15 +7,16 @@ can be written) and raises `InputError` with a message naming the flag before an
 
 import math
 import os
-from typing import Any
 
 import jax
 from absl import flags, logging
 from jax.sharding import Mesh
 
 from sam_eos import distributed, hessian
+from sam_eos.command_line import project_flag_values
 from sam_eos.errors import InputError
-from sam_eos.plots import check_plot_format
+from sam_eos.outputs import output_paths
+from sam_eos.plots import X_AXES, check_plot_format
 from sam_eos.records import check_output_path
 from sam_eos.train import Outputs, TrainConfig
 
@@ -105,7 +106,19 @@ def define_shared_flags(
         "raw_data_output": ("/tmp/raw.txt", "raw data, one row per Hessian check"),
     }
     for name, (default, what) in defaults.items():
-        flags.DEFINE_string(name, default, f"Where to write the {what} (empty: skip).")
+        flags.DEFINE_string(name, default, f"Where to write the {what} (empty: skip; "
+                            "default: inside --output_dir when set, else this /tmp path).")
+    flags.DEFINE_string(
+        "output_dir", None, "Write the five outputs under standard names in this folder "
+        "(raw.txt, eigs.pdf, eigs_se_only.pdf, alignment.pdf, loss.pdf); an explicit "
+        "--*_output flag still wins (unset: the /tmp paths of the --*_output flags)."
+    )
+    flags.DEFINE_enum("plot_x", "steps", list(X_AXES),
+                      "The plots' x-axis: steps, or hours of training time.")
+    flags.DEFINE_float(
+        "progress_every_seconds", 30.0, "Seconds of training time between progress lines "
+        "(a live bar instead on a terminal; 0: off)."
+    )
 
 
 def default_compilation_cache_dir() -> str:
@@ -185,9 +198,11 @@ def train_config_from_flags(run_name: str,
         f"budget of {budget} iterations; raise --eigensolver_max_iterations",
     )
     require(0 <= FLAGS.seed < 2**32, f"--seed must be in [0, 2**32) (got {FLAGS.seed})")
+    progress = FLAGS.progress_every_seconds
+    require(math.isfinite(progress) and progress >= 0,
+            f"--progress_every_seconds must be >= 0 (got {progress}); 0 turns progress off")
     outputs = {}
-    for field, name in OUTPUT_FLAGS.items():
-        path = FLAGS[name].value
+    for field, (name, path) in output_paths_from_flags().items():
         check_output_path(path, name)
         if path and field != "raw_data":
             check_plot_format(path, name)
@@ -210,7 +225,32 @@ def train_config_from_flags(run_name: str,
         run_name=run_name,
         checkpoint_dir=FLAGS.checkpoint_dir,
         checkpoint_every_minutes=minutes,
+        plot_x=FLAGS.plot_x,
+        progress_every_seconds=progress,
     )
+
+
+def output_paths_from_flags() -> dict[str, tuple[str, str]]:
+    """Each output's (flag that names it, path) from --output_dir and the --*_output flags
+    (`choose_output_paths`)."""
+    return choose_output_paths(
+        {field: FLAGS[name].value for field, name in OUTPUT_FLAGS.items()},
+        {field for field, name in OUTPUT_FLAGS.items() if not FLAGS[name].using_default_value},
+        FLAGS.output_dir,
+    )
+
+
+def choose_output_paths(flag_paths: dict[str, str], given: set[str],
+                        output_dir: str | None) -> dict[str, tuple[str, str]]:
+    """Each output's (flag that names it, path): its --*_output flag's path when `given` on the
+    command line, else the standard name inside `output_dir` when set, else the flag's default
+    (`flag_paths`: output field -> the flag's value)."""
+    inside = output_paths(output_dir) if output_dir else {}
+    return {
+        field: ("output_dir", inside[field]) if field in inside and field not in given
+        else (OUTPUT_FLAGS[field], path)
+        for field, path in flag_paths.items()
+    }
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -242,7 +282,7 @@ INT64_MAX = 2**63 - 1
 
 def _refuse_huge_integers() -> None:
     """Integer flags must fit in int64 (TensorFlow and numpy take them as such)."""
-    for name, value in flag_values().items():
+    for name, value in project_flag_values().items():
         if isinstance(value, int) and not isinstance(value, bool):
             require(-INT64_MAX <= value <= INT64_MAX,
                     f"--{name}={value} is beyond the largest supported integer 2**63 - 1")
@@ -267,12 +307,3 @@ def check_principal_components(config: TrainConfig, num_params: int) -> None:
         f"{num_params} parameters",
     )
 
-
-def flag_values() -> dict[str, Any]:
-    """Every flag the program defined (name -> value), for the raw-data header."""
-    return {
-        flag.name: flag.value
-        for module, module_flags in FLAGS.flags_by_module_dict().items()
-        if not module.startswith("absl")
-        for flag in module_flags
-    }

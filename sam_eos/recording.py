@@ -123,17 +123,19 @@ class Recorder:
     """Rows (in memory and in the raw-data file), notes, checkpoints and the final plots.
 
     `outputs` maps `raw_data` and the plot names to paths ('' skips one); `plot_paths` are
-    the plots'. `checkpoint_dir` '' means no checkpoints.
+    the plots'. `checkpoint_dir` '' means no checkpoints. `x_axis`: the plots' ("steps" or
+    "hours").
     """
 
     def __init__(self, *, raw_data: str, plot_paths: dict[str, str], checkpoint_dir: str,
                  settings: dict[str, Any], num_components: int, step_size: float,
-                 eigensolver: str, run_name: str):
+                 eigensolver: str, run_name: str, x_axis: str = "steps"):
         self.columns = column_names(num_components)
         self.rows: list[dict[str, float]] = []
         self._raw_data, self._plot_paths, self._settings = raw_data, plot_paths, settings
         self._num_components, self._step_size = num_components, step_size
         self._eigensolver, self._run_name = eigensolver, run_name
+        self._x_axis = x_axis
         self._checkpointer = (checkpoint.Checkpointer(checkpoint_dir, settings)
                               if checkpoint_dir else None)
         self._writer: RawDataWriter | None = None
@@ -219,23 +221,27 @@ class Recorder:
         if self._writer is not None:
             self._writer.close()
 
-    def finish(self, state: PyTree | None, position: checkpoint.Position) -> None:
-        """Saves a last checkpoint (when `state` is consistent, else None), then draws."""
+    def finish(self, state: PyTree | None, position: checkpoint.Position) -> list[str]:
+        """Saves a last checkpoint (when `state` is consistent, else None), then draws; the
+        plots written."""
         if self._checkpointer is not None:
             if state is not None:
                 self._checkpointer.save(state, position)
             self._checkpointer.close()
-        self.draw()
+        return self.draw()
 
-    def draw(self) -> None:
-        """Draws the plots from the rows in memory; none without rows (earlier plots stay). A
-        plot that cannot be drawn or written is logged in one line; the others are drawn."""
+    def draw(self) -> list[str]:
+        """Draws the plots from the rows in memory (titled and labelled from the settings); the
+        paths written. None without rows (earlier plots stay). A plot that cannot be drawn or
+        written is logged in one line; the others are drawn."""
         rows, columns = self.rows, self.columns
         if not rows:
             logging.warning("No checks were recorded: no plots drawn.")
-            return
+            return []
         table = np.array([[r[name] for name in columns] for r in rows])
         try:
-            draw_plots(table, columns, {"run_name": self._run_name}, self._plot_paths)
+            return draw_plots(table, columns, {**self._settings, "run_name": self._run_name},
+                              self._plot_paths, self._x_axis)
         except Exception as error:  # noqa: BLE001 - a plot must not hide the run's result
             logging.error("%s; the raw data is complete.", checkpoint.first_line(error))
+            return []

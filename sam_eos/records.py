@@ -89,8 +89,9 @@ class RawDataWriter:
     or, with `append=True` (a resumed run), continuing the file after its existing rows.
 
     Each line goes to the file in one unbuffered write, so nothing waits in a buffer and a
-    failed write (a full disk) raises at once, from that line's call: at worst the last line is
-    cut short, and readers drop a last line without its newline. `close` never raises.
+    failed write (a full disk) raises at once, from that line's call, after cutting the file
+    back to its last whole line. Should even that fail, readers drop a last line without its
+    newline. `close` never raises.
     """
 
     def __init__(
@@ -106,9 +107,14 @@ class RawDataWriter:
     def _write(self, text: str) -> None:
         if self._file is None:
             return
-        data = memoryview(text.encode())
-        while data:  # a raw write may take only part of the line
-            data = data[self._file.write(data):]
+        data, start = memoryview(text.encode()), self._file.tell()
+        try:
+            while data:  # a raw write may take only part of the line
+                data = data[self._file.write(data):]
+        except OSError:
+            with contextlib.suppress(OSError):  # cutting frees space: usually possible
+                self._file.truncate(start)
+            raise
 
     def row(self, values: dict[str, float]) -> None:
         """Appends one row; `values` maps every column name to a number (nan allowed)."""

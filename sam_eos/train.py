@@ -46,6 +46,7 @@ from sam_eos.feed import (  # noqa: F401 - the data kinds, re-exported for the p
     Placement,
     make_feed,
 )
+from sam_eos.progress import Progress
 from sam_eos.recording import Recorder
 
 PyTree = Any
@@ -93,6 +94,8 @@ class TrainConfig:
     run_name: str = "sam_eos run"
     checkpoint_dir: str = ""  # empty: no checkpoints
     checkpoint_every_minutes: float = 10.0  # of training time
+    plot_x: str = "steps"  # the plots' x-axis: "steps" or "hours"
+    progress_every_seconds: float = 0.0  # of training time between progress lines; 0: off
 
 
 @dataclasses.dataclass
@@ -104,6 +107,10 @@ class RunResult:
     status: str  # "time_limit", "max_steps", "diverged", "interrupted" or "output_failed"
     exit_code: int
     rows: list[dict[str, float]]
+    # This process's wall-clock seconds by part: "compile", "steps" and "checks".
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    raw_data: str = ""  # the raw-data path written on this process ("" : none)
+    files: list[str] = dataclasses.field(default_factory=list)  # every output written
 
 
 class _StopFlag:
@@ -288,7 +295,7 @@ def run(
         raw_data=outputs.raw_data, plot_paths=outputs.plots(),
         checkpoint_dir=config.checkpoint_dir, settings=settings_record(config, settings or {}),
         num_components=config.num_principal_components, step_size=config.step_size,
-        eigensolver=config.eigensolver, run_name=config.run_name,
+        eigensolver=config.eigensolver, run_name=config.run_name, x_axis=config.plot_x,
     )
     # The loop's state: what a checkpoint holds. (Solver state carried from check to check
     # would be one more entry here.)
@@ -312,25 +319,37 @@ def run(
         logging.warning("No Hessian checks scheduled: set --hessian_check_gap (hours) or "
                         "--hessian_check_every_steps to measure the sharpness.")
     key = jax.random.PRNGKey(config.seed)
+    compile_started = time.perf_counter()
     with _StopFlag() as stop:  # a signal while compiling stops the run before its first step
         program = compile_program(loss_fn, optimizer, config, feed, state, hessian_batch, key,
                                   plan.has_checks, stop.requested)
-        state, status, signal_number = _loop(program, feed, state, position, plan, recorder,
-                                             key, stop)
+        compile_seconds = time.perf_counter() - compile_started
+        progress = Progress(every_seconds=config.progress_every_seconds,
+                            time_limit_seconds=plan.time_limit_seconds,
+                            max_steps=plan.max_steps, enabled=distributed.is_main_process())
+        started_seconds = position.training_seconds
+        state, status, signal_number, check_seconds = _loop(
+            program, feed, state, position, plan, recorder, key, progress, stop)
     consistent = status not in ("diverged", "hard_stop")  # keep the last consistent state
     status = "interrupted" if status == "hard_stop" else status
     exit_code = _finish(status, signal_number, recorder.rows)
     logging.info("Stopped (%s) after %d steps and %.4f h of training.", status, position.step,
                  position.training_seconds / SECONDS_PER_HOUR)
-    recorder.finish(state if consistent else None, position)
+    plots = recorder.finish(state if consistent else None, position)
+    seconds = {"compile": compile_seconds,
+               "steps": position.training_seconds - started_seconds - check_seconds,
+               "checks": check_seconds}
+    files = [path for path in (outputs.raw_data, *plots, config.checkpoint_dir) if path]
     return RunResult(state["params"], state["opt_state"], position.step,
-                     position.training_seconds, status, exit_code, recorder.rows)
+                     position.training_seconds, status, exit_code, recorder.rows,
+                     seconds=seconds, raw_data=outputs.raw_data, files=files)
 
 
 def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
-                position: checkpoint.Position, recorder: Recorder, key: jax.Array) -> bool:
-    """Takes and records the check at `position`; whether the run diverged (a measured loss
-    that is not finite)."""
+                position: checkpoint.Position, recorder: Recorder,
+                key: jax.Array) -> tuple[bool, float]:
+    """Takes and records the check at `position`: (whether the run diverged (a measured loss
+    that is not finite), the check's seconds)."""
     started = time.perf_counter()
     try:
         batch = program.check_batch(feed.arrays(), np.int32(feed.row()))
@@ -338,30 +357,32 @@ def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
                                                   np.int32(position.step)))
     except Exception as error:  # noqa: BLE001 - one failed check must not end the run
         measured = error
-    row = recorder.check(position.step, position.training_seconds, measured,
-                         time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    row = recorder.check(position.step, position.training_seconds, measured, seconds)
     if recorder.output_failed:  # not on disk: a resume takes this check again
-        return False
+        return False, seconds
     position.rows_written += 1
     position.last_checked_step = position.step
     if isinstance(measured, Exception) or np.isfinite(row["loss"]):
-        return False
+        return False, seconds
     logging.error("Diverged: the loss is %s at step %d.", row["loss"], position.step)
     recorder.note(f"diverged at step {position.step}: loss {row['loss']}")
-    return True
+    return True, seconds
 
 
 def _loop(program: Program, feed: Feed, state: dict[str, PyTree],
           position: checkpoint.Position, plan: schedule.Schedule, recorder: Recorder,
-          key: jax.Array, stop: _StopFlag) -> tuple[dict[str, PyTree], str, int | None]:
-    """Steps and checks until `plan` says stop: (state, status, signal number). The status is
-    "time_limit", "max_steps", "diverged", "interrupted", "output_failed" (the raw data could
-    not be written), or "hard_stop" (a second signal: the state may be mid-update). The clock
-    starts here, after compiling."""
+          key: jax.Array, progress: Progress,
+          stop: _StopFlag) -> tuple[dict[str, PyTree], str, int | None, float]:
+    """Steps and checks until `plan` says stop: (state, status, signal number, seconds spent
+    in checks). The status is "time_limit", "max_steps", "diverged", "interrupted",
+    "output_failed" (the raw data could not be written), or "hard_stop" (a second signal: the
+    state may be mid-update). The clock starts here, after compiling."""
     start = time.perf_counter() - position.training_seconds
     clock = lambda: time.perf_counter() - start  # noqa: E731
     last_saved = position.training_seconds
     dispatch_size, signal_number, status = 1, None, "time_limit"
+    check_seconds = 0.0
     with stop:
         try:
             while True:
@@ -380,7 +401,11 @@ def _loop(program: Program, feed: Feed, state: dict[str, PyTree],
                     status = "time_limit"
                     break
                 if schedule.check_due(plan, position):
-                    if _take_check(program, feed, state, position, recorder, key):
+                    progress.clear()
+                    diverged, seconds = _take_check(program, feed, state, position, recorder,
+                                                    key)
+                    check_seconds += seconds
+                    if diverged:
                         status = "diverged"
                         break
                     ended, _, _, failed = _agree(clock(), None, dispatch_size,
@@ -389,6 +414,7 @@ def _loop(program: Program, feed: Feed, state: dict[str, PyTree],
                         status = "output_failed"
                         break
                     position.next_check_seconds = schedule.next_check_after(plan, ended)
+                    progress.checked(position.step, ended, recorder.rows[-1])
                 if schedule.reached_max_steps(plan, position):
                     status = "max_steps"
                     break
@@ -397,12 +423,14 @@ def _loop(program: Program, feed: Feed, state: dict[str, PyTree],
                 if diverged:
                     status = "diverged"
                     break
+                progress.update(position.step, clock())
         except KeyboardInterrupt:  # a second signal: the position may be mid-update
             status = "hard_stop"
         finally:
             position.training_seconds = clock()
+            progress.close()
             recorder.close()
-    return state, status, signal_number or stop.signal_number
+    return state, status, signal_number or stop.signal_number, check_seconds
 
 
 def _dispatch(program: Program, feed: Feed, state: dict[str, PyTree],

@@ -58,8 +58,8 @@ class _HalfThenFull:
         self._file.write(bytes(data[:len(data) // 2]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    def close(self) -> None:
-        self._file.close()
+    def __getattr__(self, name):  # tell, truncate, close
+        return getattr(self._file, name)
 
 
 def fill_disk_at_row(monkeypatch, row_number: int, half_written: bool) -> None:
@@ -89,6 +89,7 @@ def test_a_full_disk_under_the_raw_data_stops_the_run_and_keeps_what_was_measure
     assert failed.steps == 10  # stopped at the failed row, not later
     assert [row["step"] for row in failed.rows] == [0, 5, 10]  # in memory: all measured
     assert steps_on_file(tmp_path / "raw.txt") == [0, 5]  # whole rows only
+    assert (tmp_path / "raw.txt").read_text().endswith("\n")  # a half row is cut back
     assert (tmp_path / "loss.pdf").stat().st_size > 0  # drawn from the rows in memory
     assert latest_checkpoint(tmp_path / "ckpt") == 10  # a final checkpoint
     error_lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

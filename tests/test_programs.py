@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sam_eos import errors
-from sam_eos.records import read_raw_data
+from sam_eos.records import read_raw_data, read_summary
 from tests import processes as processes_
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -78,6 +78,47 @@ def test_image_classification_mlp_end_to_end_on_mock_mnist(tmp_path):
     np.testing.assert_array_equal(rows[:, 8], [0, 4, 8, 12])  # the final state is measured
 
 
+def test_output_dir_progress_summary_and_the_files_written(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run(["tests/tfds_mock.py", "64", "--rho=0.1", "--mlp_width=32", "--max_steps=12",
+                  "--hessian_check_every_steps=4", "--hessian_check_gap=none",
+                  f"--output_dir={run_dir}", f"--loss_curve_output={tmp_path / 'mine.pdf'}",
+                  "--progress_every_seconds=1e-6", "--plot_x=hours"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Progress: step 12 of 12 | " in result.stderr
+    assert "Summary: 4 checks in 12 steps." in result.stderr
+    written = [run_dir / name for name in ("raw.txt", "eigs.pdf", "eigs_se_only.pdf",
+                                           "alignment.pdf")] + [tmp_path / "mine.pdf"]
+    listed = result.stderr.split("Files written:")[1].strip().splitlines()
+    assert [line.split()[-1] for line in listed] == [str(path) for path in written]
+    assert all(path.exists() for path in written)
+    assert not (run_dir / "loss.pdf").exists()
+    error = float(result.stdout.split("Test error:")[1].split()[0])
+    summary = read_summary(str(run_dir / "raw.txt"))
+    assert summary["test"]["name"] == "error"
+    assert round(summary["test"]["value"], 4) == error  # printed with 4 decimals
+    assert (summary["checks"], summary["steps"]) == (4, 12)
+    settings, _, _ = read_raw_data(str(run_dir / "raw.txt"))
+    assert settings["plot_x"] == "hours" and settings["flags"]["output_dir"] == str(run_dir)
+    assert "hbm_oom_exit" not in settings["flags"] and "data_dir" in settings["flags"]
+
+
+def test_the_mnist_edge_experiment_writes_into_its_output_dir_with_progress(tmp_path):
+    figure = ROOT / "docs" / "mnist_edge.png"
+    before = figure.read_bytes()
+    result = run(["tests/tfds_mock.py", "64", "--program=experiments.mnist_edge",
+                  "--num_examples=64", "--mlp_width=16", "--steps=10", "--check_every=5",
+                  "--progress_every_seconds=1e-6", f"--output_dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Progress: step 10 of 10 | " in result.stderr
+    assert "GD : median sharpness / (2/eta)" in result.stdout
+    listed = result.stdout.split("files written:")[1].split()
+    assert listed == [str(tmp_path / name) for name in ("raw_gd.txt", "raw_sam.txt",
+                                                        "mnist_edge.png")]
+    assert (tmp_path / "mnist_edge.png").read_bytes().startswith(b"\x89PNG")
+    assert figure.read_bytes() == before  # the README's figure only when asked
+
+
 def test_image_classification_cnn_end_to_end_on_mock_cifar10(tmp_path):
     result = run(["tests/tfds_mock.py", "24", "--dataset=cifar10", "--nn_architecture=CNN",
                   "--cnn_feature_multiplier=4", "--batch_size=8", "--rho=0.05",
@@ -94,6 +135,7 @@ def test_transformer_learns_and_writes_everything(tmp_path, corpus):
                   "--step_size=0.1", "--max_steps=60", "--hessian_check_every_steps=20",
                   *TINY_TRANSFORMER, *output_flags(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Run 'Transformer (1 layer, width 32): rho=0.05" in result.stderr
     test_loss = float(result.stdout.split("Test loss:")[1].split()[0])
     assert test_loss < 0.6 * math.log(128)
     rows = assert_outputs(tmp_path, 3)

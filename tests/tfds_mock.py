@@ -1,8 +1,9 @@
 """TFDS mocking shared by the tests, and a runner for the image program on mocked data.
 
-    python tests/tfds_mock.py NUM_EXAMPLES --flag=value ...
+    python tests/tfds_mock.py NUM_EXAMPLES [--program=MODULE] --flag=value ...
 
-runs `python3 -m image_classification --flag=value ...` inside `tfds.testing.mock_data`.
+runs `python3 -m image_classification --flag=value ...` (or `-m MODULE`, e.g.
+experiments.mnist_edge) inside `tfds.testing.mock_data`.
 """
 
 import json
@@ -41,12 +42,15 @@ def write_mock_metadata(root: pathlib.Path, names=MOCKED_DATASETS) -> str:
 def main() -> None:
     import tensorflow_datasets as tfds
 
-    num_examples = int(sys.argv[1])
+    num_examples, args = int(sys.argv[1]), sys.argv[2:]
+    program = "image_classification"
+    if args and args[0].startswith("--program="):
+        program, args = args[0].split("=", 1)[1], args[1:]
     with tempfile.TemporaryDirectory() as root:
         metadata = write_mock_metadata(pathlib.Path(root))
         with tfds.testing.mock_data(num_examples=num_examples, data_dir=metadata):
-            sys.argv = ["image_classification", *sys.argv[2:]]
-            runpy.run_module("image_classification", run_name="__main__", alter_sys=True)
+            sys.argv = [program, *args]
+            runpy.run_module(program, run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from absl import flags, logging
 
 from sam_eos import cli, distributed, feed, train
 from sam_eos import flags as shared_flags
+from sam_eos.command_line import project_flag_values
 from transformer import dataset, model
 
 shared_flags.define_shared_flags(
@@ -66,7 +67,8 @@ def main(argv: list[str]) -> int:
     del argv
     shared_flags.use_compilation_cache()
     config = shared_flags.train_config_from_flags(
-        f"Transformer ({NUM_LAYERS.value} layers, width {MODEL_SIZE.value}): "
+        f"Transformer ({NUM_LAYERS.value} layer{'s' if NUM_LAYERS.value != 1 else ''}, "
+        f"width {MODEL_SIZE.value}): "
         f"rho={flags.FLAGS.rho:g}, eta={flags.FLAGS.step_size:g}, seed {flags.FLAGS.seed}",
         input_paths={"corpus": CORPUS.value, "training_data": TRAINING_DATA.value,
                      "test_data": TEST_DATA.value},
@@ -109,7 +111,7 @@ def main(argv: list[str]) -> int:
     result = train.run(
         loss_fn, params, training_data(stream, mesh, per_process), config,
         hessian_batch=hessian_batch, mesh=mesh,
-        settings={"program": "transformer", "flags": shared_flags.flag_values()},
+        settings={"program": "transformer", "flags": project_flag_values()},
     )
 
     def test_loss(trained: train.PyTree) -> float:  # process p evaluates test batches p, p + P, ...
