@@ -27,7 +27,10 @@ Matvec = Callable[[jax.Array], jax.Array]
 # orthogonalisation, O(rows x n), stays bounded.
 MAX_BASIS_STEPS = 128
 BLOCK_ROWS = 8  # basis rows orthogonalised against per block
-SMALLEST_RITZ_SIZE = 8  # the first bucket of the tridiagonal eigenproblem's size
+# Bucket sizes of the tridiagonal eigenproblem: from 16, times 4, up to the basis (each bucket
+# is one more eigh to compile; an eigh of 64 x 64 is cheap next to a product).
+SMALLEST_RITZ_SIZE = 16
+RITZ_SIZE_GROWTH = 4
 
 
 class LanczosResult(NamedTuple):
@@ -47,11 +50,11 @@ def basis_steps(n: int, max_steps: int) -> int:
 
 
 def _ritz_sizes(k: int, capacity: int) -> tuple[int, ...]:
-    """Bucket sizes of the tridiagonal eigenproblem: doubling from max(k, 8) to `capacity`."""
+    """Bucket sizes of the tridiagonal eigenproblem, from max(k, 16) to `capacity`."""
     sizes, size = [], max(k, SMALLEST_RITZ_SIZE)
     while size < capacity:
         sizes.append(size)
-        size *= 2
+        size *= RITZ_SIZE_GROWTH
     return (*sizes, capacity)
 
 
@@ -109,10 +112,25 @@ def _combine_rows(basis: jax.Array, coefficients: jax.Array, num_rows: jax.Array
     return jax.lax.fori_loop(0, num_blocks, add_block, zeros)
 
 
+def _gaps(chosen, values, residuals, active) -> jax.Array:
+    """Gap from each `chosen` Ritz value to the rest of the spectrum, conservatively: the
+    distance to each other active Ritz value less that value's residual (an unconverged
+    neighbour may stand for an eigenvalue up to its residual closer), the smallest over them.
+
+    With Ritz distances alone, a warm start's first steps, whose other Ritz values are still
+    far inside the spectrum, claimed errors 20x below the true ones."""
+    distances = jnp.abs(chosen[:, None] - values[None, :])
+    itself = distances == 0
+    distances = jnp.where(active[None, :] & ~itself, distances - residuals[None, :], jnp.inf)
+    return jnp.min(distances, axis=1)
+
+
 def _error_bound(residual: jax.Array, gap: jax.Array) -> jax.Array:
     """Error of a Ritz value with residual norm `residual`: at most the residual, and about
     residual^2 / gap when the nearest other Ritz value is `gap` away (unknown: infinite gap)."""
-    return jnp.where(jnp.isfinite(gap), jnp.minimum(residual, residual**2 / gap), residual)
+    usable = jnp.isfinite(gap) & (gap > 0)
+    return jnp.where(usable, jnp.minimum(residual, residual**2 / jnp.where(usable, gap, 1.0)),
+                     residual)
 
 
 class _Estimates(NamedTuple):
@@ -139,22 +157,23 @@ def _estimates_at_size(alpha, beta, j, *, k: int, size: int, rows: int) -> _Esti
     top_vectors = jnp.flip(vectors, axis=1)[:, :k]  # [size, k]
     bottom = values[bottom_index]
     norm_estimate = jnp.maximum(jnp.abs(top[0]), jnp.abs(bottom))
-    residual = jnp.abs(beta[j] * top_vectors[j])
-    # Gap from each top Ritz value to the nearest other active one: error <= res^2 / gap.
-    others = jnp.where(sorted_active, values, jnp.inf)
-    distances = jnp.abs(top[:, None] - others[None, :])
-    gap = jnp.min(jnp.where(distances == 0, jnp.inf, distances), axis=1)
-    bound = jnp.max(_error_bound(residual, gap))
+    residuals = jnp.abs(beta[j] * vectors[j])  # [size], of every Ritz pair
+    residual = jnp.flip(residuals)[:k]
+    bound = jnp.max(_error_bound(residual, _gaps(top, values, residuals, sorted_active)))
     # The bottom Ritz value must converge too when it may be the operator norm.
-    bottom_residual = jnp.abs(beta[j] * vectors[j, bottom_index])
-    bottom_gap = jnp.min(
-        jnp.where(sorted_active & (values != bottom), jnp.abs(values - bottom), jnp.inf)
-    )
+    bottom_residual = residuals[bottom_index]
+    bottom_gap = _gaps(bottom[None], values, residuals, sorted_active)[0]
     matters = (jnp.abs(bottom) + bottom_residual >= jnp.abs(top[0])) & (j > 0)
     bound = jnp.maximum(bound, jnp.where(matters, _error_bound(bottom_residual, bottom_gap), 0.0))
     relative = bound / jnp.maximum(norm_estimate, jnp.finfo(alpha.dtype).tiny)
     coordinates = jnp.zeros((k, rows), alpha.dtype).at[:, :size].set(top_vectors.T)
     return _Estimates(top, coordinates, bottom, relative)
+
+
+def _no_estimates(k: int, rows: int, dtype) -> _Estimates:
+    """Estimates before any step: zeros, with an infinite bound."""
+    return _Estimates(jnp.zeros((k,), dtype), jnp.zeros((k, rows), dtype), jnp.zeros((), dtype),
+                      jnp.asarray(jnp.inf, dtype))
 
 
 def _estimates(alpha, beta, j, *, k: int, sizes: tuple[int, ...], rows: int) -> _Estimates:
@@ -175,7 +194,7 @@ class _Cycle(NamedTuple):
     alpha: jax.Array  # [rows] diagonal of T
     beta: jax.Array  # [rows] off-diagonal of T
     converged: jax.Array
-    bound: jax.Array
+    estimates: "_Estimates"  # after the last step
     previous_breakdown: jax.Array
     norm_bound: jax.Array  # a cheap bound on ||T||, the scale of the breakdown test
 
@@ -217,22 +236,23 @@ def _run_cycle(matvec, basis, start, limit, key, stop_bound, *, k, sizes) -> _Cy
         beta = beta.at[j].set(b)
         following = jax.lax.cond(breakdown, fresh_direction, next_lanczos_vector, j, basis, w, b)
         basis = basis.at[j + 1].set(following)
-        bound = _estimates(alpha, beta, j, k=k, sizes=sizes, rows=rows).bound
+        estimates = _estimates(alpha, beta, j, k=k, sizes=sizes, rows=rows)
+        bound = estimates.bound
         # A second breakdown in a row means the rest of the space is flat: stop.
         converged = (
             (j + 1 >= k) & (bound <= stop_bound) & (~breakdown | state.previous_breakdown)
         )
-        return _Cycle(j + 1, basis, alpha, beta, converged, bound, breakdown, norm_bound)
+        return _Cycle(j + 1, basis, alpha, beta, converged, estimates, breakdown, norm_bound)
 
     def cond(state: _Cycle):
         # A nan or inf operator (a diverged run) stops at once, unconverged.
-        finite = (state.j == 0) | jnp.isfinite(state.bound)
+        finite = (state.j == 0) | jnp.isfinite(state.estimates.bound)
         return (state.j < limit) & ~state.converged & finite
 
     zeros = jnp.zeros((rows,), dtype)
     no = jnp.bool_(False)
-    inf = jnp.asarray(jnp.inf, dtype)
-    initial = _Cycle(jnp.int32(0), basis, zeros, zeros, no, inf, no, zeros[0])
+    initial = _Cycle(jnp.int32(0), basis, zeros, zeros, no, _no_estimates(k, rows, dtype), no,
+                     zeros[0])
     return jax.lax.while_loop(cond, body, initial)
 
 
@@ -279,8 +299,7 @@ def solve(
             matvec, basis, start, limit, jax.random.fold_in(key, cycle + 1), stop_bound,
             k=k, sizes=sizes,
         )
-        last = jnp.maximum(run.j, 1) - 1
-        estimates = _estimates(run.alpha, run.beta, last, k=k, sizes=sizes, rows=rows)
+        estimates = run.estimates
         vectors = _combine_rows(run.basis, estimates.coordinates, run.j)
         vectors = vectors / jnp.linalg.norm(vectors, axis=1, keepdims=True)
         exhausted = run.j == n  # a whole space: exact
@@ -293,10 +312,7 @@ def solve(
         _, used, _, _, _, _, converged, finite = state
         return (used < max_steps) & ~converged & finite
 
-    empty = _Estimates(
-        jnp.zeros((k,), dtype), jnp.zeros((k, rows), dtype), jnp.zeros((), dtype),
-        jnp.asarray(jnp.inf, dtype),
-    )
+    empty = _no_estimates(k, rows, dtype)
     basis = jnp.zeros((rows, n), dtype)
     initial = (jnp.int32(0), jnp.int32(0), start, basis, empty, jnp.zeros((k, n), dtype),
                jnp.bool_(False), jnp.bool_(True))
