@@ -8,6 +8,17 @@ call with `start_vectors=None` (zeros), so warm and cold share one executable. T
 estimator, power iteration on central finite differences, is kept as `method="power"` for
 side-by-side comparisons.
 
+A check can also run in bounded chunks, e.g. to read a stop flag in between: call with a fixed
+`max_iterations=C` (one executable), `start_vectors` the previous chunk's `info.ritz_vectors`
+and `start_noise=0.0`, until `info.converged`; each chunk restarts from the previous one's Ritz
+vectors (for k > 1 on clustered eigenvalues, prefer chunks of 32 products or more).
+
+Accelerators: `product_noise_floor` measures the products' relative error at the default matmul
+precision against "highest" (once per run); passed as `noise_floor`, it bounds the reported
+`error_bound` from below. When it exceeds the tolerance, the tolerance cannot be met at that
+precision: run the checks with `precision="highest"` (whose floor is 0 by this measure), or
+keep the default and report `error_bound` as it is.
+
 Memory: Lanczos stores its basis, `(min(max_iterations, 128) + 1) x num_params` numbers in the
 parameters' dtype: 100 rows of the 2.8M-parameter MNIST MLP take 1.1 GB (float32).
 """
@@ -42,6 +53,9 @@ AUTO_HVP_MODE = {"cpu": "forward_over_reverse"}  # measured: BENCHMARKS.md; othe
 # Weight of the unit random vector added to a warm start's unit combination of Ritz vectors,
 # so that a direction that has become the top one since the last check can still be found.
 DEFAULT_START_NOISE = 1e-2
+# Ritz vectors kept for the next warm start beyond the k asked for: the directions next in line
+# can overtake the top k between two checks (measured: BENCHMARKS.md, warm starts).
+DEFAULT_EXTRA_VECTORS = 2
 
 
 class EigenInfo(NamedTuple):
@@ -55,9 +69,9 @@ class EigenInfo(NamedTuple):
     # own estimate and the `noise_floor` it was given.
     error_bound: jax.Array
     converged: jax.Array  # bool: met max(tolerance, noise_floor) before max_iterations
-    # float [k, num_params]: the top-k unit Ritz vectors, flat in `ravel_pytree(params)` order;
-    # pass them as the next check's `start_vectors`. Power iteration: its principal direction
-    # in row 0, zeros elsewhere.
+    # float [block_size, num_params]: the top unit Ritz vectors, flat in `ravel_pytree(params)`
+    # order (zero rows where fewer were found); pass them as the next check's `start_vectors`.
+    # Power iteration: its principal direction in row 0, zeros elsewhere.
     ritz_vectors: jax.Array | None = None
 
 
@@ -98,10 +112,16 @@ def hessian_operator(
     return flat_params, unravel, matvec
 
 
-def cold_start_vectors(params: PyTree, k: int) -> jax.Array:
-    """float zeros [k, num_params]: the `start_vectors` of a cold start (same shape as warm)."""
+def warm_block_size(k: int, block_size: int | None = None) -> int:
+    """Rows of `start_vectors` / `ritz_vectors` for k eigenvalues (default k + 2)."""
+    return k + DEFAULT_EXTRA_VECTORS if block_size is None else max(block_size, k)
+
+
+def cold_start_vectors(params: PyTree, k: int, block_size: int | None = None) -> jax.Array:
+    """float zeros [warm_block_size(k, block_size), num_params]: the `start_vectors` of a cold
+    start, shaped like a warm one (for a loop's state or a checkpoint before the first check)."""
     flat, _ = ravel_pytree(params)
-    return jnp.zeros((k, flat.size), flat.dtype)
+    return jnp.zeros((warm_block_size(k, block_size), flat.size), flat.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "precision", "product_transform"))
@@ -145,6 +165,7 @@ def top_eigenvalues(
     key: jax.Array | None = None,
     return_info: bool = False,
     start_vectors: jax.Array | None = None,
+    block_size: int | None = None,
     start_noise: float = DEFAULT_START_NOISE,
     noise_floor: float | jax.Array = 0.0,
     hvp_mode: str = "auto",
@@ -169,9 +190,10 @@ def top_eigenvalues(
       tolerance: default 1e-5 (Lanczos) or 1e-3 (power, as the original).
       key: PRNG key for the random start (component); default `PRNGKey(0)`.
       return_info: also return an `EigenInfo`.
-      start_vectors: Lanczos only: float [k, num_params] (flat, `ravel_pytree` order), e.g. the
-        previous check's `info.ritz_vectors`; None or all zeros: a cold start. Warm and cold
-        calls share one compiled solver.
+      start_vectors: Lanczos only: float [warm_block_size(k, block_size), num_params] (flat,
+        `ravel_pytree` order), the previous check's `info.ritz_vectors`; None, all zeros or
+        non-finite: a cold start. Warm and cold calls share one compiled solver.
+      block_size: Ritz vectors returned for the next warm start (default k + 2; static).
       start_noise: weight of a unit random vector added to a warm start (traced); 0 to
         continue a chunked solve exactly from the previous chunk.
       noise_floor: the products' relative error (`product_noise_floor`, traced); the reported
@@ -197,14 +219,15 @@ def top_eigenvalues(
             max_iterations=max_iterations,
         )
         flat_direction = ravel_pytree(direction)[0]
-        block = cold_start_vectors(params, k).at[0].set(flat_direction)
+        block = cold_start_vectors(params, k, block_size).at[0].set(flat_direction)
         info = info._replace(ritz_vectors=block)
     else:
         if start_vectors is None:
-            start_vectors = cold_start_vectors(params, k)
+            start_vectors = cold_start_vectors(params, k, block_size)
         eigenvalues, direction, info = _lanczos_check(
             loss_fn, params, batch, key, jnp.float32(tolerance), jnp.float32(noise_floor),
             start_vectors, jnp.float32(start_noise), k=k, max_iterations=max_iterations,
+            block_size=warm_block_size(k, block_size),
             hvp_mode=resolve_hvp_mode(hvp_mode), precision=precision,
             product_transform=product_transform,
         )
@@ -221,11 +244,12 @@ def lanczos_iterations_allowed(num_params: int, max_iterations: int) -> int:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("loss_fn", "k", "max_iterations", "hvp_mode", "precision",
+    static_argnames=("loss_fn", "k", "max_iterations", "block_size", "hvp_mode", "precision",
                      "product_transform"),
 )
 def _lanczos_check(loss_fn, params, batch, key, tolerance, noise_floor, start_vectors,
-                   start_noise, *, k, max_iterations, hvp_mode, precision, product_transform):
+                   start_noise, *, k, max_iterations, block_size, hvp_mode, precision,
+                   product_transform):
     """One Lanczos check: `(top [k], principal direction pytree, EigenInfo)`."""
     with jax.default_matmul_precision(precision):
         flat_params, unravel, matvec = hessian_operator(loss_fn, params, batch, hvp_mode)
@@ -238,7 +262,7 @@ def _lanczos_check(loss_fn, params, batch, key, tolerance, noise_floor, start_ve
     start_vectors = start_vectors.astype(flat_params.dtype)
     result = lanczos.solve(
         product, start_vectors, key, tolerance, noise_floor, start_noise, k=k,
-        max_steps=max_iterations,
+        max_steps=max_iterations, block_size=block_size,
     )
     info = EigenInfo(
         bottom_eigenvalue=result.bottom,

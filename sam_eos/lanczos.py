@@ -13,6 +13,7 @@ basis is full, so the number of products allowed (`max_steps`) is a budget, not 
 So a step costs O(steps so far x n) and a huge `max_steps` costs nothing until it is used.
 """
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -37,7 +38,9 @@ class LanczosResult(NamedTuple):
     """What `solve` found (jax arrays)."""
 
     top: jax.Array  # float [k], the k algebraically largest Ritz values, descending
-    vectors: jax.Array  # float [k, n], their unit Ritz vectors (rows)
+    # float [block, n]: the unit Ritz vectors (rows) of the `block` largest Ritz values; rows
+    # past the steps taken are zero.
+    vectors: jax.Array
     bottom: jax.Array  # float scalar, the smallest Ritz value of the last cycle
     steps: jax.Array  # int32 scalar, products (matvecs) used, all cycles together
     bound: jax.Array  # float scalar, estimated error of `top` relative to ||H|| (no floor)
@@ -134,14 +137,16 @@ def _error_bound(residual: jax.Array, gap: jax.Array) -> jax.Array:
 
 
 class _Estimates(NamedTuple):
-    top: jax.Array  # [k] descending Ritz values
-    coordinates: jax.Array  # [k, rows] the Ritz vectors' coefficients in the basis
+    top: jax.Array  # [block] descending Ritz values
+    coordinates: jax.Array  # [block, rows] the Ritz vectors' coefficients (0: none yet)
     bottom: jax.Array  # smallest Ritz value
     bound: jax.Array  # relative error estimate of `top` (and of `bottom` when it is ||H||)
 
 
-def _estimates_at_size(alpha, beta, j, *, k: int, size: int, rows: int) -> _Estimates:
-    """Ritz estimates from the leading (j+1) x (j+1) block of T, diagonalised at `size`."""
+def _estimates_at_size(alpha, beta, j, *, k: int, block: int, size: int, rows: int
+                       ) -> _Estimates:
+    """Ritz estimates from the leading (j+1) x (j+1) block of T, diagonalised at `size`:
+    the top `block` Ritz pairs, and the error bound of the top k."""
     alpha, beta = alpha[:size], beta[:size]
     index = jnp.arange(size)
     active = index <= j
@@ -153,20 +158,23 @@ def _estimates_at_size(alpha, beta, j, *, k: int, size: int, rows: int) -> _Esti
     values, vectors = jnp.linalg.eigh(t)  # ascending: the padding first, the block last
     bottom_index = size - (j + 1)
     sorted_active = index >= bottom_index
-    top = jnp.flip(values)[:k]
-    top_vectors = jnp.flip(vectors, axis=1)[:, :k]  # [size, k]
+    top = jnp.flip(values)[:block]  # padding values past j + 1
+    top_vectors = jnp.flip(vectors, axis=1)[:, :block]  # [size, block]
     bottom = values[bottom_index]
     norm_estimate = jnp.maximum(jnp.abs(top[0]), jnp.abs(bottom))
     residuals = jnp.abs(beta[j] * vectors[j])  # [size], of every Ritz pair
     residual = jnp.flip(residuals)[:k]
-    bound = jnp.max(_error_bound(residual, _gaps(top, values, residuals, sorted_active)))
+    gaps = _gaps(top[:k], values, residuals, sorted_active)
+    bound = jnp.max(_error_bound(residual[:k], gaps))
     # The bottom Ritz value must converge too when it may be the operator norm.
     bottom_residual = residuals[bottom_index]
     bottom_gap = _gaps(bottom[None], values, residuals, sorted_active)[0]
     matters = (jnp.abs(bottom) + bottom_residual >= jnp.abs(top[0])) & (j > 0)
     bound = jnp.maximum(bound, jnp.where(matters, _error_bound(bottom_residual, bottom_gap), 0.0))
     relative = bound / jnp.maximum(norm_estimate, jnp.finfo(alpha.dtype).tiny)
-    coordinates = jnp.zeros((k, rows), alpha.dtype).at[:, :size].set(top_vectors.T)
+    found = jnp.arange(block) <= j  # Ritz pairs that exist after j + 1 steps
+    coordinates = jnp.zeros((block, rows), alpha.dtype).at[:, :size].set(
+        jnp.where(found[:, None], top_vectors.T, 0.0))
     return _Estimates(top, coordinates, bottom, relative)
 
 
@@ -176,11 +184,12 @@ def _no_estimates(k: int, rows: int, dtype) -> _Estimates:
                       jnp.asarray(jnp.inf, dtype))
 
 
-def _estimates(alpha, beta, j, *, k: int, sizes: tuple[int, ...], rows: int) -> _Estimates:
+def _estimates(alpha, beta, j, *, k: int, block: int, sizes: tuple[int, ...], rows: int
+               ) -> _Estimates:
     """Ritz estimates after step j, diagonalising at the smallest bucket holding j + 1 steps."""
     bucket = jnp.searchsorted(jnp.asarray(sizes), j + 1)
     branches = [
-        lambda a, b, j, size=size: _estimates_at_size(a, b, j, k=k, size=size, rows=rows)
+        functools.partial(_estimates_at_size, k=k, block=block, size=size, rows=rows)
         for size in sizes
     ]
     return jax.lax.switch(bucket, branches, alpha, beta, j)
@@ -199,7 +208,7 @@ class _Cycle(NamedTuple):
     norm_bound: jax.Array  # a cheap bound on ||T||, the scale of the breakdown test
 
 
-def _run_cycle(matvec, basis, start, limit, key, stop_bound, *, k, sizes) -> _Cycle:
+def _run_cycle(matvec, basis, start, limit, key, stop_bound, *, k, block, sizes) -> _Cycle:
     """Lanczos from the unit vector `start` for at most `limit` (traced) steps."""
     rows, n = basis.shape
     dtype = basis.dtype
@@ -236,7 +245,7 @@ def _run_cycle(matvec, basis, start, limit, key, stop_bound, *, k, sizes) -> _Cy
         beta = beta.at[j].set(b)
         following = jax.lax.cond(breakdown, fresh_direction, next_lanczos_vector, j, basis, w, b)
         basis = basis.at[j + 1].set(following)
-        estimates = _estimates(alpha, beta, j, k=k, sizes=sizes, rows=rows)
+        estimates = _estimates(alpha, beta, j, k=k, block=block, sizes=sizes, rows=rows)
         bound = estimates.bound
         # A second breakdown in a row means the rest of the space is flat: stop.
         converged = (
@@ -251,8 +260,8 @@ def _run_cycle(matvec, basis, start, limit, key, stop_bound, *, k, sizes) -> _Cy
 
     zeros = jnp.zeros((rows,), dtype)
     no = jnp.bool_(False)
-    initial = _Cycle(jnp.int32(0), basis, zeros, zeros, no, _no_estimates(k, rows, dtype), no,
-                     zeros[0])
+    initial = _Cycle(jnp.int32(0), basis, zeros, zeros, no, _no_estimates(block, rows, dtype),
+                     no, zeros[0])
     return jax.lax.while_loop(cond, body, initial)
 
 
@@ -266,6 +275,7 @@ def solve(
     *,
     k: int,
     max_steps: int,
+    block_size: int,
 ) -> LanczosResult:
     """The top-k eigenpairs of the symmetric operator `matvec` on R^n (trace inside a jit).
 
@@ -278,6 +288,9 @@ def solve(
         max(tolerance, noise_floor), since the products cannot resolve less.
       start_noise: weight of the unit random vector added to a warm start (0: none).
       k: how many eigenpairs; max_steps: the products allowed, all restart cycles together.
+      block_size: how many Ritz vectors to return (at least k; at most the steps one cycle
+        holds), the next warm start's block: a couple more than k keep the directions that
+        may overtake the top k by the next check.
     """
     n = start_block.shape[1]
     dtype = start_block.dtype
@@ -287,7 +300,8 @@ def solve(
             f"k={k} eigenvalues need at least k Lanczos steps; only {steps_per_cycle} allowed"
         )
     rows = -(-(steps_per_cycle + 1) // BLOCK_ROWS) * BLOCK_ROWS  # whole blocks
-    sizes = _ritz_sizes(k, steps_per_cycle)
+    block = min(max(block_size, k), steps_per_cycle)
+    sizes = _ritz_sizes(block, steps_per_cycle)
     stop_bound = jnp.maximum(tolerance, noise_floor)
     start = start_vector(start_block, key, start_noise)
 
@@ -297,11 +311,12 @@ def solve(
         # The basis is reused: rows past a cycle's steps are stale and get weight zero.
         run = _run_cycle(
             matvec, basis, start, limit, jax.random.fold_in(key, cycle + 1), stop_bound,
-            k=k, sizes=sizes,
+            k=k, block=block, sizes=sizes,
         )
         estimates = run.estimates
         vectors = _combine_rows(run.basis, estimates.coordinates, run.j)
-        vectors = vectors / jnp.linalg.norm(vectors, axis=1, keepdims=True)
+        norms = jnp.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / jnp.where(norms > 0, norms, 1.0)
         exhausted = run.j == n  # a whole space: exact
         converged = run.converged | exhausted
         restart = start_vector(vectors, key, jnp.zeros((), dtype))  # no random component
@@ -312,13 +327,13 @@ def solve(
         _, used, _, _, _, _, converged, finite = state
         return (used < max_steps) & ~converged & finite
 
-    empty = _no_estimates(k, rows, dtype)
+    empty = _no_estimates(block, rows, dtype)
     basis = jnp.zeros((rows, n), dtype)
-    initial = (jnp.int32(0), jnp.int32(0), start, basis, empty, jnp.zeros((k, n), dtype),
+    initial = (jnp.int32(0), jnp.int32(0), start, basis, empty, jnp.zeros((block, n), dtype),
                jnp.bool_(False), jnp.bool_(True))
     _, used, _, _, estimates, vectors, converged, _ = jax.lax.while_loop(
         cycle_cond, cycle_body, initial
     )
     return LanczosResult(
-        estimates.top, vectors, estimates.bottom, used, estimates.bound, converged
+        estimates.top[:k], vectors, estimates.bottom, used, estimates.bound, converged
     )

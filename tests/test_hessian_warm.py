@@ -56,7 +56,7 @@ def test_warm_start_agrees_with_cold_takes_fewer_products_and_does_not_recompile
     np.testing.assert_allclose(
         np.asarray(ravel_pytree(direction)[0]), np.asarray(warm_info.ritz_vectors[0]), atol=1e-6
     )
-    assert warm_info.ritz_vectors.shape == (1, ravel_pytree(params)[0].size)
+    assert warm_info.ritz_vectors.shape == (3, ravel_pytree(params)[0].size)  # k + 2 rows
 
 
 def test_warm_block_of_three(moving_mlp):
@@ -69,7 +69,7 @@ def test_warm_block_of_three(moving_mlp):
     assert relative_errors(warm, spectrum[:3]).max() < 1e-4
     assert relative_errors(cold, spectrum[:3]).max() < 1e-4
     assert int(warm_info.matrix_vector_products) < int(cold_info.matrix_vector_products)
-    ritz = np.asarray(warm_info.ritz_vectors, np.float64)  # [3, n]
+    ritz = np.asarray(warm_info.ritz_vectors, np.float64)[:3]  # [3 of 5, n]
     np.testing.assert_allclose(ritz @ ritz.T, np.eye(3), atol=1e-4)
     residuals = np.linalg.norm(ritz @ hessian_after - np.asarray(warm)[:, None] * ritz, axis=1)
     assert residuals.max() < 1e-2 * spectrum[0]  # each row is close to its eigenvector
@@ -138,7 +138,7 @@ def test_work_does_not_grow_with_max_steps():
     def solve(max_steps):
         def run(a, start, key):
             return lanczos.solve(lambda v: a @ v, start, key, jnp.float32(1e-5), jnp.float32(0),
-                                 jnp.float32(0), k=1, max_steps=max_steps)
+                                 jnp.float32(0), k=1, max_steps=max_steps, block_size=3)
         return jax.make_jaxpr(run)(matrix, jnp.zeros((1, n)), jax.random.PRNGKey(0)).jaxpr
 
     rows = -(-(lanczos.MAX_BASIS_STEPS + 1) // lanczos.BLOCK_ROWS) * lanczos.BLOCK_ROWS
@@ -147,7 +147,7 @@ def test_work_does_not_grow_with_max_steps():
 
 def dense_solve(matrix, start, key, tolerance, *, k, max_steps, start_noise=0.0):
     return lanczos.solve(lambda v: matrix @ v, start, key, tolerance, jnp.float32(0),
-                         jnp.float32(start_noise), k=k, max_steps=max_steps)
+                         jnp.float32(start_noise), k=k, max_steps=max_steps, block_size=k)
 
 
 def clustered_spectrum(n=400):
