@@ -95,7 +95,7 @@ def run(num_steps: int, every: int, data_dir) -> None:
                     jax.random.PRNGKey(0))
     for step in range(0, num_steps + 1, every):
         if step:
-            params = train(params, batch, every)
+            params = jax.block_until_ready(train(params, batch, every))
         key = jax.random.PRNGKey(step)
         for setting in SETTINGS:
             seconds, value, products, block = timed_check(
