@@ -17,11 +17,12 @@ What comes from matfree (0.6.3) and what is ours, and why:
   we hand it our flat matvec, so the products are ours.
 - Spectral density: our own Lanczos (`sam_eos.lanczos.tridiagonal`, the cycle that
   `top_eigenvalues` runs, with no stopping test), not matfree's `tridiag_sym`. One Lanczos in
-  the project (the issue asks for no second one), and ours survives a breakdown (an invariant
-  Krylov space, e.g. a low-rank Hessian of a small batch): it continues from an orthogonal
-  random direction, where matfree's full-reorthogonalisation tridiagonalisation divides by the
-  zero residual norm. Gauss quadrature nodes and weights are the eigenvalues of T and the
-  squared first components of its eigenvectors (Golub and Meurant): ours, a few lines.
+  the project (the issue asks for no second one), and ours has a breakdown test: when the
+  Krylov space becomes invariant it continues from an orthogonal random direction, where
+  matfree's `tridiag_sym` divides by the residual norm (an exact breakdown, e.g. a probe that is
+  an eigenvector, gives nan there; tests/test_spectrum.py has that case). Gauss quadrature
+  nodes and weights are the eigenvalues of T and the squared first components of its
+  eigenvectors (Golub and Meurant): ours, a few lines.
 - Batch sharpness and SAM-point sharpness: matfree has nothing for them; they are one product
   per batch and one `top_eigenvalues` call.
 

@@ -130,6 +130,19 @@ def test_tridiagonal_of_a_low_rank_operator_survives_breakdown():
     np.testing.assert_allclose(float(jnp.sum(nodes * weights)), expected_moment, atol=1e-5)
 
 
+def test_tridiagonal_of_an_exact_eigenvector_puts_all_weight_on_its_eigenvalue():
+    # The first residual is exactly zero (matfree's tridiag_sym gives nan here).
+    matrix = jnp.diag(jnp.asarray([3.0, 1.0, -2.0] + [0.0] * 17))
+    start = jnp.zeros((20,)).at[0].set(1.0)
+    alpha, beta = lanczos.tridiagonal(lambda v: matrix @ v, start, jax.random.PRNGKey(0), steps=4)
+    nodes, weights = spectrum.gauss_quadrature(alpha, beta)
+    assert float(beta[0]) == 0.0
+    assert np.all(np.isfinite(np.asarray(nodes)))
+    assert np.all((np.asarray(nodes) >= -2.0 - 1e-5) & (np.asarray(nodes) <= 3.0 + 1e-5))
+    np.testing.assert_allclose(float(jnp.sum(weights * (nodes == nodes.max()))), 1.0, atol=1e-6)
+    np.testing.assert_allclose(float(nodes.max()), 3.0, rtol=1e-6)
+
+
 def stacked_batches(batch, num_batches):
     """The batch split into `num_batches` equal batches stacked along a new leading axis."""
     return jax.tree.map(lambda x: x.reshape(num_batches, -1, *x.shape[1:]), batch)
