@@ -340,3 +340,30 @@ def solve(
     return LanczosResult(
         estimates.top[:k], vectors, estimates.bottom, used, estimates.bound, converged
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The plain tridiagonalisation (issue 15: spectral density by stochastic Lanczos quadrature)
+
+
+def tridiagonal(
+    matvec: Matvec, start: jax.Array, key: jax.Array, *, steps: int
+) -> tuple[jax.Array, jax.Array]:
+    """`(alpha [steps], beta [steps - 1])`: the Lanczos tridiagonal T of `matvec` after exactly
+    `steps` products from the unit vector `start` [n] (trace inside a jit; steps <= n).
+
+    The same cycle as `solve` (full reorthogonalisation), with no stopping test and no restart.
+    After a breakdown beta is 0 and the run continues from a random direction (`key`)
+    orthogonal to the basis, so every eigenvalue of T still lies in the operator's spectrum's
+    range and T's later blocks carry no weight of `start`.
+    """
+    n = start.shape[0]
+    if not 1 <= steps <= n:
+        raise ValueError(f"steps={steps} must be between 1 and the dimension {n}")
+    rows = -(-(steps + 1) // BLOCK_ROWS) * BLOCK_ROWS  # whole blocks
+    basis = jnp.zeros((rows, n), start.dtype)
+    never = jnp.asarray(-jnp.inf, start.dtype)  # no stopping test: exactly `steps` products
+    run = _run_cycle(
+        matvec, basis, start, steps, key, never, k=1, sizes=_ritz_sizes(1, steps)
+    )
+    return run.alpha[:steps], run.beta[: steps - 1]
