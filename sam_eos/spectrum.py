@@ -167,7 +167,7 @@ def density_on_grid(
 # Batch sharpness
 
 
-def _gradient_curvature(loss_fn: LossFn, params: PyTree, batch: PyTree) -> jax.Array:
+def gradient_curvature(loss_fn: LossFn, params: PyTree, batch: PyTree) -> jax.Array:
     """g^T H g / ||g||^2 of one batch (g its gradient, H its Hessian): one gradient, one product
     (nan for a zero gradient)."""
     gradient_fn = lambda p: jax.grad(loss_fn)(p, batch)  # noqa: E731
@@ -179,7 +179,7 @@ def _gradient_curvature(loss_fn: LossFn, params: PyTree, batch: PyTree) -> jax.A
 def batch_sharpness_samples(loss_fn: LossFn, params: PyTree, batches: PyTree) -> jax.Array:
     """float [B]: g_b^T H_b g_b / ||g_b||^2 for each batch b stacked along the leading axis of
     every leaf of `batches` (one gradient and one product each, one batch at a time)."""
-    return jax.lax.map(lambda batch: _gradient_curvature(loss_fn, params, batch), batches)
+    return jax.lax.map(lambda batch: gradient_curvature(loss_fn, params, batch), batches)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn",))
