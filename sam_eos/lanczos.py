@@ -364,6 +364,6 @@ def tridiagonal(
     basis = jnp.zeros((rows, n), start.dtype)
     never = jnp.asarray(-jnp.inf, start.dtype)  # no stopping test: exactly `steps` products
     run = _run_cycle(
-        matvec, basis, start, steps, key, never, k=1, sizes=_ritz_sizes(1, steps)
+        matvec, basis, start, steps, key, never, k=1, block=1, sizes=_ritz_sizes(1, steps)
     )
     return run.alpha[:steps], run.beta[: steps - 1]
