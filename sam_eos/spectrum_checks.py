@@ -22,6 +22,7 @@ resumed run starts them cold).
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -164,11 +165,15 @@ class SpectrumChecks:
     def _measure(self, params, batch, feed, key, step, check_index) -> SpectrumResult:
         columns: dict[str, float] = {}
         density = None
+        seconds = {}  # measurement -> wall-clock seconds, logged
+        started = time.perf_counter()
         if self.trace is not None:
             estimate, error = jax.device_get(self.trace(params, batch, key, step))
             columns.update(trace=float(estimate), trace_standard_error=float(error))
+            seconds["trace"], started = time.perf_counter() - started, time.perf_counter()
         if self.batch_samples is not None:
             columns.update(self._batch_sharpness(params, feed))
+            seconds["batch sharpness"], started = time.perf_counter() - started, time.perf_counter()
         if self.sam_point is not None:
             start = self.cold_vectors if self.ritz_vectors is None else self.ritz_vectors
             out = self.sam_point(params, batch, key, step, start)
@@ -176,10 +181,15 @@ class SpectrumChecks:
             self.ritz_vectors = jax.device_put(out["ritz_vectors"], self.cold_vectors.sharding)
             columns.update(sam_point_sharpness=float(out["value"]),
                            sam_point_hessian_vector_products=float(out["products"]))
+            seconds["SAM point"], started = time.perf_counter() - started, time.perf_counter()
         every = self.options.spectral_density_every_checks
         if self.density is not None and check_index % every == 0:
             nodes, weights = jax.device_get(self.density(params, batch, key, step))
             density = (np.asarray(nodes), np.asarray(weights))
+            seconds["density"] = time.perf_counter() - started
+        logging.info("spectrum at step %d: %s | %s", step,
+                     ", ".join(f"{name} {value:.6g}" for name, value in columns.items()),
+                     ", ".join(f"{name} {value:.2f} s" for name, value in seconds.items()))
         return SpectrumResult(columns, density)
 
     def _batch_sharpness(self, params: PyTree, feed: Feed) -> dict[str, float]:
