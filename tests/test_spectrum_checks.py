@@ -200,3 +200,38 @@ def test_the_sam_point_sharpness_is_warm_started_and_matches_a_cold_solve(tmp_pa
     if rho == 0:  # the SAM point is w: the same eigenvalue as the main check
         np.testing.assert_allclose(result.rows[0]["sam_point_sharpness"],
                                    result.rows[0]["lambda_max"], rtol=1e-4)
+
+
+def test_sam_eos_plot_redraws_the_density_from_the_saved_file(tmp_path):
+    from tests.test_plots import run_plot
+
+    raw = tmp_path / "raw.txt"
+    columns = records.column_names(1)
+    writer = records.RawDataWriter(str(raw), columns, {"run_name": "fake", "step_size": 0.1})
+    writer.row(dict.fromkeys(columns, 1.0))
+    writer.close()
+    densities = records.DensityWriter(density_data_path(str(raw)))
+    for step, check in fake_densities(3).items():
+        marks = dict(zip(records.DENSITY_MARKS, check["marks"], strict=True))
+        densities.add(step, check["nodes"], check["weights"], marks)
+    result = run_plot(raw)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"wrote {tmp_path / 'density.pdf'}" in result.stdout
+    assert_valid_pdf(tmp_path / "density.pdf")
+    alone = tmp_path / "alone.png"
+    result = run_plot(density_data_path(str(raw)), f"--density_output={alone}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert alone.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_trace_flags_reject_a_negative_value_with_exit_code_2(tmp_path):
+    from sam_eos import errors
+    from tests.test_programs import run, shakespeare_like_text
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare_like_text())
+    result = run(["-m", "transformer", f"--corpus={corpus}", "--test_lines=100",
+                  "--hessian_trace_matvecs=-1", f"--output_dir={tmp_path}"], timeout=120)
+    assert result.returncode == errors.EXIT_BAD_INPUT == 2
+    assert "--hessian_trace_matvecs must be 0 (off) or at least 4 (XTrace" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "raw.txt").exists()
