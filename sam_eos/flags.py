@@ -15,9 +15,10 @@ from jax.sharding import Mesh
 from sam_eos import distributed, hessian
 from sam_eos.command_line import project_flag_values
 from sam_eos.errors import InputError
-from sam_eos.outputs import output_paths
+from sam_eos.outputs import DENSITY_FILE_NAME, output_paths
 from sam_eos.plots import X_AXES, check_plot_format
 from sam_eos.records import check_output_path
+from sam_eos.spectrum_checks import TRACE_MIN_MATVECS, SpectrumOptions
 from sam_eos.train import Outputs, TrainConfig
 
 FLAGS = flags.FLAGS
@@ -115,10 +116,57 @@ def define_shared_flags(
     )
     flags.DEFINE_enum("plot_x", "steps", list(X_AXES),
                       "The plots' x-axis: steps, or hours of training time.")
+    _define_spectrum_flags()
     flags.DEFINE_float(
         "progress_every_seconds", 30.0, "Seconds of training time between progress lines "
         "(a live bar instead on a terminal; 0: off)."
     )
+
+
+def _define_spectrum_flags() -> None:
+    """The optional measurements of each check (issue 15), all off by default."""
+    flags.DEFINE_integer(
+        "hessian_trace_matvecs", 0, "Estimate tr H at each check with this many Hessian-vector "
+        f"products (XTrace; at least {TRACE_MIN_MATVECS}): columns trace, "
+        "trace_standard_error (0: off).")
+    flags.DEFINE_integer(
+        "spectral_density_every_checks", 0, "Every this many checks, the spectral density by "
+        "stochastic Lanczos quadrature (256 products), saved in <raw stem>_density.npz and "
+        "drawn into --density_output (0: off).")
+    flags.DEFINE_bool(
+        "batch_sharpness", False, "Column batch_sharpness: the mean of g_B^T H_B g_B / "
+        "||g_B||^2 over training minibatches, until its standard error is 1 % of it (at most "
+        "64 batches).")
+    flags.DEFINE_bool(
+        "sam_point_sharpness", False, "Column sam_point_sharpness: the top Hessian eigenvalue "
+        "at the SAM point w + rho g/||g|| (Lanczos, warm-started from the previous check).")
+    flags.DEFINE_string(
+        "density_output", "/tmp/density.pdf", "Where to draw the spectral densities (with "
+        f"--spectral_density_every_checks; default: {DENSITY_FILE_NAME} inside --output_dir "
+        "when set, else this /tmp path; empty: skip).")
+
+
+def spectrum_options_from_flags() -> SpectrumOptions:
+    """The optional measurements' flags, checked; raises InputError."""
+    matvecs, every = FLAGS.hessian_trace_matvecs, FLAGS.spectral_density_every_checks
+    require(matvecs == 0 or matvecs >= TRACE_MIN_MATVECS,
+            f"--hessian_trace_matvecs must be 0 (off) or at least {TRACE_MIN_MATVECS} (XTrace "
+            f"needs two probes of two products; got {matvecs})")
+    require(every >= 0, f"--spectral_density_every_checks must be >= 0 (got {every}); 0 turns "
+            "the densities off")
+    return SpectrumOptions(hessian_trace_matvecs=matvecs, spectral_density_every_checks=every,
+                           batch_sharpness=FLAGS.batch_sharpness,
+                           sam_point_sharpness=FLAGS.sam_point_sharpness)
+
+
+def density_output_from_flags(options: SpectrumOptions) -> str:
+    """The density plot's path: --density_output when given, else density.pdf inside
+    --output_dir when set, else its default; '' when the densities are off."""
+    if not options.spectral_density_every_checks:
+        return ""
+    if FLAGS["density_output"].using_default_value and FLAGS.output_dir:
+        return os.path.join(FLAGS.output_dir, DENSITY_FILE_NAME)
+    return FLAGS.density_output
 
 
 def default_compilation_cache_dir() -> str:
@@ -201,13 +249,19 @@ def train_config_from_flags(run_name: str,
     progress = FLAGS.progress_every_seconds
     require(math.isfinite(progress) and progress >= 0,
             f"--progress_every_seconds must be >= 0 (got {progress}); 0 turns progress off")
+    spectrum = spectrum_options_from_flags()
     outputs = {}
     for field, (name, path) in output_paths_from_flags().items():
         check_output_path(path, name)
         if path and field != "raw_data":
             check_plot_format(path, name)
         outputs[field] = path
-    _refuse_aliases({f"--{OUTPUT_FLAGS[field]}": path for field, path in outputs.items()},
+    density = density_output_from_flags(spectrum)
+    check_output_path(density, "density_output")
+    if density:
+        check_plot_format(density, "density_output")
+    _refuse_aliases({**{f"--{OUTPUT_FLAGS[field]}": path for field, path in outputs.items()},
+                     "--density_output": density},
                     {f"--{name}": path for name, path in (input_paths or {}).items()})
     return TrainConfig(
         step_size=FLAGS.step_size,
@@ -221,12 +275,13 @@ def train_config_from_flags(run_name: str,
         eigensolver_max_iterations=FLAGS.eigensolver_max_iterations,
         eigensolver_tolerance=tolerance,
         seed=FLAGS.seed,
-        outputs=Outputs(**outputs),
+        outputs=Outputs(**outputs, density_curve=density),
         run_name=run_name,
         checkpoint_dir=FLAGS.checkpoint_dir,
         checkpoint_every_minutes=minutes,
         plot_x=FLAGS.plot_x,
         progress_every_seconds=progress,
+        spectrum=spectrum,
     )
 
 

@@ -1,13 +1,26 @@
 """Exact Hessian-vector products and the top of the Hessian's spectrum.
 
-`top_eigenvalues` runs Lanczos with full reorthogonalisation on exact (forward-over-reverse)
-Hessian-vector products, inside one jit-compiled `lax.while_loop`, so a run compiles it once
-per parameter shape and every later check reuses the executable. The paper's own estimator,
-power iteration on central finite differences, is kept as `method="power"` for side-by-side
-comparisons.
+`top_eigenvalues` runs Lanczos (`sam_eos.lanczos`) with full reorthogonalisation on exact
+Hessian-vector products, inside one jit-compiled function, so a run compiles it once per
+parameter shape and every later check reuses the executable. A check can start warm from the
+previous check's Ritz vectors (`start_vectors=info.ritz_vectors`): a cold start is the same
+call with `start_vectors=None` (zeros), so warm and cold share one executable. The paper's own
+estimator, power iteration on central finite differences, is kept as `method="power"` for
+side-by-side comparisons.
 
-Memory: Lanczos stores its basis, `(max_iterations + 1) x num_params` numbers in the parameters'
-dtype: 100 iterations of the 2.8M-parameter MNIST MLP take 1.1 GB (float32).
+A check can also run in bounded chunks, e.g. to read a stop flag in between: call with a fixed
+`max_iterations=C` (one executable), `start_vectors` the previous chunk's `info.ritz_vectors`
+and `start_noise=0.0`, until `info.converged`; each chunk restarts from the previous one's Ritz
+vectors (for k > 1 on clustered eigenvalues, prefer chunks of 32 products or more).
+
+Accelerators: `product_noise_floor` measures the products' relative error at the default matmul
+precision against "highest" (once per run); passed as `noise_floor`, it bounds the reported
+`error_bound` from below. When it exceeds the tolerance, the tolerance cannot be met at that
+precision: run the checks with `precision="highest"` (whose floor is 0 by this measure), or
+keep the default and report `error_bound` as it is.
+
+Memory: Lanczos stores its basis, `(min(max_iterations, 128) + 1) x num_params` numbers in the
+parameters' dtype: 100 rows of the 2.8M-parameter MNIST MLP take 1.1 GB (float32).
 """
 
 import functools
@@ -18,33 +31,126 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from sam_eos import lanczos
 from sam_eos.power_iteration import power_iteration
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
+# `(v, hv) -> hv'` on flat [n] vectors: a change applied to every product (tests inject noise).
+ProductTransform = Callable[[jax.Array, jax.Array], jax.Array]
 
 METHODS = ("lanczos", "power")
+# Lanczos: the products allowed per call, over restarts from its Ritz vectors (the basis holds
+# at most lanczos.MAX_BASIS_STEPS of them at once, so a huge value costs nothing unused).
 DEFAULT_MAX_ITERATIONS = {"lanczos": 100, "power": 100}
 # Lanczos stops when min(res, res^2 / gap), its estimate of each eigenvalue's error, is below
 # tolerance * ||H||; 1e-5 leaves a margin of ten below the 1e-4 relative error asked of it.
 DEFAULT_TOLERANCE = {"lanczos": 1e-5, "power": 1e-3}
+# How Hessian-vector products are formed: "linearize" linearises the gradient once per check
+# (one primal pass, reused by every product); "forward_over_reverse" is jvp(grad) per product.
+HVP_MODES = ("auto", "linearize", "forward_over_reverse")
+AUTO_HVP_MODE = {"cpu": "forward_over_reverse"}  # measured: BENCHMARKS.md; others: linearize
+# Weight of the unit random vector added to a warm start's unit combination of Ritz vectors,
+# so that a direction that has become the top one since the last check can still be found.
+DEFAULT_START_NOISE = 1e-2
+# Ritz vectors kept for the next warm start beyond the k asked for: the directions next in line
+# can overtake the top k between two checks (measured: BENCHMARKS.md, warm starts).
+DEFAULT_EXTRA_VECTORS = 2
 
 
 class EigenInfo(NamedTuple):
-    """Diagnostics of one eigensolver run (all jax scalars)."""
+    """Diagnostics of one eigensolver run (all jax scalars unless said)."""
 
     bottom_eigenvalue: jax.Array  # smallest Ritz value (Lanczos); nan for power iteration
     # Hessian-vector products used (int32); for power iteration, finite-difference products,
     # each of which costs two gradient evaluations.
     matrix_vector_products: jax.Array
-    error_bound: jax.Array  # estimated error of the top eigenvalues, relative to ||H||
-    converged: jax.Array  # bool: met the tolerance before max_iterations
+    # Estimated error of the top eigenvalues relative to ||H||: for Lanczos, the larger of its
+    # own estimate and the `noise_floor` it was given.
+    error_bound: jax.Array
+    converged: jax.Array  # bool: met max(tolerance, noise_floor) before max_iterations
+    # float [block_size, num_params]: the top unit Ritz vectors, flat in `ravel_pytree(params)`
+    # order (zero rows where fewer were found); pass them as the next check's `start_vectors`.
+    # Power iteration: its principal direction in row 0, zeros elsewhere.
+    ritz_vectors: jax.Array | None = None
 
 
 def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree) -> PyTree:
     """The exact Hessian-vector product H(params) v (forward-over-reverse): a params pytree."""
     gradient = lambda p: jax.grad(loss_fn)(p, batch)  # noqa: E731
     return jax.jvp(gradient, (params,), (v,))[1]
+
+
+def resolve_hvp_mode(hvp_mode: str, backend: str | None = None) -> str:
+    """The concrete product mode for `hvp_mode` ("auto": the faster one measured on `backend`,
+    default JAX's default backend)."""
+    if hvp_mode not in HVP_MODES:
+        raise ValueError(f"unknown hvp_mode {hvp_mode!r}; choose one of {HVP_MODES}")
+    if hvp_mode != "auto":
+        return hvp_mode
+    return AUTO_HVP_MODE.get(backend or jax.default_backend(), "linearize")
+
+
+def hessian_operator(
+    loss_fn: LossFn, params: PyTree, batch: PyTree, hvp_mode: str = "auto"
+) -> tuple[jax.Array, Callable[[jax.Array], PyTree], Callable[[jax.Array], jax.Array]]:
+    """`(flat_params [n], unravel, matvec)`, matvec: flat [n] -> H flat [n] (exact).
+
+    With "linearize" the gradient's primal pass runs here, once; call this inside a jit and
+    reuse `matvec`.
+    """
+    flat_params, unravel = ravel_pytree(params)
+
+    def flat_gradient(flat):
+        return ravel_pytree(jax.grad(loss_fn)(unravel(flat), batch))[0]
+
+    if resolve_hvp_mode(hvp_mode) == "linearize":
+        _, matvec = jax.linearize(flat_gradient, flat_params)
+    else:
+        def matvec(v):
+            return jax.jvp(flat_gradient, (flat_params,), (v,))[1]
+    return flat_params, unravel, matvec
+
+
+def warm_block_size(k: int, block_size: int | None = None) -> int:
+    """Rows of `start_vectors` / `ritz_vectors` for k eigenvalues (default k + 2)."""
+    return k + DEFAULT_EXTRA_VECTORS if block_size is None else max(block_size, k)
+
+
+def cold_start_vectors(params: PyTree, k: int, block_size: int | None = None) -> jax.Array:
+    """float zeros [warm_block_size(k, block_size), num_params]: the `start_vectors` of a cold
+    start, shaped like a warm one (for a loop's state or a checkpoint before the first check)."""
+    flat, _ = ravel_pytree(params)
+    return jnp.zeros((warm_block_size(k, block_size), flat.size), flat.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "precision", "product_transform"))
+def product_noise_floor(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    vector: jax.Array,
+    *,
+    precision: str | None = None,
+    product_transform: ProductTransform | None = None,
+) -> jax.Array:
+    """Relative error of the solver's products: ||H_p v - H v|| / ||H v|| (float scalar).
+
+    H_p v is the product at matmul `precision` (None: JAX's default, e.g. TF32 on recent
+    GPUs), through `product_transform` if given; H v is the product at "highest" precision.
+    `vector` is flat [num_params]; pass the first check's top Ritz vector
+    (`info.ritz_vectors[0]`): then ||H v|| ~ ||H|| and the value bounds the products' shift of
+    the top Ritz value relative to ||H|| (|v^T E v| <= ||E v||). Measure it once per run and
+    pass it as `noise_floor` to later checks.
+    """
+    _, _, matvec = hessian_operator(loss_fn, params, batch, "forward_over_reverse")
+    with jax.default_matmul_precision(precision):
+        product = matvec(vector)
+    if product_transform is not None:
+        product = product_transform(vector, product)
+    with jax.default_matmul_precision("highest"):
+        reference = matvec(vector)
+    return jnp.linalg.norm(product - reference) / jnp.linalg.norm(reference)
 
 
 def top_eigenvalues(
@@ -58,6 +164,13 @@ def top_eigenvalues(
     tolerance: float | None = None,
     key: jax.Array | None = None,
     return_info: bool = False,
+    start_vectors: jax.Array | None = None,
+    block_size: int | None = None,
+    start_noise: float = DEFAULT_START_NOISE,
+    noise_floor: float | jax.Array = 0.0,
+    hvp_mode: str = "auto",
+    precision: str | None = None,
+    product_transform: ProductTransform | None = None,
 ):
     """The k algebraically largest eigenvalues of the Hessian of `loss_fn` at `params`.
 
@@ -68,15 +181,29 @@ def top_eigenvalues(
       k: how many eigenvalues.
       method: "lanczos" (default; exact HVPs, full reorthogonalisation, stops when the
         estimated error of every top-k Ritz value, and of the bottom one when it may be the
-        largest in magnitude, is below `tolerance * ||H||`) or "power"
+        largest in magnitude, is below `max(tolerance, noise_floor) * ||H||`) or "power"
         (`sam_eos.power_iteration`, the original's estimator: power iteration on central
         finite differences, stopping when successive product norms agree to `tolerance`
         relatively; it returns magnitudes, the norms of the last products, estimating the
         largest |eigenvalues|; block power with Gram-Schmidt for k > 1).
-      max_iterations: Lanczos steps (each one HVP) or power iterations; default 100.
+      max_iterations: HVPs allowed (Lanczos, over restarts every 128 steps) or power
+        iterations; default 100. Static: a fixed value compiles once.
       tolerance: default 1e-5 (Lanczos) or 1e-3 (power, as the original).
-      key: PRNG key for the starting vector; default `PRNGKey(0)`.
+      key: PRNG key for the random start (component); default `PRNGKey(0)`.
       return_info: also return an `EigenInfo`.
+      start_vectors: Lanczos only: float [warm_block_size(k, block_size), num_params] (flat,
+        `ravel_pytree` order), the previous check's `info.ritz_vectors`; None, all zeros or
+        non-finite: a cold start. Warm and cold calls share one compiled solver.
+      block_size: Ritz vectors returned for the next warm start (default k + 2; static).
+      start_noise: weight of a unit random vector added to a warm start (traced); 0 to
+        continue a chunked solve exactly from the previous chunk.
+      noise_floor: the products' relative error (`product_noise_floor`, traced); the reported
+        error bound is at least this, and steps stop once the bound is below it.
+      hvp_mode: "auto" (per backend, see AUTO_HVP_MODE), "linearize" or
+        "forward_over_reverse".
+      precision: matmul precision of the products (None: JAX's default; "highest" removes
+        the TF32 noise floor on GPUs at a cost in time).
+      product_transform: `(v, hv) -> hv'` applied to every product (tests: injected noise).
     Returns:
       `(eigenvalues, principal_direction)`: eigenvalues float [k] in descending order and the
       unit eigenvector (a params-shaped pytree) of the first; plus `EigenInfo` if asked.
@@ -87,180 +214,65 @@ def top_eigenvalues(
     tolerance = DEFAULT_TOLERANCE[method] if tolerance is None else tolerance
     if key is None:
         key = jax.random.PRNGKey(0)
-    solver = _lanczos if method == "lanczos" else _power_iteration
-    eigenvalues, direction, info = solver(
-        loss_fn, params, batch, key, jnp.float32(tolerance), k=k, max_iterations=max_iterations
-    )
+    if method == "power":
+        eigenvalues, direction, info = _power_iteration(
+            loss_fn, params, batch, key, jnp.float32(tolerance), k=k,
+            max_iterations=max_iterations,
+        )
+        flat_direction = ravel_pytree(direction)[0]
+        block = cold_start_vectors(params, k, block_size).at[0].set(flat_direction)
+        info = info._replace(ritz_vectors=block)
+    else:
+        if start_vectors is None:
+            start_vectors = cold_start_vectors(params, k, block_size)
+        eigenvalues, direction, info = _lanczos_check(
+            loss_fn, params, batch, key, jnp.float32(tolerance), jnp.float32(noise_floor),
+            start_vectors, jnp.float32(start_noise), k=k, max_iterations=max_iterations,
+            block_size=warm_block_size(k, block_size),
+            hvp_mode=resolve_hvp_mode(hvp_mode), precision=precision,
+            product_transform=product_transform,
+        )
     if return_info:
         return eigenvalues, direction, info
     return eigenvalues, direction
 
 
 def lanczos_iterations_allowed(num_params: int, max_iterations: int) -> int:
-    """How many Lanczos steps fit: a Krylov space has at most `num_params` dimensions."""
-    return min(max_iterations, num_params)
+    """Lanczos steps one cycle holds: a Krylov space has at most `num_params` dimensions, and
+    the basis at most lanczos.MAX_BASIS_STEPS rows (then Lanczos restarts)."""
+    return lanczos.basis_steps(num_params, max_iterations)
 
 
-def _flat_problem(loss_fn: LossFn, params: PyTree, batch: PyTree):
-    """(flat params, unravel, v -> H v on flat vectors)."""
-    flat_params, unravel = ravel_pytree(params)
+@functools.partial(
+    jax.jit,
+    static_argnames=("loss_fn", "k", "max_iterations", "block_size", "hvp_mode", "precision",
+                     "product_transform"),
+)
+def _lanczos_check(loss_fn, params, batch, key, tolerance, noise_floor, start_vectors,
+                   start_noise, *, k, max_iterations, block_size, hvp_mode, precision,
+                   product_transform):
+    """One Lanczos check: `(top [k], principal direction pytree, EigenInfo)`."""
+    with jax.default_matmul_precision(precision):
+        flat_params, unravel, matvec = hessian_operator(loss_fn, params, batch, hvp_mode)
 
-    def matvec(v: jax.Array) -> jax.Array:
-        return ravel_pytree(hvp(loss_fn, params, batch, unravel(v)))[0]
+    def product(v):
+        with jax.default_matmul_precision(precision):
+            hv = matvec(v)
+        return hv if product_transform is None else product_transform(v, hv)
 
-    return flat_params, unravel, matvec
-
-
-BLOCK_ROWS = 8  # basis rows orthogonalised against per block
-
-
-def _orthogonalise(basis: jax.Array, w: jax.Array, num_rows: jax.Array) -> jax.Array:
-    """w minus its projection on the first `num_rows` rows of `basis` (the rest are zero).
-
-    Block modified Gram-Schmidt, twice ("twice is enough"), sweeping only the blocks of
-    BLOCK_ROWS rows that hold vectors: a Lanczos step costs O(steps so far x params), not
-    O(max_iterations x params). `basis` has a multiple of BLOCK_ROWS rows.
-    """
-    num_blocks = (num_rows + BLOCK_ROWS - 1) // BLOCK_ROWS
-
-    def project_out(b, w):
-        block = jax.lax.dynamic_slice_in_dim(basis, b * BLOCK_ROWS, BLOCK_ROWS)
-        return w - (block @ w) @ block
-
-    for _ in range(2):
-        w = jax.lax.fori_loop(0, num_blocks, project_out, w)
-    return w
-
-
-def _error_bound(residual: jax.Array, gap: jax.Array) -> jax.Array:
-    """Error of a Ritz value with residual norm `residual`: at most the residual, and about
-    residual^2 / gap when the nearest other Ritz value is `gap` away (unknown: infinite gap)."""
-    return jnp.where(jnp.isfinite(gap), jnp.minimum(residual, residual**2 / gap), residual)
-
-
-def _combine_rows(basis: jax.Array, coefficients: jax.Array, num_rows: jax.Array) -> jax.Array:
-    """sum_i coefficients[i] * basis[i] over the first `num_rows` rows, block by block."""
-    padded = jnp.zeros((basis.shape[0],), basis.dtype).at[: coefficients.size].set(coefficients)
-
-    def add_block(b, total):
-        rows = jax.lax.dynamic_slice_in_dim(basis, b * BLOCK_ROWS, BLOCK_ROWS)
-        weights = jax.lax.dynamic_slice_in_dim(padded, b * BLOCK_ROWS, BLOCK_ROWS)
-        return total + weights @ rows
-
-    num_blocks = (num_rows + BLOCK_ROWS - 1) // BLOCK_ROWS
-    return jax.lax.fori_loop(0, num_blocks, add_block, jnp.zeros((basis.shape[1],), basis.dtype))
-
-
-@functools.partial(jax.jit, static_argnames=("loss_fn", "k", "max_iterations"))
-def _lanczos(loss_fn, params, batch, key, tolerance, *, k, max_iterations):
-    flat_params, unravel, matvec = _flat_problem(loss_fn, params, batch)
-    n = flat_params.size
-    m = lanczos_iterations_allowed(n, max_iterations)
-    if k > m:
-        raise ValueError(f"k={k} eigenvalues need at least k Lanczos steps; only {m} allowed")
-    dtype = flat_params.dtype
-    eps = jnp.finfo(dtype).eps
-    start = jax.random.normal(key, (n,), dtype)
-    rows = -(-(m + 1) // BLOCK_ROWS) * BLOCK_ROWS  # m + 1 rounded up to whole blocks
-    basis = jnp.zeros((rows, n), dtype).at[0].set(start / jnp.linalg.norm(start))
-    index = jnp.arange(m)
-
-    def ritz(alpha, beta, j):
-        """Eigen-decomposition of the leading (j+1) x (j+1) block of T, padded to m x m."""
-        active = index <= j
-        scale = jnp.max(jnp.abs(jnp.where(active, alpha, 0.0))) + 2 * jnp.max(jnp.abs(beta))
-        # Padding: a far-away diagonal, decoupled, so its eigenvalues sort below the block's.
-        diagonal = jnp.where(active, alpha, -4.0 * scale - 1.0)
-        off_diagonal = jnp.where(index[:-1] < j, beta[:-1], 0.0)
-        t = jnp.diag(diagonal) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
-        values, vectors = jnp.linalg.eigh(t)
-        return values, vectors
-
-    def estimates(alpha, beta, j):
-        values, vectors = ritz(alpha, beta, j)
-        num_active = j + 1
-        # eigh sorts ascending: the padding's far-away values come first, the block's last.
-        active = index >= m - num_active
-        top = jnp.flip(values)[:k]  # descending
-        top_vectors = jnp.flip(vectors, axis=1)[:, :k]
-        bottom = values[m - num_active]
-        norm_estimate = jnp.maximum(jnp.abs(top[0]), jnp.abs(bottom))
-        residual = jnp.abs(beta[j] * top_vectors[j])
-        # Gap from each top Ritz value to the nearest other active one: error <= res^2 / gap.
-        others = jnp.where(active, values, jnp.inf)
-        distances = jnp.abs(top[:, None] - others[None, :])
-        distances = jnp.where(distances == 0, jnp.inf, distances)  # itself
-        gap = jnp.min(distances, axis=1)
-        bound = jnp.max(_error_bound(residual, gap))
-        # The bottom Ritz value must converge too when it may be the operator norm
-        # (|lambda_min| >= lambda_max): hessian_norm = max(|lambda_max|, |lambda_min|).
-        bottom_residual = jnp.abs(beta[j] * vectors[j, m - num_active])
-        bottom_gap = jnp.min(jnp.where(
-            active & (values != bottom), jnp.abs(values - bottom), jnp.inf))
-        bottom_bound = _error_bound(bottom_residual, bottom_gap)
-        matters = jnp.abs(bottom) + bottom_residual >= jnp.abs(top[0])
-        bound = jnp.maximum(bound, jnp.where(matters & (num_active > 1), bottom_bound, 0.0))
-        relative_bound = bound / jnp.maximum(norm_estimate, jnp.finfo(dtype).tiny)
-        return top, top_vectors, bottom, norm_estimate, relative_bound
-
-    def fresh_direction(j, basis, w, b):
-        """A random unit vector orthogonal to the basis (a restart after a breakdown)."""
-        fresh = jax.random.normal(jax.random.fold_in(key, j), (n,), dtype)
-        fresh = _orthogonalise(basis, fresh, j + 1)
-        norm = jnp.linalg.norm(fresh)
-        return fresh / jnp.where(norm > 0, norm, 1.0)
-
-    def next_lanczos_vector(j, basis, w, b):
-        return w / b
-
-    def body(state):
-        j, basis, alpha, beta, _, _, previous_breakdown, norm_bound = state
-        v = basis[j]
-        w = matvec(v)
-        a = jnp.vdot(v, w)
-        previous = jnp.where(j > 0, beta[j - 1], 0.0) * basis[jnp.maximum(j - 1, 0)]
-        w = _orthogonalise(basis, w - a * v - previous, j + 1)
-        b = jnp.linalg.norm(w)
-        alpha = alpha.at[j].set(a)
-        # ||T|| <= max_i (|alpha_i| + |beta_{i-1}| + |beta_i|): a cheap scale for the test below.
-        norm_bound = jnp.maximum(norm_bound, jnp.abs(a) + jnp.abs(beta[jnp.maximum(j - 1, 0)]) + b)
-        # Breakdown: the Krylov space is invariant. Restart from a fresh random direction
-        # orthogonal to the basis, decoupled from it (beta = 0), so a low-rank Hessian does
-        # not divide by zero and a copy of a repeated eigenvalue can still be found (not
-        # guaranteed: the new block may stop before it converges to that copy).
-        breakdown = b <= 100 * eps * norm_bound
-        b = jnp.where(breakdown, 0.0, b)
-        beta = beta.at[j].set(b)
-        following = jax.lax.cond(
-            breakdown, fresh_direction, next_lanczos_vector, j, basis, w, b
-        )
-        basis = basis.at[j + 1].set(following)
-        _, _, _, _, relative_bound = estimates(alpha, beta, j)
-        # A first breakdown restarts (the Krylov space may have missed a copy of a repeated
-        # eigenvalue); a second one in a row means the rest of the space is flat: stop.
-        converged = (
-            (j + 1 >= k) & (relative_bound <= tolerance) & (~breakdown | previous_breakdown)
-        )
-        return j + 1, basis, alpha, beta, converged, relative_bound, breakdown, norm_bound
-
-    def cond(state):
-        j, _, _, _, converged, relative_bound, _, _ = state
-        # A nan or inf Hessian (a diverged run) stops at once, unconverged.
-        return (j < m) & ~converged & ((j == 0) | jnp.isfinite(relative_bound))
-
-    zeros = jnp.zeros((m,), dtype)
-    no = jnp.bool_(False)
-    state = (jnp.int32(0), basis, zeros, zeros, no, jnp.asarray(jnp.inf, dtype), no, zeros[0])
-    steps, basis, alpha, beta, converged, _, _, _ = jax.lax.while_loop(cond, body, state)
-    steps = jnp.maximum(steps, 1)
-    last = steps - 1
-    top, top_vectors, bottom, _, relative_bound = estimates(alpha, beta, last)
-    ritz_vector = _combine_rows(basis, jnp.where(index <= last, top_vectors[:, 0], 0.0), steps)
-    ritz_vector = ritz_vector / jnp.linalg.norm(ritz_vector)
-    # Exhausting the whole space (m == n steps) is exact.
-    converged = converged | (steps == n)
-    info = EigenInfo(bottom, steps, relative_bound, converged)
-    return top, unravel(ritz_vector), info
+    start_vectors = start_vectors.astype(flat_params.dtype)
+    result = lanczos.solve(
+        product, start_vectors, key, tolerance, noise_floor, start_noise, k=k,
+        max_steps=max_iterations, block_size=block_size,
+    )
+    info = EigenInfo(
+        bottom_eigenvalue=result.bottom,
+        matrix_vector_products=result.steps,
+        error_bound=jnp.maximum(result.bound, noise_floor),
+        converged=result.converged,
+        ritz_vectors=result.vectors,
+    )
+    return result.top, unravel(result.vectors[0]), info
 
 
 def _power_iteration(loss_fn, params, batch, key, tolerance, *, k, max_iterations):

@@ -1,4 +1,5 @@
-"""Redraws the four PDFs from raw-data files, one run or several overlaid (e.g. GD vs SAM).
+"""Redraws the four PDFs from raw-data files, one run or several overlaid (e.g. GD vs SAM),
+and the fifth, the spectral densities, from a run's `<raw stem>_density.npz`.
 
     python3 -m sam_eos.plot runs/gd/raw.txt                       # runs/gd/eigs.pdf, ...
     python3 -m sam_eos.plot runs/gd/raw.txt runs/sam/raw.txt --output_dir=runs/both
@@ -7,7 +8,9 @@
 The files get the programs' names (`sam_eos.outputs.OUTPUT_FILE_NAMES`: eigs.pdf,
 eigs_se_only.pdf, alignment.pdf, loss.pdf) in `--output_dir`, after `--output_prefix`. One file
 draws next to itself by default; several need `--output_dir`. `--<plot>_output` flags name one
-plot's path (empty: skip it).
+plot's path (empty: skip it). The density plot (density.pdf) is drawn when one raw-data file
+has its densities file beside it, or from a densities file given as an argument or with
+`--density_data` (alone or with raw data); `--density_output` names its path.
 """
 
 import os
@@ -17,9 +20,16 @@ from absl import app, flags
 
 from sam_eos.command_line import parse_flags
 from sam_eos.errors import EXIT_BAD_INPUT, InputError
-from sam_eos.outputs import PLOT_FIELDS, output_paths
-from sam_eos.plots import X_AXES, RunData, draw_runs
-from sam_eos.records import check_output_path, read_original_raw_data, read_raw_data
+from sam_eos.outputs import DENSITY_FILE_NAME, PLOT_FIELDS, output_paths
+from sam_eos.plots import X_AXES, RunData, draw_density, draw_runs
+from sam_eos.records import (
+    DENSITY_SUFFIX,
+    check_output_path,
+    density_data_path,
+    read_density,
+    read_original_raw_data,
+    read_raw_data,
+)
 
 RAW_DATA = flags.DEFINE_string("raw_data", None, "A raw-data file (or give files as arguments).")
 OUTPUT_DIR = flags.DEFINE_string(
@@ -32,6 +42,12 @@ ORIGINAL_FORMAT = flags.DEFINE_bool(
     "original_format", False, "The files were written by the original program (8 columns, no "
     "header, time in seconds); drawn against time."
 )
+DENSITY_DATA = flags.DEFINE_string(
+    "density_data", None, "A densities file (<raw stem>_density.npz) to draw (default: the one "
+    "beside the only raw-data file, if any).")
+DENSITY_OUTPUT = flags.DEFINE_string(
+    "density_output", None, f"The density plot's path (default: <output_dir>/<prefix>"
+    f"{DENSITY_FILE_NAME}; empty: skip it).")
 OUTPUTS = {
     field: flags.DEFINE_string(f"{field}_output", None, f"This plot's path (default: "
                                f"<output_dir>/<prefix>{name}; empty: skip it).")
@@ -66,21 +82,64 @@ def read_run(path: str, original_format: bool) -> RunData:
     return RunData(settings, columns, rows)
 
 
+def density_source(raw_paths: list[str], given: list[str]) -> str | None:
+    """The densities file to draw: the one given (at most one), else the one beside the only
+    raw-data file when it exists, else None."""
+    if len(given) > 1:
+        raise InputError(f"{len(given)} densities files given; the density plot draws one run")
+    if given:
+        if not os.path.isfile(given[0]):
+            raise InputError(f"{given[0]} is not a file")
+        return given[0]
+    if len(raw_paths) == 1 and os.path.isfile(density_data_path(raw_paths[0])):
+        return density_data_path(raw_paths[0])
+    return None
+
+
+def density_plot_path(source: str, output_dir: str | None, prefix: str,
+                      override: str | None) -> str:
+    """The density plot's path: `override` when given, else DENSITY_FILE_NAME after `prefix`
+    in `output_dir` (default: the densities file's directory)."""
+    if override is not None:
+        return override
+    directory = output_dir or os.path.dirname(os.path.abspath(source))
+    return os.path.join(directory, prefix + DENSITY_FILE_NAME)
+
+
 def main(argv: list[str]) -> None:
-    raw_paths = ([RAW_DATA.value] if RAW_DATA.value else []) + list(argv[1:])
+    arguments = ([RAW_DATA.value] if RAW_DATA.value else []) + list(argv[1:])
+    raw_paths = [path for path in arguments if not path.endswith(DENSITY_SUFFIX)]
+    given = [path for path in arguments if path.endswith(DENSITY_SUFFIX)]
+    given += [DENSITY_DATA.value] if DENSITY_DATA.value else []
     try:
-        if not raw_paths:
+        if not raw_paths and not given:
             raise InputError("give raw-data files: python3 -m sam_eos.plot RAW [RAW ...]")
-        outputs = plot_paths(raw_paths, OUTPUT_DIR.value, OUTPUT_PREFIX.value,
-                             {field: flag.value for field, flag in OUTPUTS.items()})
+        outputs = (plot_paths(raw_paths, OUTPUT_DIR.value, OUTPUT_PREFIX.value,
+                              {field: flag.value for field, flag in OUTPUTS.items()})
+                   if raw_paths else {})
         for field, path in outputs.items():
             check_output_path(path, f"{field}_output")
         runs = [read_run(path, ORIGINAL_FORMAT.value) for path in raw_paths]
+        source = density_source(raw_paths, given)
+        density_path = (density_plot_path(source, OUTPUT_DIR.value, OUTPUT_PREFIX.value,
+                                          DENSITY_OUTPUT.value) if source else "")
+        check_output_path(density_path, "density_output")
+        densities = _read_densities(source) if density_path else {}
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    for path in draw_runs(runs, outputs, PLOT_X.value):
+    for path in draw_runs(runs, outputs, PLOT_X.value) if runs else []:
         print(f"wrote {path}")
+    title = str(runs[0].settings.get("run_name", "")) if len(runs) == 1 else ""
+    if draw_density(densities, density_path, title):
+        print(f"wrote {density_path}")
+
+
+def _read_densities(path: str) -> dict:
+    try:
+        return read_density(path)
+    except (OSError, ValueError, KeyError) as error:
+        raise InputError(f"{path} is not a densities file: {error}") from error
 
 
 if __name__ == "__main__":

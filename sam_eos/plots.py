@@ -346,3 +346,96 @@ def draw_plots(
         rows = np.zeros((0, len(columns)))
     return draw_runs([RunData(settings, list(columns), rows)], outputs, x_axis)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The fifth plot: spectral densities (stochastic Lanczos quadrature)
+
+MAX_DENSITY_CURVES = 5
+DENSITY_GRID_POINTS = 1000
+DENSITY_WIDTH_FRACTION = 0.01  # kernel width, as a fraction of the drawn eigenvalue range
+DENSITY_FLOOR_FRACTION = 1e-7  # the log y-axis starts this far below the highest density
+
+
+def evenly_spaced(count: int, most: int = MAX_DENSITY_CURVES) -> list[int]:
+    """Up to `most` indices into `count` items, evenly spaced, first and last included."""
+    if count <= 0:
+        return []
+    return sorted({int(i) for i in np.linspace(0, count - 1, min(count, most)).round()})
+
+
+def density_grid(checks: Sequence[dict[str, np.ndarray]]) -> tuple[np.ndarray, float]:
+    """(grid [DENSITY_GRID_POINTS], kernel width): the eigenvalue range of the checks' nodes
+    and finite marks, widened by 5 % each side."""
+    values = np.concatenate([np.ravel(c["nodes"]) for c in checks]
+                            + [_finite(np.asarray(c["marks"], np.float64)) for c in checks])
+    low, high = float(np.min(values)), float(np.max(values))
+    span = max(high - low, 1e-12 * max(abs(high), 1.0), 1e-12)
+    grid = np.linspace(low - 0.05 * span, high + 0.05 * span, DENSITY_GRID_POINTS)
+    return grid, DENSITY_WIDTH_FRACTION * span
+
+
+def smoothed_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray,
+                     width: float) -> np.ndarray:
+    """The Gaussian-smoothed SLQ density on `grid` (as `sam_eos.spectrum.density_on_grid`, on
+    the host in float64)."""
+    offsets = (grid[None, None, :] - np.asarray(nodes, np.float64)[..., None]) / width
+    kernels = np.exp(-0.5 * offsets**2) / (width * np.sqrt(2 * np.pi))
+    return np.mean(np.sum(np.asarray(weights, np.float64)[..., None] * kernels, axis=1), axis=0)
+
+
+def make_density_figure(checks: dict[int, dict[str, np.ndarray]], title: str = ""):
+    """The Figure of the densities at up to MAX_DENSITY_CURVES evenly spaced checks (step ->
+    {"nodes", "weights", "marks": [lambda_max, 2/eta, SAM edge]}): log-scale y, each check's
+    lambda_max (dotted) and SAM edge (dashed) in its colour, 2/eta in black. The caller saves
+    and closes it."""
+    ordered = sorted(checks.items())
+    chosen = [ordered[i] for i in evenly_spaced(len(ordered))]
+    figure, ax = plt.subplots(figsize=(6.4, 4.2))
+    try:
+        grid, width = density_grid([check for _, check in chosen])
+        highest = 0.0
+        two_over_eta = set()
+        for i, (step, check) in enumerate(chosen):
+            colour = f"C{i % 10}"
+            density = smoothed_density(check["nodes"], check["weights"], grid, width)
+            highest = max(highest, float(np.max(density)))
+            ax.plot(grid, density, color=colour, label=f"step {step}")
+            lambda_max, eta_mark, edge = (float(v) for v in check["marks"])
+            first = i == 0
+            if np.isfinite(lambda_max):
+                ax.axvline(lambda_max, color=colour, linestyle=":", linewidth=1,
+                           label=r"$\lambda_{\max}$ (dotted)" if first else "_lambda_max")
+            if np.isfinite(edge) and not np.isclose(edge, eta_mark):
+                ax.axvline(edge, color=colour, linestyle="--", linewidth=1,
+                           label="SAM edge (dashed)" if first else "_sam_edge")
+            if np.isfinite(eta_mark):
+                two_over_eta.add(eta_mark)
+        for j, value in enumerate(sorted(two_over_eta)):
+            ax.axvline(value, color="0.1", linestyle="-.", linewidth=1,
+                       label=r"$2/\eta$" if j == 0 else "_two_over_eta")
+        ax.set_yscale("log")
+        if highest > 0:
+            ax.set_ylim(highest * DENSITY_FLOOR_FRACTION, highest * 3)
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("spectral density (SLQ, smoothed)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        figure.tight_layout()
+    except Exception:
+        plt.close(figure)
+        raise
+    return figure
+
+
+def draw_density(checks: dict[int, dict[str, np.ndarray]], path: str, title: str = "") -> bool:
+    """Draws the density plot into `path`; False (nothing written) with no path or checks."""
+    if not path or not checks:
+        return False
+    figure = make_density_figure(checks, title)
+    try:
+        figure.savefig(path)
+    finally:
+        plt.close(figure)
+    return True

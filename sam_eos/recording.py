@@ -6,16 +6,19 @@ others get empty paths); every process saves its part of a checkpoint.
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from absl import logging
 
 from sam_eos import checkpoint, distributed, errors, outputs
-from sam_eos.plots import draw_plots
+from sam_eos.plots import draw_density, draw_plots
 from sam_eos.records import (
+    DensityWriter,
     RawDataWriter,
     column_names,
+    density_data_path,
     is_same_run,
     keep_first_rows,
     read_raw_data,
@@ -58,9 +61,9 @@ def measured_row(step: int, seconds: float, m: dict[str, Any], *, step_size: flo
 
 
 def failed_row(step: int, seconds: float, *, step_size: float,
-               num_components: int) -> dict[str, float]:
+               columns: Sequence[str]) -> dict[str, float]:
     """The row of a check that raised: nan but for time, 2/eta and step."""
-    row = dict.fromkeys(column_names(num_components), math.nan)
+    row = dict.fromkeys(columns, math.nan)
     row.update(time_hours=seconds / SECONDS_PER_HOUR, two_over_eta=2.0 / step_size,
                step=float(step))
     return row
@@ -124,13 +127,19 @@ class Recorder:
 
     `outputs` maps `raw_data` and the plot names to paths ('' skips one); `plot_paths` are
     the plots'. `checkpoint_dir` '' means no checkpoints. `x_axis`: the plots' ("steps" or
-    "hours").
+    "hours"). `extra_columns`: those of the optional measurements; `with_density`: keep the
+    spectral densities (in `<raw stem>_density.npz` when there is raw data) and draw them into
+    `density_plot` ('' skips it).
     """
 
     def __init__(self, *, raw_data: str, plot_paths: dict[str, str], checkpoint_dir: str,
                  settings: dict[str, Any], num_components: int, step_size: float,
-                 eigensolver: str, run_name: str, x_axis: str = "steps"):
-        self.columns = column_names(num_components)
+                 eigensolver: str, run_name: str, x_axis: str = "steps",
+                 extra_columns: Sequence[str] = (), with_density: bool = False,
+                 density_plot: str = ""):
+        self.columns = column_names(num_components, extra_columns)
+        self._with_density, self._density_plot = with_density, density_plot
+        self.densities: DensityWriter | None = None
         self.rows: list[dict[str, float]] = []
         self._raw_data, self._plot_paths, self._settings = raw_data, plot_paths, settings
         self._num_components, self._step_size = num_components, step_size
@@ -161,6 +170,9 @@ class Recorder:
                 _match_position_to_rows(position, self.rows)
             self._writer = RawDataWriter(self._raw_data, self.columns, self._settings,
                                          append=rows is not None)
+            if self._with_density:
+                last = int(self.rows[-1]["step"]) if self.rows else None
+                self.densities = DensityWriter(density_data_path(self._raw_data), last)
         except errors.InputError as error:
             failure = error
         except OSError as error:
@@ -169,14 +181,14 @@ class Recorder:
         distributed.raise_if_any_process_failed(failure)
 
     def check(self, step: int, seconds: float, measured: dict[str, Any] | BaseException,
-              seconds_taken: float) -> dict[str, float]:
+              seconds_taken: float, extra: Any = None) -> dict[str, float]:
         """Records and logs one check at `seconds` of training time: its measurement, or the
-        error it raised (a nan row and a note)."""
+        error it raised (a nan row and a note); `extra`, a `spectrum_checks.SpectrumResult`,
+        adds its columns (and density)."""
         if isinstance(measured, BaseException):
             logging.error("Hessian check at step %d failed: %s", step, measured,
                           exc_info=measured)
-            row = failed_row(step, seconds, step_size=self._step_size,
-                             num_components=self._num_components)
+            row = failed_row(step, seconds, step_size=self._step_size, columns=self.columns)
             self.note(f"check at step {step} failed: {type(measured).__name__}: {measured}")
         else:
             row = measured_row(step, seconds, measured, step_size=self._step_size,
@@ -190,11 +202,25 @@ class Recorder:
                 )
                 logging.warning(message)
                 self.note(message)
+            self._add_extra(row, extra)
         self.rows.append(row)
         self._write(self._writer.row, row)
         if not isinstance(measured, BaseException):
             log_row(row, seconds_taken)
         return row
+
+    def _add_extra(self, row: dict[str, float], extra: Any) -> None:
+        """Merges the optional measurements into `row` (nan where one is missing) and keeps
+        their density, marked with this row's lambda_max, 2/eta and SAM edge."""
+        for name in self.columns:
+            row.setdefault(name, math.nan)
+        if extra is None:
+            return
+        row.update(extra.columns)
+        if extra.error:
+            self.note(f"spectrum measurements at step {int(row['step'])} failed: {extra.error}")
+        if extra.density is not None and self.densities is not None:
+            self.densities.add(int(row["step"]), *extra.density, marks=row)
 
     def note(self, text: str) -> None:
         self._write(self._writer.note, text)
@@ -240,8 +266,20 @@ class Recorder:
             return []
         table = np.array([[r[name] for name in columns] for r in rows])
         try:
-            return draw_plots(table, columns, {**self._settings, "run_name": self._run_name},
-                              self._plot_paths, self._x_axis)
+            written = draw_plots(table, columns, {**self._settings, "run_name": self._run_name},
+                                 self._plot_paths, self._x_axis)
         except Exception as error:  # noqa: BLE001 - a plot must not hide the run's result
             logging.error("%s; the raw data is complete.", checkpoint.first_line(error))
             return []
+        return written + self._draw_density()
+
+    def _draw_density(self) -> list[str]:
+        """The density plot (when kept and asked for): [its path], or []."""
+        if self.densities is None:
+            return []
+        try:
+            drawn = draw_density(self.densities.checks, self._density_plot, self._run_name)
+        except Exception:  # noqa: BLE001 - drawing must not hide the run's result
+            logging.exception("Drawing the density plot failed; its data is complete.")
+            return []
+        return [self._density_plot] if drawn else []

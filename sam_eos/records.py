@@ -38,7 +38,8 @@ ORIGINAL_COLUMNS = (
     "g_alignment",  # |<g, v>| / ||g||, v the principal direction
     "sg_alignment",  # the same for the SAM gradient
 )
-INTEGER_COLUMNS = frozenset({"step", "hessian_vector_products"})  # written without a ".0"
+INTEGER_COLUMNS = frozenset({"step", "hessian_vector_products", "batch_sharpness_batches",
+                             "sam_point_hessian_vector_products"})  # written without a ".0"
 TITLE = "# sam_eos raw data: one row per Hessian check; the first line names the columns\n"
 SETTINGS_PREFIX = "# settings: "
 COLUMNS_PREFIX = "# columns: "  # files written before the names line (still read)
@@ -47,8 +48,9 @@ SUMMARY_PREFIX = "# summary: "
 SECONDS_PER_HOUR = 3600.0
 
 
-def column_names(num_principal_components: int) -> list[str]:
-    """All columns for a run measuring k eigenvalues (eig_2 .. eig_k appear when k > 1)."""
+def column_names(num_principal_components: int, extra: Sequence[str] = ()) -> list[str]:
+    """All columns for a run measuring k eigenvalues (eig_2 .. eig_k appear when k > 1), then
+    the `extra` columns of the optional measurements (`sam_eos.spectrum_checks`)."""
     further = [f"eig_{i}" for i in range(2, num_principal_components + 1)]
     return [
         *ORIGINAL_COLUMNS,
@@ -57,6 +59,7 @@ def column_names(num_principal_components: int) -> list[str]:
         "lambda_max",
         "lambda_min",
         "hessian_vector_products",
+        *extra,
     ]
 
 
@@ -309,3 +312,56 @@ def is_same_run(path: str, settings: dict[str, Any], columns: Sequence[str]) -> 
         return False
     current = json.loads(json.dumps(settings, default=str))
     return saved_columns == list(columns) and not settings_differences(saved_settings, current)
+
+
+# ---------------------------------------------------------------------------------------------
+# The spectral densities beside the raw data
+
+DENSITY_SUFFIX = "_density.npz"
+# Per check step s: nodes_s, weights_s (float [probes, lanczos_steps]) and marks_s (float [3]:
+# DENSITY_MARKS at that check).
+DENSITY_MARKS = ("lambda_max", "two_over_eta", "sam_edge")
+
+
+def density_data_path(raw_data_path: str) -> str:
+    """Where the densities of the run writing `raw_data_path` go: `<raw stem>_density.npz`."""
+    return os.path.splitext(raw_data_path)[0] + DENSITY_SUFFIX if raw_data_path else ""
+
+
+def read_density(path: str) -> dict[int, dict[str, np.ndarray]]:
+    """Check step -> {"nodes", "weights", "marks"} of a densities file, in step order."""
+    with np.load(path) as data:
+        steps = sorted(int(name[len("nodes_"):]) for name in data.files
+                       if name.startswith("nodes_"))
+        return {step: {part: np.array(data[f"{part}_{step}"])
+                       for part in ("nodes", "weights", "marks")} for step in steps}
+
+
+class DensityWriter:
+    """Keeps a run's densities in memory and rewrites its `.npz` after each one (written aside
+    and renamed, so an interrupted run keeps every density taken). `keep_up_to_step`: a resumed
+    run keeps the saved densities up to that step; None starts afresh."""
+
+    def __init__(self, path: str, keep_up_to_step: int | None = None):
+        self.path = path
+        self.checks: dict[int, dict[str, np.ndarray]] = {}
+        if path and keep_up_to_step is not None and os.path.exists(path):
+            self.checks = {step: check for step, check in read_density(path).items()
+                           if step <= keep_up_to_step}
+
+    def add(self, step: int, nodes: np.ndarray, weights: np.ndarray,
+            marks: dict[str, float]) -> None:
+        """Records the density of the check at `step` (`marks`: DENSITY_MARKS -> value)."""
+        self.checks[int(step)] = {
+            "nodes": np.asarray(nodes), "weights": np.asarray(weights),
+            "marks": np.array([marks[name] for name in DENSITY_MARKS], np.float64)}
+        self._save()
+
+    def _save(self) -> None:
+        if not self.path:
+            return
+        arrays = {f"{part}_{step}": value for step, check in self.checks.items()
+                  for part, value in check.items()}
+        scratch = self.path + ".partial.npz"
+        np.savez(scratch, **arrays)
+        os.replace(scratch, self.path)

@@ -48,6 +48,7 @@ from sam_eos.feed import (  # noqa: F401 - the data kinds, re-exported for the p
 )
 from sam_eos.progress import Progress
 from sam_eos.recording import Recorder
+from sam_eos.spectrum_checks import SpectrumOptions, compile_spectrum_checks, extra_column_names
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -65,6 +66,7 @@ class Outputs:
     eigs_se_only: str = ""
     alignment_curve: str = ""
     loss_curve: str = ""
+    density_curve: str = ""  # drawn only with TrainConfig.spectrum's densities
 
     def plots(self) -> dict[str, str]:
         return {
@@ -96,6 +98,7 @@ class TrainConfig:
     checkpoint_every_minutes: float = 10.0  # of training time
     plot_x: str = "steps"  # the plots' x-axis: "steps" or "hours"
     progress_every_seconds: float = 0.0  # of training time between progress lines; 0: off
+    spectrum: SpectrumOptions = SpectrumOptions()  # optional measurements at each check
 
 
 @dataclasses.dataclass
@@ -192,6 +195,7 @@ class Program:
     train_steps: Callable
     measure: Callable
     check_batch: Callable
+    spectrum: Any = None  # spectrum_checks.SpectrumChecks, when any is enabled
 
 
 def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
@@ -228,7 +232,14 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         except Exception as error:  # noqa: BLE001 - reported at every check instead
             logging.exception("Compiling the Hessian check failed.")
             measure = steps.failing(error)
-    return Program(train_steps, measure, check_batch)
+    extra = None
+    if with_checks and config.spectrum.enabled():
+        extra = compile_spectrum_checks(
+            loss_fn, config.spectrum, rho=config.rho,
+            max_iterations=config.eigensolver_max_iterations,
+            tolerance=config.eigensolver_tolerance, feed=feed, params=state["params"],
+            batch=check_batch(arrays, row), key=key)
+    return Program(train_steps, measure, check_batch, extra)
 
 
 def _not_compiled(train_steps: Callable) -> Program:
@@ -296,6 +307,9 @@ def run(
         checkpoint_dir=config.checkpoint_dir, settings=settings_record(config, settings or {}),
         num_components=config.num_principal_components, step_size=config.step_size,
         eigensolver=config.eigensolver, run_name=config.run_name, x_axis=config.plot_x,
+        extra_columns=extra_column_names(config.spectrum),
+        with_density=bool(config.spectrum.spectral_density_every_checks),
+        density_plot=outputs.density_curve,
     )
     # The loop's state: what a checkpoint holds. (Solver state carried from check to check
     # would be one more entry here.)
@@ -339,7 +353,10 @@ def run(
     seconds = {"compile": compile_seconds,
                "steps": position.training_seconds - started_seconds - check_seconds,
                "checks": check_seconds}
-    files = [path for path in (outputs.raw_data, *plots, config.checkpoint_dir) if path]
+    densities = recorder.densities.path if recorder.densities is not None else ""
+    densities = densities if os.path.exists(densities) else ""
+    files = [path for path in (outputs.raw_data, densities, *plots, config.checkpoint_dir)
+             if path]
     return RunResult(state["params"], state["opt_state"], position.step,
                      position.training_seconds, status, exit_code, recorder.rows,
                      seconds=seconds, raw_data=outputs.raw_data, files=files)
@@ -355,10 +372,12 @@ def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
         batch = program.check_batch(feed.arrays(), np.int32(feed.row()))
         measured = jax.device_get(program.measure(state["params"], batch, key,
                                                   np.int32(position.step)))
+        extra = program.spectrum and program.spectrum.measure(
+            state["params"], batch, feed, key, position.step, position.rows_written)
     except Exception as error:  # noqa: BLE001 - one failed check must not end the run
-        measured = error
+        measured, extra = error, None
     seconds = time.perf_counter() - started
-    row = recorder.check(position.step, position.training_seconds, measured, seconds)
+    row = recorder.check(position.step, position.training_seconds, measured, seconds, extra)
     if recorder.output_failed:  # not on disk: a resume takes this check again
         return False, seconds
     position.rows_written += 1

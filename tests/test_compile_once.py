@@ -45,3 +45,24 @@ def test_a_600_step_minibatch_run_compiles_no_function_more_than_twice(tmp_path,
     # Compiled ahead of time, each with its duration logged.
     for what in ("the SAM step", "the Hessian check"):
         assert len(re.findall(rf"Compiled {what} in \d+\.\d+ s\.", log)) == 1
+
+
+SPECTRUM_FLAGS = ["--hessian_trace_matvecs=8", "--spectral_density_every_checks=3",
+                  "--batch_sharpness", "--sam_point_sharpness", "--density_output="]
+
+
+def test_the_spectrum_measurements_compile_once_each(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare_like_text())
+    counts, log = compiles(["-m", "transformer", f"--corpus={corpus}", "--test_lines=100",
+                            "--num_layers=1", "--model_size=16", "--num_heads=2",
+                            "--key_size=8", "--sequence_length=16", "--batch_size=8",
+                            *SPECTRUM_FLAGS])
+    for name in ("train_steps", "measure", "trace", "density", "samples",
+                 "sam_point_sharpness"):
+        assert counts[f"jit({name})"] == 1, (name, counts)  # 7 checks, one compile each
+    assert max(counts.values()) <= 2, counts
+    for what in ("the Hessian trace", "the spectral density", "the batch sharpness",
+                 "the SAM-point sharpness"):
+        assert len(re.findall(rf"Compiled {what} in \d+\.\d+ s\.", log)) == 1
+    assert len(re.findall(r"spectrum at step \d+: trace", log)) == 7

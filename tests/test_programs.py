@@ -211,6 +211,13 @@ BAD_TRANSFORMER_INPUTS = [
     (["--raw_data_output=/tmp/sam_eos_alias/r.pdf",
       "--eigs_curve_output=/tmp/sam_eos_alias/./r.pdf"], "are the same file"),
     (["--batch_size=10000000000000000000"], "beyond the largest supported integer"),
+    (["--hessian_trace_matvecs=-1"], "--hessian_trace_matvecs must be 0 (off) or at least 4"),
+    (["--hessian_trace_matvecs=3"], "--hessian_trace_matvecs must be 0 (off) or at least 4"),
+    (["--spectral_density_every_checks=-2"], "--spectral_density_every_checks must be >= 0"),
+    (["--spectral_density_every_checks=1", "--density_output=/tmp/sam_eos_d.xyz"],
+     "plots can be written as"),
+    (["--spectral_density_every_checks=1", "--density_output=/tmp/same_d.pdf",
+      "--loss_curve_output=/tmp/same_d.pdf"], "are the same file"),
 ]
 
 

@@ -1,0 +1,239 @@
+"""The optional curvature measurements of a Hessian check (issue 15), taken after the main one.
+
+Four, each off by default (`SpectrumOptions`), each a separate jitted function compiled ahead
+of time once per run (`compile_spectrum_checks`) from `sam_eos.spectrum`'s pure core:
+
+- the Hessian trace (XTrace, `hessian_trace_matvecs` products) on the check's batch: columns
+  `trace`, `trace_standard_error`;
+- the spectral density (SLQ, DENSITY_PROBES probes of DENSITY_LANCZOS_STEPS steps) on the
+  check's batch, every `spectral_density_every_checks`-th check: nodes and weights, saved
+  beside the raw data (`sam_eos.records.DensityWriter`), not a column;
+- batch sharpness over the training minibatches of the current chunk, gathered on the device
+  by the feed's `select`, BATCH_SHARPNESS_CHUNK at a time (one compiled shape) until the
+  Monte-Carlo rule `spectrum.enough_batches` holds or MAX_BATCHES: columns `batch_sharpness`,
+  `batch_sharpness_standard_error`, `batch_sharpness_batches`;
+- the top eigenvalue at the SAM point on the check's batch (Lanczos, warm-started from the
+  previous check's own Ritz vectors): columns `sam_point_sharpness`,
+  `sam_point_hessian_vector_products`.
+
+The Ritz vectors are the only state carried between checks (host-held, not checkpointed: a
+resumed run starts them cold).
+"""
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from sam_eos import hessian, spectrum, steps
+from sam_eos.feed import Feed
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+DENSITY_PROBES = 4
+DENSITY_LANCZOS_STEPS = 64  # at most the number of parameters
+BATCH_SHARPNESS_CHUNK = 8  # minibatches per compiled call
+MAX_BATCHES = 64  # the Monte-Carlo cap per check
+TRACE_MIN_MATVECS = 4  # XTrace needs two probes of two products
+# Salts folded into the check's key so the measurements draw independent randomness.
+_TRACE_SALT, _DENSITY_SALT, _SAM_POINT_SALT = 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectrumOptions:
+    """Which optional measurements a check takes (validated by `sam_eos.flags`)."""
+
+    hessian_trace_matvecs: int = 0  # 0: off
+    spectral_density_every_checks: int = 0  # 0: off
+    batch_sharpness: bool = False
+    sam_point_sharpness: bool = False
+
+    def enabled(self) -> bool:
+        return bool(self.hessian_trace_matvecs or self.spectral_density_every_checks
+                    or self.batch_sharpness or self.sam_point_sharpness)
+
+
+def extra_column_names(options: SpectrumOptions) -> list[str]:
+    """The raw-data columns the enabled measurements add (none by default)."""
+    names = []
+    if options.hessian_trace_matvecs:
+        names += ["trace", "trace_standard_error"]
+    if options.batch_sharpness:
+        names += ["batch_sharpness", "batch_sharpness_standard_error", "batch_sharpness_batches"]
+    if options.sam_point_sharpness:
+        names += ["sam_point_sharpness", "sam_point_hessian_vector_products"]
+    return names
+
+
+@dataclasses.dataclass
+class SpectrumResult:
+    """One check's extra columns, its density (nodes, weights [probes, steps]) when taken, and
+    the error message of a measurement that failed (its columns are then nan)."""
+
+    columns: dict[str, float]
+    density: tuple[np.ndarray, np.ndarray] | None = None
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure, jitted parts
+
+
+def make_trace(loss_fn: LossFn, num_matvecs: int):
+    """A jitted `(params, batch, key, step) -> (trace, standard_error)`."""
+    def trace(params, batch, key, step):
+        key = jax.random.fold_in(jax.random.fold_in(key, step), _TRACE_SALT)
+        return spectrum.hessian_trace(loss_fn, params, batch, key, num_matvecs)
+    return jax.jit(trace)
+
+
+def make_density(loss_fn: LossFn, lanczos_steps: int):
+    """A jitted `(params, batch, key, step) -> (nodes, weights)`, each [DENSITY_PROBES,
+    lanczos_steps]."""
+    def density(params, batch, key, step):
+        key = jax.random.fold_in(jax.random.fold_in(key, step), _DENSITY_SALT)
+        return spectrum.spectral_density(loss_fn, params, batch, key, DENSITY_PROBES,
+                                         lanczos_steps)
+    return jax.jit(density)
+
+
+def make_batch_sharpness_samples(loss_fn: LossFn, select: Callable):
+    """A jitted `(params, arrays, rows int32 [C]) -> float [C]`: g^T H g / ||g||^2 of the
+    minibatch `select(arrays, row)` of each row, gathered on the device."""
+    def samples(params, arrays, rows):
+        return jax.lax.map(
+            lambda row: spectrum.gradient_curvature(loss_fn, params, select(arrays, row)), rows)
+    return jax.jit(samples)
+
+
+def make_sam_point_sharpness(loss_fn: LossFn, rho: float, max_iterations: int | None,
+                             tolerance: float | None):
+    """A jitted `(params, batch, key, step, start_vectors) -> dict`: the top eigenvalue at the
+    SAM point (nan unless converged), its products and Ritz vectors for the next warm start."""
+    def sam_point_sharpness(params, batch, key, step, start_vectors):
+        key = jax.random.fold_in(jax.random.fold_in(key, step), _SAM_POINT_SALT)
+        value, info = spectrum.sam_point_sharpness(
+            loss_fn, params, batch, rho, return_info=True, key=key,
+            max_iterations=max_iterations, tolerance=tolerance, start_vectors=start_vectors)
+        return {"value": jnp.where(info.converged, value, jnp.nan),
+                "products": info.matrix_vector_products, "ritz_vectors": info.ritz_vectors}
+    return jax.jit(sam_point_sharpness)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop side
+
+
+def batch_rows(start: int, available: int, chunk: int, index: int) -> np.ndarray:
+    """int32 [chunk]: rows of the `index`-th chunk of minibatches from row `start`, wrapping
+    round the `available` rows of the feed's current chunk."""
+    return ((start + np.arange(index * chunk, (index + 1) * chunk)) % available).astype(np.int32)
+
+
+@dataclasses.dataclass
+class SpectrumChecks:
+    """The compiled measurements of one run (None: off) and the SAM point's Ritz vectors."""
+
+    options: SpectrumOptions
+    trace: Callable | None = None
+    density: Callable | None = None
+    batch_samples: Callable | None = None
+    sam_point: Callable | None = None
+    cold_vectors: jax.Array | None = None
+    chunk: int = 1
+    ritz_vectors: jax.Array | None = None
+
+    def measure(self, params: PyTree, batch: PyTree, feed: Feed, key: jax.Array, step: int,
+                check_index: int) -> SpectrumResult:
+        """The enabled measurements at this check (the run's `check_index`-th, from 0); a
+        measurement that raises gives nan columns and an error message, never an exception."""
+        names = extra_column_names(self.options)
+        try:
+            return self._measure(params, batch, feed, key, np.int32(step), check_index)
+        except Exception as error:  # noqa: BLE001 - an extra must not fail the check
+            logging.exception("The spectrum measurements at step %d failed.", step)
+            return SpectrumResult(dict.fromkeys(names, math.nan),
+                                  error=f"{type(error).__name__}: {error}")
+
+    def _measure(self, params, batch, feed, key, step, check_index) -> SpectrumResult:
+        columns: dict[str, float] = {}
+        density = None
+        seconds = {}  # measurement -> wall-clock seconds, logged
+        started = time.perf_counter()
+        if self.trace is not None:
+            estimate, error = jax.device_get(self.trace(params, batch, key, step))
+            columns.update(trace=float(estimate), trace_standard_error=float(error))
+            seconds["trace"], started = time.perf_counter() - started, time.perf_counter()
+        if self.batch_samples is not None:
+            columns.update(self._batch_sharpness(params, feed))
+            seconds["batch sharpness"], started = time.perf_counter() - started, time.perf_counter()
+        if self.sam_point is not None:
+            start = self.cold_vectors if self.ritz_vectors is None else self.ritz_vectors
+            out = self.sam_point(params, batch, key, step, start)
+            # Kept where the compiled function expects its start (its output may sit elsewhere).
+            self.ritz_vectors = jax.device_put(out["ritz_vectors"], self.cold_vectors.sharding)
+            columns.update(sam_point_sharpness=float(out["value"]),
+                           sam_point_hessian_vector_products=float(out["products"]))
+            seconds["SAM point"], started = time.perf_counter() - started, time.perf_counter()
+        every = self.options.spectral_density_every_checks
+        if self.density is not None and check_index % every == 0:
+            nodes, weights = jax.device_get(self.density(params, batch, key, step))
+            density = (np.asarray(nodes), np.asarray(weights))
+            seconds["density"] = time.perf_counter() - started
+        logging.info("spectrum at step %d: %s | %s", step,
+                     ", ".join(f"{name} {value:.6g}" for name, value in columns.items()),
+                     ", ".join(f"{name} {value:.2f} s" for name, value in seconds.items()))
+        return SpectrumResult(columns, density)
+
+    def _batch_sharpness(self, params: PyTree, feed: Feed) -> dict[str, float]:
+        """Batch sharpness over the feed's current minibatches, chunk by chunk until the
+        Monte-Carlo rule holds (`spectrum.enough_batches`)."""
+        start, left = feed.row(), feed.rows_left()
+        available = 1 if left is None else start + left
+        cap = min(MAX_BATCHES, available)
+        arrays, samples, index = feed.arrays(), np.zeros(0), 0
+        while not spectrum.enough_batches(samples, cap):
+            rows = batch_rows(start, available, self.chunk, index)
+            chunk = np.asarray(jax.device_get(self.batch_samples(params, arrays, rows)))
+            samples, index = np.concatenate([samples, chunk])[:cap], index + 1
+        mean, standard_error = spectrum.mean_and_standard_error(samples)
+        return {"batch_sharpness": mean, "batch_sharpness_standard_error": standard_error,
+                "batch_sharpness_batches": float(samples.size)}
+
+
+def compile_spectrum_checks(loss_fn: LossFn, options: SpectrumOptions, *, rho: float,
+                            max_iterations: int | None, tolerance: float | None, feed: Feed,
+                            params: PyTree, batch: PyTree, key: jax.Array) -> SpectrumChecks:
+    """Compiles the enabled measurements for this run's shapes (`steps.compile_ahead`, each
+    logged). `batch` is an example of the check's batch."""
+    checks = SpectrumChecks(options)
+    step = np.int32(0)
+    if options.hessian_trace_matvecs:
+        checks.trace = steps.compile_ahead(
+            "the Hessian trace", make_trace(loss_fn, options.hessian_trace_matvecs),
+            params, batch, key, step)
+    if options.spectral_density_every_checks:
+        num_params = sum(x.size for x in jax.tree.leaves(params))
+        checks.density = steps.compile_ahead(
+            "the spectral density",
+            make_density(loss_fn, min(DENSITY_LANCZOS_STEPS, num_params)),
+            params, batch, key, step)
+    if options.batch_sharpness:
+        checks.chunk = min(BATCH_SHARPNESS_CHUNK, feed.chunk_rows or 1)
+        checks.batch_samples = steps.compile_ahead(
+            "the batch sharpness", make_batch_sharpness_samples(loss_fn, feed.select),
+            params, feed.arrays(), np.zeros(checks.chunk, np.int32))
+    if options.sam_point_sharpness:
+        checks.cold_vectors = hessian.cold_start_vectors(params, 1)
+        checks.sam_point = steps.compile_ahead(
+            "the SAM-point sharpness",
+            make_sam_point_sharpness(loss_fn, rho, max_iterations, tolerance),
+            params, batch, key, step, checks.cold_vectors)
+    return checks
