@@ -56,6 +56,8 @@ def column_names(num_principal_components: int) -> list[str]:
         "lambda_max",
         "lambda_min",
         "hessian_vector_products",
+        "check_seconds",  # wall-clock seconds the check took
+        "error_bound",  # the eigensolver's error bound relative to ||H||, noise floor included
     ]
 
 
