@@ -230,6 +230,19 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                    max_chunks=max_chunks, warm_start=config.eigensolver_warm_start)
 
 
+def cold_ritz_block(params: PyTree, config: TrainConfig) -> jax.Array:
+    """Zeros shaped like a check's Ritz block [rows, n]: k + 2 rows, fewer when a chunk's
+    Lanczos steps cannot hold them (a tiny model or --eigensolver_max_iterations)."""
+    k, rows = config.num_principal_components, hessian.warm_block_size(
+        config.num_principal_components)
+    if config.eigensolver == "lanczos":
+        chunk_iterations, _ = steps.chunk_plan(config.eigensolver,
+                                               config.eigensolver_max_iterations)
+        num_params = hessian.cold_start_vectors(params, 1, 1).shape[1]
+        rows = min(rows, hessian.lanczos_iterations_allowed(num_params, chunk_iterations))
+    return hessian.cold_start_vectors(params, k, max(rows, k))
+
+
 def compile_check(loss_fn: LossFn, config: TrainConfig, state: dict[str, PyTree],
                   batch: PyTree, key: jax.Array, place: Placement) -> tuple[Callable, Callable]:
     """The check's two functions (`make_check`) compiled for this run's shapes: one
@@ -288,7 +301,7 @@ def run(
     # top Ritz vectors, the next check's warm start (zeros: cold), replicated like the params.
     state = place.replicated({
         "params": params, "opt_state": optimizer.init(params),
-        "ritz_vectors": hessian.cold_start_vectors(params, config.num_principal_components),
+        "ritz_vectors": cold_ritz_block(params, config),
     })
     position = checkpoint.Position()
     restored = recorder.restore(state)
