@@ -82,8 +82,9 @@ def define_shared_flags(
         "eigensolver_tolerance", None,
         "Relative tolerance (default "
         f"{hessian.DEFAULT_TOLERANCE['lanczos']:g} for Lanczos: its error estimate stops ten "
-        "below the 1e-4 relative error asked of a check, and error bounds include the products' "
-        "measured noise floor (about 5e-5 under TF32 on GPUs); "
+        "below the 1e-4 relative error asked of a check; under TF32 on GPUs the true error is "
+        "about 5e-5 whatever the tolerance, and the error bound includes the products' measured "
+        "noise floor, about 1e-3; "
         f"{hessian.DEFAULT_TOLERANCE['power']:g} for power iteration, as the original).",
     )
     flags.DEFINE_boolean(
