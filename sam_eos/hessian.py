@@ -49,7 +49,9 @@ FINITE_DIFFERENCE_OFFSET = 1e-3  # the original's central-difference offset
 # How Hessian-vector products are formed: "linearize" linearises the gradient once per check
 # (one primal pass, reused by every product); "forward_over_reverse" is jvp(grad) per product.
 HVP_MODES = ("auto", "linearize", "forward_over_reverse")
-AUTO_HVP_MODE = {"cpu": "forward_over_reverse"}  # measured: BENCHMARKS.md; others: linearize
+# "auto" per backend (absent: linearize). Measured (BENCHMARKS.md, issue 12): linearize 0.91-0.97x
+# the time of jvp(grad) on the CPU (MLP 3 x 200), 0.76x on an H200 (MNIST MLP 3 x 1000).
+AUTO_HVP_MODE: dict[str, str] = {}
 # Weight of the unit random vector added to a warm start's unit combination of Ritz vectors,
 # so that a direction that has become the top one since the last check can still be found.
 DEFAULT_START_NOISE = 1e-2
