@@ -561,10 +561,13 @@ def captured_checks(counter: TraceCounter) -> Iterator[list[dict[str, float]]]:
 
 def compile_seconds(loss_fn: LossFn, config: train.TrainConfig, params: PyTree,
                     batch: PyTree) -> float:
-    """Seconds to trace, lower and compile a fresh `train.make_measure` (not running it)."""
-    measure = train.make_measure(loss_fn, config)
+    """Seconds to trace, lower and compile a fresh `train.make_check` (not running it)."""
+    chunk, measure = train.make_check(loss_fn, config)
+    vectors = train.cold_ritz_block(params, config)
     start = time.perf_counter()
-    measure.lower(params, batch, jax.random.PRNGKey(0), np.int32(0)).compile()
+    chunk.lower(params, batch, jax.random.PRNGKey(0), np.int32(0), np.int32(0), vectors,
+                np.float32(0), np.float32(0)).compile()
+    measure.lower(params, batch, vectors).compile()
     return time.perf_counter() - start
 
 
@@ -595,7 +598,7 @@ def recompilation_rows(setup: TrainedMlp, settings: Settings) -> list[Row]:
     return [
         Row(name, "first check (includes trace + compile)", format_seconds(first["seconds"]),
             f"{first['hvps']:g} HVPs ({format_seconds(per_hvp_first)} per HVP); "
-            f"{first['traces']} loss_fn traces so far; trace + compile of make_measure alone "
+            f"{first['traces']} loss_fn traces so far; trace + compile of make_check alone "
             f"(AOT): {format_seconds(compile_time)}"),
         Row(name, f"later checks (median of {len(later)})", format_seconds(later_seconds),
             f"HVPs {later_hvps} ({format_seconds(per_hvp_later)} per HVP); loss_fn traces "

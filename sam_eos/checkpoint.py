@@ -19,6 +19,10 @@ from absl import logging
 from sam_eos.errors import InputError
 
 PyTree = Any
+# Entries of the loop's state (a dict) that checkpoints written before they existed lack: such
+# a checkpoint restores without them, and they keep the template's value (for the eigensolver's
+# Ritz vectors, zeros: the first check after the resume starts cold).
+OPTIONAL_STATE = frozenset({"ritz_vectors"})
 RESUMABLE_CHANGES = frozenset(
     {"time_limit_in_hours", "max_steps", "checkpoint_every_minutes", "checkpoint_dir",
      "plot_x", "progress_every_seconds"}
@@ -113,10 +117,7 @@ class Checkpointer:
                 meta = self._manager.restore(
                     step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
                 self._refuse_other_settings(meta["settings"])
-                restored = self._manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))
-                )
-                return restored["state"], Position(**meta["position"])
+                return self._restore_state(step, template), Position(**meta["position"])
             except InputError:
                 raise
             except Exception as error:  # noqa: BLE001 - any failure means "not this one"
@@ -127,6 +128,25 @@ class Checkpointer:
             f"no checkpoint in {self.directory} can be restored (steps {steps} are damaged); "
             "move the directory away to start afresh"
         )
+
+    def _restore_state(self, step: int, template: PyTree) -> PyTree:
+        """The state saved at `step`; one saved without the OPTIONAL_STATE entries of a dict
+        `template` gets the template's values for them."""
+        def restore(tree):
+            return self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(tree)))["state"]
+
+        try:
+            return restore(template)
+        except Exception:
+            optional = set(template) & OPTIONAL_STATE if isinstance(template, dict) else set()
+            if not optional:
+                raise
+            required = {name: value for name, value in template.items() if name not in optional}
+            state = restore(required)
+            logging.info("The checkpoint of step %d has no %s: kept as initialised.", step,
+                         ", ".join(sorted(optional)))
+            return {**state, **{name: template[name] for name in optional}}
 
     def _refuse_other_settings(self, saved_settings: dict[str, Any]) -> None:
         differences = settings_differences(saved_settings, self.settings)

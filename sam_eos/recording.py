@@ -30,8 +30,9 @@ SECONDS_PER_HOUR = 3600.0
 
 def measured_row(step: int, seconds: float, m: dict[str, Any], *, step_size: float,
                  eigensolver: str) -> dict[str, float]:
-    """One raw-data row from a measurement (`sam_eos.steps.make_measure`), at `seconds` of
-    training time; eigenvalue columns are nan when the eigensolver did not converge."""
+    """One raw-data row from a check's measurement (`sam_eos.train`: the eigensolver's results,
+    `sam_eos.steps.make_measure`'s and `check_seconds`, the check's wall time), at `seconds`
+    of training time; eigenvalue columns are nan when the eigensolver did not converge."""
     eigenvalues = np.asarray(m["eigenvalues"], np.float64)
     lambda_min = float(m["lambda_min"])
     if not bool(m["converged"]):
@@ -54,6 +55,8 @@ def measured_row(step: int, seconds: float, m: dict[str, Any], *, step_size: flo
         "lambda_max": lambda_max,
         "lambda_min": lambda_min,
         "hessian_vector_products": float(m["hessian_vector_products"]),
+        "check_seconds": float(m.get("check_seconds", math.nan)),
+        "error_bound": float(m["error_bound"]),
     }
     for i in range(1, len(eigenvalues)):
         row[f"eig_{i + 1}"] = float(eigenvalues[i])
@@ -72,10 +75,10 @@ def failed_row(step: int, seconds: float, *, step_size: float,
 def log_row(row: dict[str, float], seconds_taken: float) -> None:
     logging.info(
         "check at step %d, %.4f h: loss %.6g | sharpness %.6g | SAM edge %.6g | 2/eta %.6g | "
-        "||g|| %.4g | alignment g %.3f, SAM g %.3f | %d HVPs in %.2f s",
+        "||g|| %.4g | alignment g %.3f, SAM g %.3f | %d HVPs in %.2f s, error bound %.2g",
         row["step"], row["time_hours"], row["loss"], row["hessian_norm"], row["sam_edge"],
         row["two_over_eta"], row["grad_norm"], row["g_alignment"], row["sg_alignment"],
-        row["hessian_vector_products"], seconds_taken,
+        row["hessian_vector_products"], seconds_taken, row["error_bound"],
     )
 
 

@@ -59,6 +59,8 @@ def column_names(num_principal_components: int, extra: Sequence[str] = ()) -> li
         "lambda_max",
         "lambda_min",
         "hessian_vector_products",
+        "check_seconds",  # wall-clock seconds the check took
+        "error_bound",  # the eigensolver's error bound relative to ||H||, noise floor included
         *extra,
     ]
 

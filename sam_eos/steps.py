@@ -1,10 +1,15 @@
 """The compiled parts of the loop: several SAM steps in one dispatch, and one Hessian check.
 
-Both are pure, jit-compiled functions of their arguments (parameters, data, a traced step
+A check is two compiled functions: the eigensolver in bounded chunks (`make_eigensolver_chunk`,
+warm or cold from one executable; the loop reads its stop flag between chunks), then the rest
+of the measurement along the principal direction found (`make_measure`).
+
+All are pure, jit-compiled functions of their arguments (parameters, data, a traced step
 count), compiled ahead of time once per run (`compile_ahead`) before the training clock starts:
 nothing run-varying is a shape, so no later call compiles again.
 """
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from absl import logging
+from jax.flatten_util import ravel_pytree
 
 from sam_eos import hessian, tree
 from sam_eos.edge import sam_edge
@@ -64,19 +70,69 @@ def make_train_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, r
     return train_steps
 
 
-def make_measure(loss_fn: LossFn, *, rho: float, step_size: float, num_components: int,
-                 eigensolver: str, max_iterations: int | None, tolerance: float | None):
-    """A jitted `(params, batch, key, step) -> dict of scalars` taking one Hessian check; the
-    eigensolver starts from `fold_in(key, step)`."""
+# Lanczos products per compiled chunk of a check: the loop reads its stop flag between chunks,
+# so a check on a slow model stays interruptible (a chunk of 32 products is seconds on a CPU for
+# the MNIST MLPs). Each chunk restarts from the previous one's Ritz vectors.
+CHUNK_PRODUCTS = 32
+
+
+def chunk_plan(eigensolver: str, max_iterations: int | None) -> tuple[int, int]:
+    """`(products per chunk, chunks at most)` for one check: equal chunks of at most
+    CHUNK_PRODUCTS products, together within `max_iterations` (default per method). Power
+    iteration runs in one chunk (its loop is one call, bounded by its iterations)."""
+    budget = max_iterations or hessian.DEFAULT_MAX_ITERATIONS[eigensolver]
+    if eigensolver == "power":
+        return budget, 1
+    chunks = -(-budget // CHUNK_PRODUCTS)
+    return budget // chunks, chunks
+
+
+def make_eigensolver_chunk(loss_fn: LossFn, *, num_components: int, eigensolver: str,
+                           chunk_iterations: int, tolerance: float | None,
+                           out_sharding: jax.sharding.Sharding | None = None):
+    """A jitted `(params, batch, key, step, chunk, start_vectors, start_noise, noise_floor) ->
+    dict` running one chunk of a check's eigensolver, at most `chunk_iterations` products.
+
+    `start_vectors` float [block, n] (flat parameters): the previous check's or chunk's Ritz
+    vectors, zeros for a cold start (one executable for both); `start_noise`: the random
+    component's weight (0 to continue a chunked solve); `noise_floor`: the products' relative
+    error (`hessian.product_noise_floor`). The random start comes from `fold_in(fold_in(key,
+    step), chunk)`. Returns `eigenvalues` [k], `lambda_min`, `hessian_vector_products` (int32,
+    this chunk's), `error_bound`, `converged` and `ritz_vectors` [block, n], all placed by
+    `out_sharding` if given (on a mesh: replicated, as the start vectors).
+    """
+
+    @functools.partial(jax.jit, out_shardings=out_sharding)
+    def eigensolver_chunk(params, batch, key, step, chunk, start_vectors, start_noise,
+                          noise_floor):
+        eigenvalues, _, info = hessian.top_eigenvalues(
+            loss_fn, params, batch, num_components, method=eigensolver,
+            max_iterations=chunk_iterations, tolerance=tolerance,
+            key=jax.random.fold_in(jax.random.fold_in(key, step), chunk), return_info=True,
+            start_vectors=start_vectors, start_noise=start_noise, noise_floor=noise_floor,
+        )
+        return {
+            "eigenvalues": eigenvalues,
+            "lambda_min": info.bottom_eigenvalue,
+            "hessian_vector_products": info.matrix_vector_products,
+            "error_bound": info.error_bound,
+            "converged": info.converged,
+            "ritz_vectors": info.ritz_vectors.astype(start_vectors.dtype),
+        }
+
+    return eigensolver_chunk
+
+
+def make_measure(loss_fn: LossFn, *, rho: float, step_size: float):
+    """A jitted `(params, batch, ritz_vectors) -> dict of scalars`: the loss, ||g||, the SAM
+    edge and the alignments of the plain and SAM gradients with the principal direction,
+    `ritz_vectors[0]` (flat [n], the eigensolver's top Ritz vector)."""
 
     @jax.jit
-    def measure(params, batch, key, step):
+    def measure(params, batch, ritz_vectors):
         loss, gradient, sam_grad = loss_gradient_and_sam_gradient(loss_fn, params, batch, rho)
-        eigenvalues, direction, info = hessian.top_eigenvalues(
-            loss_fn, params, batch, num_components, method=eigensolver,
-            max_iterations=max_iterations, tolerance=tolerance,
-            key=jax.random.fold_in(key, step), return_info=True,
-        )
+        flat_params, unravel = ravel_pytree(params)
+        direction = unravel(ritz_vectors[0].astype(flat_params.dtype))
         grad_norm = tree.norm(gradient)
         return {
             "loss": loss,
@@ -84,11 +140,6 @@ def make_measure(loss_fn: LossFn, *, rho: float, step_size: float, num_component
             "sam_edge": sam_edge(grad_norm, jnp.float32(step_size), rho),
             "g_alignment": tree.alignment(gradient, direction),
             "sg_alignment": tree.alignment(sam_grad, direction),
-            "eigenvalues": eigenvalues,
-            "lambda_min": info.bottom_eigenvalue,
-            "hessian_vector_products": info.matrix_vector_products,
-            "error_bound": info.error_bound,
-            "converged": info.converged,
         }
 
     return measure

@@ -31,11 +31,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
 
-from sam_eos import checkpoint, distributed, errors, locks, schedule, steps
+from sam_eos import checkpoint, distributed, errors, hessian, locks, schedule, steps
 from sam_eos.feed import (  # noqa: F401 - the data kinds, re-exported for the programs
     BatchStream,
     Data,
@@ -91,6 +92,7 @@ class TrainConfig:
     eigensolver: str = "lanczos"
     eigensolver_max_iterations: int | None = None
     eigensolver_tolerance: float | None = None
+    eigensolver_warm_start: bool = True  # start each check from the previous one's Ritz vectors
     seed: int = 0
     outputs: Outputs = Outputs()
     run_name: str = "sam_eos run"
@@ -166,14 +168,20 @@ def settings_record(config: TrainConfig, extra: dict[str, Any]) -> dict[str, Any
     return settings
 
 
-def make_measure(loss_fn: LossFn, config: TrainConfig):
-    """The jitted check of `sam_eos.steps.make_measure` with `config`'s settings."""
-    return steps.make_measure(
-        loss_fn, rho=config.rho, step_size=config.step_size,
-        num_components=config.num_principal_components, eigensolver=config.eigensolver,
-        max_iterations=config.eigensolver_max_iterations,
+def make_check(loss_fn: LossFn, config: TrainConfig,
+               place: Placement | None = None) -> tuple[Callable, Callable]:
+    """The jitted parts of a check with `config`'s settings: `(eigensolver_chunk, measure)`
+    (`sam_eos.steps`); on a mesh (`place`) the chunk's outputs are replicated, as the loop's
+    state that holds its Ritz vectors."""
+    chunk_iterations, _ = steps.chunk_plan(config.eigensolver, config.eigensolver_max_iterations)
+    chunk = steps.make_eigensolver_chunk(
+        loss_fn, num_components=config.num_principal_components,
+        eigensolver=config.eigensolver, chunk_iterations=chunk_iterations,
         tolerance=config.eigensolver_tolerance,
+        out_sharding=None if place is None or place.mesh is None
+        else distributed.replicated_sharding(place.mesh),
     )
+    return chunk, steps.make_measure(loss_fn, rho=config.rho, step_size=config.step_size)
 
 
 def make_schedule(config: TrainConfig) -> schedule.Schedule:
@@ -189,18 +197,27 @@ def make_schedule(config: TrainConfig) -> schedule.Schedule:
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """The run's compiled functions: `train_steps(params, opt_state, arrays, start, n)`, and
-    the check `measure(params, batch, key, step)` with `check_batch(arrays, row)`."""
+    """The run's compiled functions: `train_steps(params, opt_state, arrays, start, n)`; the
+    check's `check_batch(arrays, row)`, `eigensolver_chunk(params, batch, key, step, chunk,
+    start_vectors, start_noise, noise_floor)` run up to `max_chunks` times, then
+    `measure(params, batch, ritz_vectors)`. `cold_start`: the zero Ritz block of a cold start;
+    `noise_floor`: the products' relative error (0 until measured)."""
 
     train_steps: Callable
-    measure: Callable
     check_batch: Callable
+    eigensolver_chunk: Callable
+    measure: Callable
+    cold_start: jax.Array
+    max_chunks: int = 1
+    warm_start: bool = True
+    noise_floor: float = 0.0
     spectrum: Any = None  # spectrum_checks.SpectrumChecks, when any is enabled
 
 
 def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     config: TrainConfig, feed: Feed, state: dict[str, PyTree],
                     hessian_batch: PyTree | None, key: jax.Array, with_checks: bool,
+                    place: Placement,
                     stop_requested: Callable[[], bool] = lambda: False) -> Program:
     """Compiles the step and (`with_checks`) the check for this run's shapes and placement,
     logging each compile's seconds. A check that cannot be compiled fails at every check (a
@@ -215,7 +232,7 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         state["params"], state["opt_state"], arrays, row, np.int32(1),
     )
     if stop_requested():
-        return _not_compiled(train_steps)
+        return _not_compiled(train_steps, state["ritz_vectors"])
     if hessian_batch is not None:
         check_batch = lambda arrays, row: hessian_batch  # noqa: E731
     elif isinstance(feed, FullBatchFeed):
@@ -223,29 +240,57 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     else:
         check_batch = steps.compile_ahead("the check's batch", steps.make_batch_at(feed.select),
                                           arrays, row)
-    measure = steps.failing(RuntimeError("no checks are scheduled"))
+    chunk = measure = steps.failing(RuntimeError("no checks are scheduled"))
     if with_checks and not stop_requested():
         try:
-            measure = steps.compile_ahead("the Hessian check", make_measure(loss_fn, config),
-                                          state["params"], check_batch(arrays, row), key,
-                                          np.int32(0))
+            chunk, measure = compile_check(loss_fn, config, state, check_batch(arrays, row),
+                                           key, place)
         except Exception as error:  # noqa: BLE001 - reported at every check instead
             logging.exception("Compiling the Hessian check failed.")
-            measure = steps.failing(error)
+            chunk = measure = steps.failing(error)
     extra = None
-    if with_checks and config.spectrum.enabled():
+    if with_checks and config.spectrum.enabled() and not stop_requested():
         extra = compile_spectrum_checks(
             loss_fn, config.spectrum, rho=config.rho,
             max_iterations=config.eigensolver_max_iterations,
             tolerance=config.eigensolver_tolerance, feed=feed, params=state["params"],
             batch=check_batch(arrays, row), key=key)
-    return Program(train_steps, measure, check_batch, extra)
+    _, max_chunks = steps.chunk_plan(config.eigensolver, config.eigensolver_max_iterations)
+    return Program(train_steps, check_batch, chunk, measure, cold_start=state["ritz_vectors"],
+                   max_chunks=max_chunks, warm_start=config.eigensolver_warm_start,
+                   spectrum=extra)
 
 
-def _not_compiled(train_steps: Callable) -> Program:
+def cold_ritz_block(params: PyTree, config: TrainConfig) -> jax.Array:
+    """Zeros shaped like a check's Ritz block [rows, n]: k + 2 rows, fewer when a chunk's
+    Lanczos steps cannot hold them (a tiny model or --eigensolver_max_iterations)."""
+    k, rows = config.num_principal_components, hessian.warm_block_size(
+        config.num_principal_components)
+    if config.eigensolver == "lanczos":
+        chunk_iterations, _ = steps.chunk_plan(config.eigensolver,
+                                               config.eigensolver_max_iterations)
+        num_params = hessian.cold_start_vectors(params, 1, 1).shape[1]
+        rows = min(rows, hessian.lanczos_iterations_allowed(num_params, chunk_iterations))
+    return hessian.cold_start_vectors(params, k, max(rows, k))
+
+
+def compile_check(loss_fn: LossFn, config: TrainConfig, state: dict[str, PyTree],
+                  batch: PyTree, key: jax.Array, place: Placement) -> tuple[Callable, Callable]:
+    """The check's two functions (`make_check`) compiled for this run's shapes: one
+    executable for warm and cold starts and for every chunk."""
+    chunk, measure = make_check(loss_fn, config, place)
+    chunk = steps.compile_ahead(
+        "the Hessian check", chunk, state["params"], batch, key, np.int32(0), np.int32(0),
+        state["ritz_vectors"], np.float32(0), np.float32(0))
+    measure = steps.compile_ahead("the check's measurements", measure, state["params"], batch,
+                                  state["ritz_vectors"])
+    return chunk, measure
+
+
+def _not_compiled(train_steps: Callable, cold_start: jax.Array) -> Program:
     """The program of a run stopped while compiling: no check can be taken."""
     skipped = steps.failing(RuntimeError("stopped while compiling"))
-    return Program(train_steps, skipped, skipped)
+    return Program(train_steps, skipped, skipped, skipped, cold_start=cold_start)
 
 
 def _holding_output_locks(run_function: Callable[..., "RunResult"]) -> Callable[..., "RunResult"]:
@@ -311,9 +356,12 @@ def run(
         with_density=bool(config.spectrum.spectral_density_every_checks),
         density_plot=outputs.density_curve,
     )
-    # The loop's state: what a checkpoint holds. (Solver state carried from check to check
-    # would be one more entry here.)
-    state = place.replicated({"params": params, "opt_state": optimizer.init(params)})
+    # The loop's state: what a checkpoint holds. "ritz_vectors" [block, n]: the last check's
+    # top Ritz vectors, the next check's warm start (zeros: cold), replicated like the params.
+    state = place.replicated({
+        "params": params, "opt_state": optimizer.init(params),
+        "ritz_vectors": cold_ritz_block(params, config),
+    })
     position = checkpoint.Position()
     restored = recorder.restore(state)
     if restored is not None:
@@ -336,7 +384,11 @@ def run(
     compile_started = time.perf_counter()
     with _StopFlag() as stop:  # a signal while compiling stops the run before its first step
         program = compile_program(loss_fn, optimizer, config, feed, state, hessian_batch, key,
-                                  plan.has_checks, stop.requested)
+                                  plan.has_checks, place, stop.requested)
+        if plan.has_checks and config.eigensolver == "lanczos" and not stop.requested():
+            program = dataclasses.replace(program, noise_floor=_noise_floor(
+                loss_fn, config, state, program.check_batch(feed.arrays(), np.int32(feed.row())),
+                key, recorder))
         compile_seconds = time.perf_counter() - compile_started
         progress = Progress(every_seconds=config.progress_every_seconds,
                             time_limit_seconds=plan.time_limit_seconds,
@@ -362,31 +414,105 @@ def run(
                      seconds=seconds, raw_data=outputs.raw_data, files=files)
 
 
+def _noise_floor(loss_fn: LossFn, config: TrainConfig, state: dict[str, PyTree],
+                 batch: PyTree, key: jax.Array, recorder: Recorder) -> float:
+    """The products' relative error at the default matmul precision against "highest"
+    (`hessian.product_noise_floor`), measured once per run on the first check's batch along
+    the restored top Ritz vector, or a random unit vector. Logged; a tolerance below it is
+    noted in the log and the raw data: the checks keep the default precision and report the
+    floor in their error bound (they cannot resolve less)."""
+    try:
+        vector = _unit_or_random(state["ritz_vectors"][0], key)
+        floor = float(hessian.product_noise_floor(loss_fn, state["params"], batch, vector))
+    except Exception:  # noqa: BLE001 - without it, the bounds are the solver's own
+        logging.exception("Measuring the products' noise floor failed; taking it as 0.")
+        return 0.0
+    floor = floor if math.isfinite(floor) else 0.0
+    logging.info("Hessian-vector products: relative error %.2g at the default matmul "
+                 "precision (against 'highest'); every check's error bound includes it.", floor)
+    tolerance = config.eigensolver_tolerance or hessian.DEFAULT_TOLERANCE["lanczos"]
+    if tolerance < floor:
+        message = (f"the eigensolver tolerance {tolerance:.2g} is below the products' noise "
+                   f"floor {floor:.2g} (default matmul precision): checks stop at the floor "
+                   "and report it as their error_bound; the tolerance cannot be met")
+        logging.warning(message[0].upper() + message[1:] + ".")
+        recorder.note(message)
+    return floor
+
+
+@jax.jit
+def _unit_or_random(vector: jax.Array, key: jax.Array) -> jax.Array:
+    """`vector` [n] scaled to unit length, or a unit random vector if it is zero."""
+    norm = jnp.linalg.norm(vector)
+    random = jax.random.normal(key, vector.shape, vector.dtype)
+    chosen = jnp.where(norm > 0, vector, random)
+    return chosen / jnp.linalg.norm(chosen)
+
+
+def _solve_in_chunks(program: Program, params: PyTree, batch: PyTree, key: jax.Array,
+                     step: int, start: jax.Array,
+                     stop_requested: Callable[[], bool]) -> tuple[dict[str, Any] | None, int]:
+    """The check's eigensolver, chunk by chunk until converged or `program.max_chunks`
+    (the first warm or cold from `start`, each later one continuing from the previous
+    chunk's Ritz vectors): (the last chunk's results with the products of all, or None when
+    a stop was requested between chunks; the products used)."""
+    vectors, noise, products = start, np.float32(hessian.DEFAULT_START_NOISE), 0
+    for chunk in range(program.max_chunks):
+        if chunk and stop_requested():
+            return None, products
+        solved = program.eigensolver_chunk(params, batch, key, np.int32(step), np.int32(chunk),
+                                           vectors, noise, np.float32(program.noise_floor))
+        products += int(solved["hessian_vector_products"])
+        vectors, noise = solved["ritz_vectors"], np.float32(0)
+        if bool(solved["converged"]):
+            break
+    return {**solved, "hessian_vector_products": products}, products
+
+
 def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
-                position: checkpoint.Position, recorder: Recorder,
-                key: jax.Array) -> tuple[bool, float]:
-    """Takes and records the check at `position`: (whether the run diverged (a measured loss
-    that is not finite), the check's seconds)."""
+                position: checkpoint.Position, recorder: Recorder, key: jax.Array,
+                stop_requested: Callable[[], bool]) -> tuple[dict[str, PyTree], str, float]:
+    """Takes and records the check at `position`: (the state with the check's Ritz vectors,
+    the outcome, the check's seconds). Outcomes: "measured"; "diverged" (a measured loss that
+    is not finite); "interrupted" (a stop requested mid-check: no row, a note). A check that
+    raises gives a nan row and a note, and the next check starts cold."""
     started = time.perf_counter()
+    measured: dict[str, Any] | Exception | None = None  # None: interrupted
+    solved, products, extra = None, 0, None
     try:
         batch = program.check_batch(feed.arrays(), np.int32(feed.row()))
-        measured = jax.device_get(program.measure(state["params"], batch, key,
-                                                  np.int32(position.step)))
-        extra = program.spectrum and program.spectrum.measure(
-            state["params"], batch, feed, key, position.step, position.rows_written)
+        start = state["ritz_vectors"] if program.warm_start else program.cold_start
+        solved, products = _solve_in_chunks(program, state["params"], batch, key,
+                                            position.step, start, stop_requested)
+        if solved is not None:
+            measured = jax.device_get({
+                **program.measure(state["params"], batch, solved["ritz_vectors"]),
+                **{name: value for name, value in solved.items() if name != "ritz_vectors"}})
+            extra = program.spectrum and program.spectrum.measure(
+                state["params"], batch, feed, key, position.step, position.rows_written)
     except Exception as error:  # noqa: BLE001 - one failed check must not end the run
-        measured, extra = error, None
+        measured, solved, extra = error, None, None
     seconds = time.perf_counter() - started
+    if measured is None:
+        message = (f"check at step {position.step} interrupted mid-check after {products} "
+                   f"HVPs ({seconds:.2f} s): no row")
+        logging.warning(message[0].upper() + message[1:] + ".")
+        recorder.note(message)
+        return state, "interrupted", seconds
+    if not isinstance(measured, Exception):
+        measured["check_seconds"] = seconds
     row = recorder.check(position.step, position.training_seconds, measured, seconds, extra)
     if recorder.output_failed:  # not on disk: a resume takes this check again
-        return False, seconds
+        return state, "measured", seconds
     position.rows_written += 1
     position.last_checked_step = position.step
+    vectors = program.cold_start if solved is None else solved["ritz_vectors"]
+    state = {**state, "ritz_vectors": vectors}
     if isinstance(measured, Exception) or np.isfinite(row["loss"]):
-        return False, seconds
+        return state, "measured", seconds
     logging.error("Diverged: the loss is %s at step %d.", row["loss"], position.step)
     recorder.note(f"diverged at step {position.step}: loss {row['loss']}")
-    return True, seconds
+    return state, "diverged", seconds
 
 
 def _loop(program: Program, feed: Feed, state: dict[str, PyTree],
@@ -421,11 +547,13 @@ def _loop(program: Program, feed: Feed, state: dict[str, PyTree],
                     break
                 if schedule.check_due(plan, position):
                     progress.clear()
-                    diverged, seconds = _take_check(program, feed, state, position, recorder,
-                                                    key)
+                    state, outcome, seconds = _take_check(
+                        program, feed, state, position, recorder, key,
+                        lambda: _agree(0.0, stop.signal_number, 1)[1] is not None)
                     check_seconds += seconds
-                    if diverged:
-                        status = "diverged"
+                    if outcome != "measured":
+                        status = outcome
+                        signal_number = stop.signal_number
                         break
                     ended, _, _, failed = _agree(clock(), None, dispatch_size,
                                                  recorder.output_failed)

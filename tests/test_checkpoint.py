@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sam_eos import checkpoint, errors, train
+from sam_eos import checkpoint, errors, records, train
 from sam_eos.records import keep_first_rows, read_raw_data
 from tests.test_programs import ROOT, TINY_TRANSFORMER, environment, shakespeare_like_text
 from tests.test_train import mlp_loss, mlp_problem
@@ -40,7 +40,7 @@ def test_resume_continues_the_run_and_its_raw_data(tmp_path):
         np.testing.assert_allclose(resumed.params[name], whole.params[name], rtol=1e-6)
     _, _, whole_rows = read_raw_data(str(tmp_path / "whole.txt"))
     settings, _, split_rows = read_raw_data(str(tmp_path / "split.txt"))
-    np.testing.assert_allclose(split_rows[:, 1:], whole_rows[:, 1:], rtol=1e-5)
+    np.testing.assert_allclose(untimed(split_rows), untimed(whole_rows), rtol=1e-5)
     # The plots cover the whole run: steps 0, 5, ..., 30.
     assert len(resumed.rows) == len(split_rows) == 7
     assert open(tmp_path / "split.txt").read().count("# settings:") == 1
@@ -90,6 +90,19 @@ def test_settings_differences_and_keep_first_rows(tmp_path):
     assert path.read_text() == "# h\n# columns: a\n"
 
 
+def untimed(rows: np.ndarray) -> np.ndarray:
+    """The raw-data rows (k = 1) without their timings (time_hours, check_seconds)."""
+    keep = [i for i, name in enumerate(records.column_names(1))
+            if name not in ("time_hours", "check_seconds")]
+    return rows[:, keep]
+
+
+def state_template(params, config: train.TrainConfig) -> dict:
+    """The loop's state (`train.run`) for `checkpoint.Checkpointer.restore`."""
+    return {"params": params, "opt_state": train.optax.sgd(0.1).init(params),
+            "ritz_vectors": train.cold_ritz_block(params, config)}
+
+
 def restore_params(directory) -> list[np.ndarray]:
     manager = ocp.CheckpointManager(str(directory))
     state = manager.restore(manager.latest_step(),
@@ -135,7 +148,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_end(tmp_path):
     assert resumed.stdout.split("Test loss:")[1] == whole.stdout.split("Test loss:")[1]
     _, _, whole_rows = read_raw_data(str(tmp_path / "whole.txt"))
     _, _, resumed_rows = read_raw_data(str(raw))
-    np.testing.assert_allclose(resumed_rows[:, 1:], whole_rows[:, 1:], rtol=1e-5)
+    np.testing.assert_allclose(untimed(resumed_rows), untimed(whole_rows), rtol=1e-5)
     for a, b in zip(restore_params(tmp_path / "killed"), restore_params(tmp_path / "whole"),
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -155,7 +168,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
                 f.truncate(max(os.path.getsize(os.path.join(root, name)) // 3, 1))
     checkpointer = checkpoint.Checkpointer(str(directory), train.settings_record(
         config(tmp_path, "run", 7), {}))
-    template = {"params": params, "opt_state": train.optax.sgd(0.1).init(params)}
+    template = state_template(params, config(tmp_path, "run", 7))
     state, position = checkpointer.restore(template)
     checkpointer.close()
     assert position.step == steps[0]
@@ -173,7 +186,7 @@ def test_an_empty_latest_checkpoint_directory_is_skipped_and_none_left_is_an_err
     directory = tmp_path / "run"
     (directory / "45").mkdir()  # an empty step directory, e.g. a half-deleted copy
     checkpointer = checkpoint.Checkpointer(str(directory), train.settings_record(run_config, {}))
-    template = {"params": params, "opt_state": train.optax.sgd(0.1).init(params)}
+    template = state_template(params, config(tmp_path, "run", 7))
     _, position = checkpointer.restore(template)
     assert position.step == 3
     for name in os.listdir(directory):
