@@ -32,10 +32,11 @@ def measured_row(step: int, seconds: float, m: dict[str, Any], *, step_size: flo
                  eigensolver: str) -> dict[str, float]:
     """One raw-data row from a check's measurement (`sam_eos.train`: the eigensolver's results,
     `sam_eos.steps.make_measure`'s and `check_seconds`, the check's wall time), at `seconds`
-    of training time; eigenvalue columns are nan when the eigensolver did not converge."""
+    of training time. Eigenvalue columns are nan when Lanczos did not converge; `power` keeps
+    its last estimate at its iteration cap, as the original does."""
     eigenvalues = np.asarray(m["eigenvalues"], np.float64)
     lambda_min = float(m["lambda_min"])
-    if not bool(m["converged"]):
+    if not bool(m["converged"]) and eigensolver != "power":
         eigenvalues = np.full_like(eigenvalues, np.nan)
         lambda_min = math.nan
     lambda_max = float(eigenvalues[0])
@@ -201,7 +202,8 @@ class Recorder:
                     f"check at step {step}: the eigensolver did not converge in "
                     f"{int(measured['hessian_vector_products'])} products (error bound "
                     f"{float(measured['error_bound']):.3g}); last estimate "
-                    f"{np.asarray(measured['eigenvalues']).tolist()} recorded as nan"
+                    f"{np.asarray(measured['eigenvalues']).tolist()} recorded as "
+                    + ("it is, as the original" if self._eigensolver == "power" else "nan")
                 )
                 logging.warning(message)
                 self.note(message)

@@ -161,6 +161,21 @@ def test_unconverged_check_is_recorded_as_nan_with_a_note_and_training_goes_on(t
     assert np.all(np.isfinite(rows[:, columns.index("loss")]))
 
 
+def test_power_at_its_cap_keeps_its_last_estimate_as_the_original(tmp_path):
+    params, batch = mlp_problem()
+    config = train.TrainConfig(step_size=0.1, max_steps=3, hessian_check_every_steps=3,
+                               eigensolver="power", eigensolver_max_iterations=2,
+                               eigensolver_tolerance=1e-12, outputs=outputs(tmp_path))
+    result = train.run(mlp_loss, params, train.FullBatch(batch), config)
+    text = open(tmp_path / "raw.txt").read()
+    assert text.count("did not converge") == 2 and "recorded as it is, as the original" in text
+    _, columns, rows = read_raw_data(str(tmp_path / "raw.txt"))
+    norms = rows[:, columns.index("hessian_norm")]
+    assert np.all(np.isfinite(norms)) and np.all(norms > 0)
+    assert [row["hessian_norm"] for row in result.rows] == pytest.approx(norms.tolist())
+    assert np.all(rows[:, columns.index("hessian_vector_products")] == 2)
+
+
 def test_a_second_run_to_the_same_path_starts_afresh_and_keeps_the_first_aside(tmp_path):
     params, batch = mlp_problem()
     kept = []
