@@ -10,6 +10,7 @@ from jax.flatten_util import ravel_pytree
 from sam_eos import tree
 from sam_eos.hessian import top_eigenvalues
 from sam_eos.power_iteration import power_iteration
+from tests.test_hessian import dense_hessian, make_mlp, mlp_loss, tanh_mlp_loss
 
 # The original's finite difference divides by 2 * 1e-3 + 1e-5 instead of 2 * 1e-3: on a
 # quadratic every product, and so the estimate, is this fraction of the exact one.
@@ -33,33 +34,8 @@ def original_power_iteration(loss_fn, params, batch, key, tolerance=1e-3, limit=
     return float(jnp.vdot(v, product)), np.asarray(v), t
 
 
-def mlp_loss(params, batch, activation=jax.nn.relu):
-    x, y = batch
-    h = x
-    for layer in params[:-1]:
-        h = activation(h @ layer["w"] + layer["b"])
-    return jnp.mean((h @ params[-1]["w"] + params[-1]["b"] - y) ** 2)
-
-
-def tanh_mlp_loss(params, batch):
-    return mlp_loss(params, batch, jnp.tanh)
-
-
-def make_mlp(sizes, num_examples=64, seed=0):
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes) + 1)
-    params = [
-        {"w": jax.random.normal(keys[i], (m, n)) / np.sqrt(m), "b": jnp.full((n,), 0.1)}
-        for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
-    ]
-    x = jax.random.normal(keys[-2], (num_examples, sizes[0]))
-    y = jax.nn.one_hot(jax.random.randint(keys[-1], (num_examples,), 0, sizes[-1]), sizes[-1])
-    return params, (x, y)
-
-
 def dense_spectrum(loss_fn, params, batch):
-    flat, unravel = ravel_pytree(params)
-    hessian = jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat)
-    return np.linalg.eigvalsh(np.asarray(hessian, np.float64))
+    return np.linalg.eigvalsh(dense_hessian(loss_fn, params, batch))
 
 
 def quadratic_loss(params, matrix):
