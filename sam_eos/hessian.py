@@ -124,7 +124,7 @@ def warm_block_size(k: int, block_size: int | None = None) -> int:
 def cold_start_vectors(params: PyTree, k: int, block_size: int | None = None) -> jax.Array:
     """float zeros [warm_block_size(k, block_size), num_params]: the `start_vectors` of a cold
     start, shaped like a warm one (for a loop's state or a checkpoint before the first check)."""
-    flat, _ = ravel_pytree(params)
+    flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)  # traced: no op compiled
     return jnp.zeros((warm_block_size(k, block_size), flat.size), flat.dtype)
 
 

@@ -65,6 +65,17 @@ def column_names(num_principal_components: int, extra: Sequence[str] = ()) -> li
     ]
 
 
+# Columns that are wall-clock times: they differ between two runs that measure the same.
+TIMING_COLUMNS = ("time_hours", "check_seconds")
+
+
+def untimed(columns: Sequence[str], rows: np.ndarray) -> np.ndarray:
+    """`rows` [checks, len(columns)] without the TIMING_COLUMNS: what a rerun, a resumed run
+    or the same run on other devices must reproduce."""
+    keep = [i for i, name in enumerate(columns) if name not in TIMING_COLUMNS]
+    return np.asarray(rows)[:, keep]
+
+
 def check_output_path(path: str, flag_name: str) -> None:
     """Fail now, not after hours of training, if `path` cannot be written.
 

@@ -269,7 +269,7 @@ def cold_ritz_block(params: PyTree, config: TrainConfig) -> jax.Array:
     if config.eigensolver == "lanczos":
         chunk_iterations, _ = steps.chunk_plan(config.eigensolver,
                                                config.eigensolver_max_iterations)
-        num_params = hessian.cold_start_vectors(params, 1, 1).shape[1]
+        num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
         rows = min(rows, hessian.lanczos_iterations_allowed(num_params, chunk_iterations))
     return hessian.cold_start_vectors(params, k, max(rows, k))
 
@@ -300,8 +300,18 @@ def _holding_output_locks(run_function: Callable[..., "RunResult"]) -> Callable[
     @functools.wraps(run_function)
     def locked(loss_fn: LossFn, params: PyTree, data: Data, config: TrainConfig,
                **options: Any) -> RunResult:
-        held = (locks.lock_run_outputs(config.outputs.raw_data, config.checkpoint_dir)
-                if distributed.is_main_process() else [])
+        held, failure = [], None
+        if distributed.is_main_process():  # only process 0 writes raw data
+            try:
+                held = locks.lock_run_outputs(config.outputs.raw_data, config.checkpoint_dir)
+            except errors.InputError as error:
+                failure = error
+            except OSError as error:
+                failure = errors.InputError(
+                    f"--raw_data_output={config.outputs.raw_data} or --checkpoint_dir="
+                    f"{config.checkpoint_dir} cannot be written ({error.strerror or error})")
+        # Every process hears of a failure, or the others would wait for process 0 forever.
+        distributed.raise_if_any_process_failed(failure)
         try:
             return run_function(loss_fn, params, data, config, **options)
         finally:

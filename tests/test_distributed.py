@@ -141,8 +141,8 @@ def test_a_failure_on_one_process_stops_every_process(multihost):
     assert second["failure"] == (
         "InputError: process 0 failed to start the run: see its error message"
     )
-    # In the loop: process 0 cannot open its raw-data file, and neither process trains.
-    assert first["unwritable_raw_data"] == "OSError"
+    # In the loop: process 0 cannot lock (create) its raw-data file, and neither process trains.
+    assert first["unwritable_raw_data"] == "InputError"
     assert second["unwritable_raw_data"] == "InputError"
 
 
