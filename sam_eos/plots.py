@@ -12,8 +12,9 @@ linear and clipped so one early outlier cannot squash the rest: its top is the s
 largest value and `OFF_SCALE_FACTOR` times the scale, the scale being the largest of 2/eta, the
 SAM edge and the 95th percentile of the second half of the checks. The reference lines are
 therefore always in view; values above the top are marked with a triangle on the top edge and
-counted in the title. Several runs share one figure: one colour per run, labelled from its
-settings (GD or SAM rho, eta); one 2/eta line when they share eta.
+counted in the title. Below zero the lower tail of the later checks sets the bottom the same way
+(values below it: a triangle on the bottom edge). Several runs share one figure: one colour per
+run, labelled from its settings (GD or SAM rho, eta); one 2/eta line when they share eta.
 """
 
 import dataclasses
@@ -32,6 +33,7 @@ from sam_eos.errors import InputError  # noqa: E402
 PLOT_NAMES = ("eigs_curve", "eigs_se_only", "alignment_curve", "loss_curve")
 X_AXES = ("steps", "hours")
 OFF_SCALE_FACTOR = 2.0
+BELOW_AXIS_FRACTION = 0.25
 SHARPNESS_SERIES = (  # column, label, style; drawn when the column has a finite value
     ("hessian_norm", "sharpness (operator norm)", {"linestyle": "-", "marker": "."}),
     ("lambda_max", r"$\lambda_{\max}$", {"linestyle": "--", "marker": "x", "markersize": 3,
@@ -117,7 +119,11 @@ def eigenvalue_limits(
     largest = float(np.max(values))
     top = min(1.05 * largest, OFF_SCALE_FACTOR * scale) if scale > 0 else 1.05 * largest
     smallest = float(np.min(values))
-    bottom = 0.0 if smallest >= 0 else max(1.05 * smallest, -top)
+    # Below zero, the same idea: the lower tail of the later checks (5th percentile) sets the
+    # scale, plus a margin of BELOW_AXIS_FRACTION of the top, so one early negative value (a
+    # batch sharpness of -40 at step 0 beside a sharpness of 10) cannot squash the rest.
+    low = min(0.0, float(np.quantile(later, 0.05))) if later.size else 0.0
+    bottom = 0.0 if smallest >= 0 else max(1.05 * smallest, 1.05 * low - BELOW_AXIS_FRACTION * top)
     if not top > bottom:
         return None
     return bottom, top
@@ -173,6 +179,7 @@ class _Figure:
         self.several = len(runs) > 1
         self.labels = [run_label(run.settings) for run in runs]
         self.off_scale: list[tuple[float, float]] = []  # (value, x) above the y-range
+        self.below_scale: list[tuple[float, float]] = []  # (value, x) below it
 
     def style(self, i: int, column: str, label: str, **style) -> dict[str, Any]:
         """One colour per run when there are several (series told apart by line style),
@@ -227,13 +234,16 @@ class _Figure:
             return
         bottom, top = limits
         self.ax.set_ylim(bottom, top)
-        self.off_scale = [(float(y), float(x)) for xs, values in drawn
-                          for x, y in zip(xs, values, strict=True)
-                          if np.isfinite(x) and np.isfinite(y) and y > top]
-        if self.off_scale:
-            xs = [x for _, x in self.off_scale]
-            self.ax.plot(xs, [top] * len(xs), linestyle="none", marker="^", color="0.3",
-                         clip_on=False, label="_off scale")
+        points = [(float(y), float(x)) for xs, values in drawn
+                  for x, y in zip(xs, values, strict=True) if np.isfinite(x) and np.isfinite(y)]
+        self.off_scale = [(y, x) for y, x in points if y > top]
+        self.below_scale = [(y, x) for y, x in points if y < bottom]
+        for marked, edge, marker in ((self.off_scale, top, "^"),
+                                     (self.below_scale, bottom, "v")):
+            if marked:
+                xs = [x for _, x in marked]
+                self.ax.plot(xs, [edge] * len(xs), linestyle="none", marker=marker,
+                             color="0.3", clip_on=False, label="_off scale")
 
     def alignment(self) -> None:
         for i, (run, x) in enumerate(zip(self.runs, self.xs, strict=True)):
@@ -261,12 +271,21 @@ def _column_or_empty(run: RunData, name: str) -> np.ndarray:
     return np.zeros(0) if values is None else values
 
 
-def _off_scale_note(above: list[tuple[float, float]], unit: str) -> str:
-    value, x = max(above)
-    where = f"step {x:g}" if unit == "step" else f"{x:.3g} {unit}"
-    count = len(above)
-    return (f"{count} value{'s' if count != 1 else ''} above the axis (largest {value:.4g} "
-            f"at {where})")
+def _off_scale_note(above: list[tuple[float, float]], below: list[tuple[float, float]],
+                    unit: str) -> str:
+    """The title's note on values outside the y-range: how many, and the most extreme."""
+    def where(x: float) -> str:
+        return f"step {x:g}" if unit == "step" else f"{x:.3g} {unit}"
+
+    notes = []
+    for points, side, extreme, word in ((above, "above", max, "largest"),
+                                        (below, "below", min, "smallest")):
+        if points:
+            value, x = extreme(points)
+            count = len(points)
+            notes.append(f"{count} value{'s' if count != 1 else ''} {side} the axis "
+                         f"({word} {value:.4g} at {where(x)})")
+    return "; ".join(notes)
 
 
 def make_figure(name: str, runs: Sequence[RunData], x_axis: str = "steps"):
@@ -285,18 +304,32 @@ def make_figure(name: str, runs: Sequence[RunData], x_axis: str = "steps"):
         kinds[name](drawing)
         ax.set_xlabel(x_label)
         title = _common_title(runs)
-        if drawing.off_scale:
-            note = _off_scale_note(drawing.off_scale, unit)
+        if drawing.off_scale or drawing.below_scale:
+            note = _off_scale_note(drawing.off_scale, drawing.below_scale, unit)
             title = f"{title}\n{note}" if title else note
-        ax.set_title(title, fontsize=9)
-        if any(not line.get_label().startswith("_") for line in ax.lines):
-            ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        figure.tight_layout()
+        _finish(figure, ax, title)
     except Exception:
         plt.close(figure)
         raise
     return figure
+
+
+def _finish(figure, ax, title: str) -> None:
+    """The finishing touches every figure shares: title, legend (when a line has a label),
+    grid, layout."""
+    ax.set_title(title, fontsize=9)
+    if any(not line.get_label().startswith("_") for line in ax.lines):
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    figure.tight_layout()
+
+
+def _save(figure, path: str) -> None:
+    """Writes `figure` to `path` and closes it (also when the write fails)."""
+    try:
+        figure.savefig(path)
+    finally:
+        plt.close(figure)
 
 
 def draw_runs(
@@ -313,11 +346,7 @@ def draw_runs(
         if not path:
             continue
         try:
-            figure = make_figure(name, runs, x_axis)
-            try:
-                figure.savefig(path)
-            finally:
-                plt.close(figure)
+            _save(make_figure(name, runs, x_axis), path)
             written.append(path)
         except (OSError, ValueError) as error:  # one plot failing must not stop the others
             failed.append(f"{path}: {error}")
@@ -419,10 +448,7 @@ def make_density_figure(checks: dict[int, dict[str, np.ndarray]], title: str = "
             ax.set_ylim(highest * DENSITY_FLOOR_FRACTION, highest * 3)
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("spectral density (SLQ, smoothed)")
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        figure.tight_layout()
+        _finish(figure, ax, title)
     except Exception:
         plt.close(figure)
         raise
@@ -433,9 +459,5 @@ def draw_density(checks: dict[int, dict[str, np.ndarray]], path: str, title: str
     """Draws the density plot into `path`; False (nothing written) with no path or checks."""
     if not path or not checks:
         return False
-    figure = make_density_figure(checks, title)
-    try:
-        figure.savefig(path)
-    finally:
-        plt.close(figure)
+    _save(make_density_figure(checks, title), path)
     return True

@@ -143,6 +143,27 @@ def test_eigenvalue_limits_keep_references_in_view():
     assert plots.eigenvalue_limits([np.array([np.nan])], []) is None
 
 
+def test_eigenvalue_limits_clip_an_early_negative_outlier():
+    # A batch sharpness of -39.6 at step 0 beside a sharpness near 8: the bottom stays near 0.
+    early_negative = [np.array([-39.6, 5.0, 6.0, 7.0, 8.0, 7.0])]
+    assert plots.eigenvalue_limits(early_negative, [np.full(6, 10.0)]) == pytest.approx(
+        (-0.25 * 10.5, 10.5))
+    # Values that stay negative are kept in view.
+    negative = [np.array([-3.0, -3.0, -3.0, -3.0])]
+    assert plots.eigenvalue_limits(negative, [np.full(4, 10.0)]) == pytest.approx(
+        (-3.15, 10.5))
+
+
+def test_figure_marks_values_below_the_axis():
+    run = run_data(rho=0.1)
+    rows = run.rows.copy()
+    rows[0, run.columns.index("hessian_norm")] = -40.0
+    figure = plots.make_figure("eigs_curve", [plots.RunData(run.settings, run.columns, rows)])
+    title = figure.axes[0].get_title()
+    plt.close(figure)
+    assert "1 value below the axis (smallest -40 at step 0)" in title
+
+
 def run_plot(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "sam_eos.plot", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
