@@ -306,27 +306,8 @@ def printed_value(result: processes_.Finished, name: str) -> float:
 
 
 
-@pytest.mark.parametrize("program", ["image_classification", "transformer"])
-def test_four_devices_and_two_hosts_write_the_rows_of_one(tmp_path, corpus, program):
-    """Data parallel over 4 (simulated CPU) devices, and over 2 processes of 2 devices each
-    (each loading only its rows of the data), gives one device's measurements."""
-    if program == "image_classification":  # minibatches of 16 in order
-        args = ["tests/tfds_mock.py", "32", "--mlp_width=16", "--batch_size=16", "--rho=0.1"]
-        name = "error"
-    else:  # the stream, checks on a fixed Hessian batch
-        args = ["-m", "transformer", f"--corpus={corpus}", "--test_lines=100", "--rho=0.05",
-                "--hessian_batch_size=8", *TINY_TRANSFORMER]
-        name = "loss"
-    tables, results = [], []
-    for count, devices in [(1, 1), (1, 4), (2, 2)]:
-        directory = tmp_path / f"{count}x{devices}"
-        result = run_on([*args, "--max_steps=8", "--hessian_check_every_steps=4",
-                         *output_flags(directory)], processes=count, devices=devices)
-        assert ("Data parallel over 4 cpu devices over " in result.stderr) == (devices > 1)
-        assert ("over 2 processes" in result.stderr) == (count == 2)
-        _, columns, rows = read_raw_data(str(directory / "raw.txt"))
-        tables.append(untimed(columns, rows))
-        results.append(result)
+def assert_rows_of_one(tables: list[np.ndarray], results: list, name: str) -> None:
+    """Every run's raw data (untimed) and printed test `name` equal the first run's."""
     one = tables[0]
     assert len(one) == 3
     for table in tables[1:]:
@@ -336,25 +317,47 @@ def test_four_devices_and_two_hosts_write_the_rows_of_one(tmp_path, corpus, prog
     np.testing.assert_allclose(values, values[0], rtol=1e-3)
 
 
-def test_two_hosts_resume_a_full_batch_run_from_their_checkpoint(tmp_path):
-    """Two processes stop at max_steps with a checkpoint; the same command with more steps
-    resumes, and the whole raw-data file equals an uninterrupted single-process run."""
-    args = ["tests/tfds_mock.py", "32", "--mlp_width=16", "--rho=0.1",
+def untimed_raw_data(directory: pathlib.Path) -> np.ndarray:
+    _, columns, rows = read_raw_data(str(directory / "raw.txt"))
+    return untimed(columns, rows)
+
+
+def test_image_classification_on_four_devices_and_two_hosts_resumed_writes_the_rows_of_one(
+        tmp_path):
+    """Data parallel over 4 (simulated CPU) devices, and over 2 processes of 2 devices each
+    (each loading only its rows of the data) that stop at step 4 with a checkpoint and resume
+    with more steps, give one device's measurements (minibatches of 16 in order)."""
+    args = ["tests/tfds_mock.py", "32", "--mlp_width=16", "--batch_size=16", "--rho=0.1",
             "--hessian_check_every_steps=4", "--hessian_check_gap=none"]
-    reference = run_on([*args, "--max_steps=8", *output_flags(tmp_path / "one")],
-                       processes=1, devices=1)
+    one = run_on([*args, "--max_steps=8", *output_flags(tmp_path / "one")],
+                 processes=1, devices=1)
+    four = run_on([*args, "--max_steps=8", *output_flags(tmp_path / "four")],
+                  processes=1, devices=4)
+    assert "Data parallel over 4 cpu devices over 1 process" in four.stderr
     two = [*args, f"--checkpoint_dir={tmp_path / 'checkpoints'}", *output_flags(tmp_path / "two")]
-    run_on([*two, "--max_steps=4"], processes=2, devices=2)
+    first_half = run_on([*two, "--max_steps=4"], processes=2, devices=2)
+    assert "Data parallel over 4 cpu devices over 2 processes" in first_half.stderr
+    assert "this process holds 16 and 16" in first_half.stderr  # its half of 32 examples
     resumed = run_on([*two, "--max_steps=8"], processes=2, devices=2)
     assert "Resumed from the checkpoint at step 4" in resumed.stderr
-    assert "Full-batch training" in resumed.stderr
-    assert "this process holds 16 and 16" in resumed.stderr  # its half of 32 examples
-    _, columns, one = read_raw_data(str(tmp_path / "one" / "raw.txt"))
-    _, _, table = read_raw_data(str(tmp_path / "two" / "raw.txt"))
-    np.testing.assert_array_equal(table[:, columns.index("step")], [0, 4, 8])
-    np.testing.assert_allclose(untimed(columns, table), untimed(columns, one), rtol=1e-4,
-                               atol=1e-6)
-    assert printed_value(resumed, "error") == printed_value(reference, "error")
+    tables = [untimed_raw_data(tmp_path / name) for name in ("one", "four", "two")]
+    _, columns, rows = read_raw_data(str(tmp_path / "two" / "raw.txt"))
+    np.testing.assert_array_equal(rows[:, columns.index("step")], [0, 4, 8])
+    assert_rows_of_one(tables, [one, four, resumed], "error")
+
+
+def test_the_transformer_on_two_hosts_writes_the_rows_of_one(tmp_path, corpus):
+    """The token stream over 2 processes of 2 devices each, checks on a fixed Hessian batch,
+    gives one device's measurements (four devices in one process: the test above)."""
+    args = ["-m", "transformer", f"--corpus={corpus}", "--test_lines=100", "--rho=0.05",
+            "--hessian_batch_size=8", *TINY_TRANSFORMER, "--max_steps=8",
+            "--hessian_check_every_steps=4", "--hessian_check_gap=none"]
+    one = run_on([*args, *output_flags(tmp_path / "one")], processes=1, devices=1)
+    assert "Data parallel" not in one.stderr
+    two = run_on([*args, *output_flags(tmp_path / "two")], processes=2, devices=2)
+    assert "Data parallel over 4 cpu devices over 2 processes" in two.stderr
+    tables = [untimed_raw_data(tmp_path / name) for name in ("one", "two")]
+    assert_rows_of_one(tables, [one, two], "loss")
 
 
 def test_a_sigterm_to_one_host_stops_every_host_at_the_same_step(tmp_path, corpus):
@@ -363,11 +366,13 @@ def test_a_sigterm_to_one_host_stops_every_host_at_the_same_step(tmp_path, corpu
                  "JAX_NUM_PROCESSES": "2"}
     started = [
         subprocess.Popen(
+            # The model and devices of the two-host test above: its compiled programs are
+            # in the session's compilation cache.
             [sys.executable, "-m", "transformer", f"--corpus={corpus}", "--test_lines=100",
-             "--max_steps=100000", "--hessian_check_every_steps=5", *TINY_TRANSFORMER,
-             *output_flags(tmp_path)],
+             "--rho=0.05", "--hessian_batch_size=8", *TINY_TRANSFORMER, "--max_steps=100000",
+             "--hessian_check_every_steps=5", *output_flags(tmp_path)],
             cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=processes_.environment(1, **variables, JAX_PROCESS_ID=str(i)),
+            env=processes_.environment(2, **variables, JAX_PROCESS_ID=str(i)),
         )
         for i in range(2)
     ]
