@@ -79,12 +79,36 @@ def make_train_chunk(loss_fn):
     return jax.jit(chunk)
 
 
-def run(num_steps: int, every: int, data_dir) -> None:
+class Training(NamedTuple):
+    """The benchmark's training problem: loss, full batch, initial params, SAM chunks."""
+
+    loss_fn: problems.LossFn
+    batch: tuple[jax.Array, jax.Array]
+    params: problems.PyTree
+    train: object  # jitted (params, batch, num_steps) -> params
+    source: str  # which data was used
+
+
+def make_run(data_dir) -> Training:
+    """The MLP 3 x 200 on the first NUM_IMAGES images, its initial params and SAM chunks."""
     network, loss_fn = problems.make_mlp(200, 4)
     (images, labels), source = problems.mnist_batch(data_dir, NUM_IMAGES)
     batch = (jnp.asarray(images), jnp.asarray(labels))
     params = network.init(jax.random.PRNGKey(0), batch[0][:1])
-    train = make_train_chunk(loss_fn)
+    return Training(loss_fn, batch, params, make_train_chunk(loss_fn), source)
+
+
+def check_points(training: Training, num_steps: int, every: int):
+    """Yields `(step, params)` at step 0 and every `every` SAM steps up to `num_steps`."""
+    params = training.params
+    for step in range(0, num_steps + 1, every):
+        if step:
+            params = jax.block_until_ready(training.train(params, training.batch, every))
+        yield step, params
+
+
+def run(num_steps: int, every: int, data_dir) -> None:
+    loss_fn, batch, params, _, source = setup = make_run(data_dir)
     starts = {s.name: None for s in SETTINGS}
     records = {s.name: [] for s in SETTINGS}
     references = []
@@ -93,9 +117,7 @@ def run(num_steps: int, every: int, data_dir) -> None:
         timed_check(loss_fn, params, batch, setting,
                     hessian.cold_start_vectors(params, 1, setting.block_size),
                     jax.random.PRNGKey(0))
-    for step in range(0, num_steps + 1, every):
-        if step:
-            params = jax.block_until_ready(train(params, batch, every))
+    for step, params in check_points(setup, num_steps, every):
         key = jax.random.PRNGKey(step)
         for setting in SETTINGS:
             seconds, value, products, block = timed_check(
