@@ -22,8 +22,9 @@ export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 case "${1:-}" in
   test)
     shift
-    # Two workers: the suite is mostly XLA compilation, one core each.
-    exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"
+    # Two workers: the suite is mostly XLA compilation, one core each. Work stealing: a worker
+    # that runs out of tests takes queued ones from the other, so no core idles at the end.
+    exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist worksteal "$@"
     ;;
   ""|--*)
     # Use pre-downloaded TFDS data beside the project when there is some (offline machines).
