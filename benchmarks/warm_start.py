@@ -1,8 +1,9 @@
 """Warm-started Lanczos checks along a real SAM run, against cold checks and power iteration.
 
-`python3 -m benchmarks.warm_start [--steps 1000] [--every 50]` trains the MNIST MLP 3 x 200
-(`make_mlp(200, depth=4)`, squared loss) full batch on the first 2000 images of the MNIST
-stand-in with SAM (eta 0.5, rho 0.1), and at step 0 and every `--every` steps runs, interleaved:
+`python3 -m benchmarks.warm_start [--steps 1000] [--every 50] [--rho 0.1] [--defaults_only]`
+trains the MNIST MLP 3 x 200 (`make_mlp(200, depth=4)`, squared loss) full batch on the first
+2000 images of the MNIST stand-in with SAM (eta 0.5, rho 0.1; `--rho 0`: GD), and at step 0 and
+every `--every` steps runs, interleaved:
 
 - warm Lanczos checks (each starting from its own previous check's Ritz vector; the first is
   cold) for a few (tolerance, hvp_mode) settings;
@@ -56,6 +57,10 @@ SETTINGS = (
 )
 
 
+# The library's defaults (warm, linearize on this backend), a cold check, and power (last).
+DEFAULTS_ONLY = (SETTINGS[1], SETTINGS[4], SETTINGS[5])
+
+
 def timed_check(loss_fn, params, batch, setting: Setting, start, key):
     """`(seconds, eigenvalue, products, ritz block)` of one check, waited on."""
     begin = time.perf_counter()
@@ -69,11 +74,11 @@ def timed_check(loss_fn, params, batch, setting: Setting, start, key):
     return seconds, float(values[0]), int(info.matrix_vector_products), info.ritz_vectors
 
 
-def make_train_chunk(loss_fn):
-    """A jitted `(params, batch, num_steps) -> params` of SAM steps."""
+def make_train_chunk(loss_fn, rho: float = RHO):
+    """A jitted `(params, batch, num_steps) -> params` of SAM steps (rho 0: GD)."""
 
     def chunk(params, batch, num_steps):
-        step = lambda _, p: sam.sam_update(loss_fn, p, batch, STEP_SIZE, RHO)  # noqa: E731
+        step = lambda _, p: sam.sam_update(loss_fn, p, batch, STEP_SIZE, rho)  # noqa: E731
         return jax.lax.fori_loop(0, num_steps, step, params)
 
     return jax.jit(chunk)
@@ -89,13 +94,13 @@ class Training(NamedTuple):
     source: str  # which data was used
 
 
-def make_run(data_dir) -> Training:
+def make_run(data_dir, rho: float = RHO) -> Training:
     """The MLP 3 x 200 on the first NUM_IMAGES images, its initial params and SAM chunks."""
     network, loss_fn = problems.make_mlp(200, 4)
     (images, labels), source = problems.mnist_batch(data_dir, NUM_IMAGES)
     batch = (jnp.asarray(images), jnp.asarray(labels))
     params = network.init(jax.random.PRNGKey(0), batch[0][:1])
-    return Training(loss_fn, batch, params, make_train_chunk(loss_fn), source)
+    return Training(loss_fn, batch, params, make_train_chunk(loss_fn, rho), source)
 
 
 def check_points(training: Training, num_steps: int, every: int):
@@ -107,19 +112,20 @@ def check_points(training: Training, num_steps: int, every: int):
         yield step, params
 
 
-def run(num_steps: int, every: int, data_dir) -> None:
-    loss_fn, batch, params, _, source = setup = make_run(data_dir)
-    starts = {s.name: None for s in SETTINGS}
-    records = {s.name: [] for s in SETTINGS}
+def run(num_steps: int, every: int, data_dir, rho: float = RHO,
+        settings: tuple[Setting, ...] = SETTINGS) -> None:
+    loss_fn, batch, params, _, source = setup = make_run(data_dir, rho)
+    starts = {s.name: None for s in settings}
+    records = {s.name: [] for s in settings}
     references = []
     # Compile every setting once, untimed (the first check of a real run pays this too).
-    for setting in SETTINGS:
+    for setting in settings:
         timed_check(loss_fn, params, batch, setting,
                     hessian.cold_start_vectors(params, 1, setting.block_size),
                     jax.random.PRNGKey(0))
     for step, params in check_points(setup, num_steps, every):
         key = jax.random.PRNGKey(step)
-        for setting in SETTINGS:
+        for setting in settings:
             seconds, value, products, block = timed_check(
                 loss_fn, params, batch, setting, starts[setting.name], key)
             starts[setting.name] = block
@@ -132,19 +138,19 @@ def run(num_steps: int, every: int, data_dir) -> None:
                            float(loss_fn(params, batch))))
         print(f"step {step}: " + ", ".join(
             f"{records[s.name][-1][2]} ({abs(records[s.name][-1][1] / reference[0] - 1):.0e})"
-            for s in SETTINGS), file=sys.stderr, flush=True)
-    report(records, references, source, num_steps, every)
+            for s in settings), file=sys.stderr, flush=True)
+    report(records, references, source, num_steps, every, rho, settings)
 
 
-def report(records, references, source, num_steps, every) -> None:
+def report(records, references, source, num_steps, every, rho, settings) -> None:
     reference = np.array([r[0] for r in references])
-    power_total = sum(r[0] for r in records[SETTINGS[-1].name])
-    print(f"Data: {source}; {num_steps} SAM steps, a check every {every} "
+    power_total = sum(r[0] for r in records[settings[-1].name])  # power comes last
+    print(f"Data: {source}; {num_steps} steps of SAM rho {rho:g} (0: GD), a check every {every} "
           f"({len(reference)} checks); backend {jax.default_backend()}\n")
     print("| Setting | HVPs per check after the first: median (min-max) | first check HVPs"
           " | max rel. error vs reference | total check time | / power |")
     print("|---|---|---|---|---|---|")
-    for setting in SETTINGS:
+    for setting in settings:
         seconds, values, products = (np.array(c) for c in zip(*records[setting.name],
                                                                 strict=True))
         error = np.max(np.abs(values - reference) / np.abs(reference))
@@ -156,7 +162,7 @@ def report(records, references, source, num_steps, every) -> None:
           "HVPs/ms/rel. error")
     for i, (value, bound, loss) in enumerate(references):
         cells = []
-        for setting in SETTINGS:
+        for setting in settings:
             seconds, estimate, products = records[setting.name][i]
             cells.append(f"{products}/{1e3 * seconds:.0f}/{abs(estimate - value) / value:.0e}")
         print(f"{i * every} {value:.5f} ({bound:.0e}) {loss:.4f} | " + " | ".join(cells))
@@ -167,8 +173,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--data_dir", default=str(problems.DEFAULT_DATA_DIR))
+    parser.add_argument("--rho", type=float, default=RHO, help="0: gradient descent")
+    parser.add_argument("--defaults_only", action="store_true",
+                        help="only the default warm check, a cold one and power")
     args = parser.parse_args()
-    run(args.steps, args.every, pathlib.Path(args.data_dir))
+    settings = DEFAULTS_ONLY if args.defaults_only else SETTINGS
+    run(args.steps, args.every, pathlib.Path(args.data_dir), args.rho, settings)
 
 
 if __name__ == "__main__":
