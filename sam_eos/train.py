@@ -427,10 +427,10 @@ def run(
 def _noise_floor(loss_fn: LossFn, config: TrainConfig, state: dict[str, PyTree],
                  batch: PyTree, key: jax.Array, recorder: Recorder) -> float:
     """The products' relative error at the default matmul precision against "highest"
-    (`hessian.product_noise_floor`), measured once per run on the first check's batch along
-    the restored top Ritz vector, or a random unit vector. Logged; a tolerance below it is
-    noted in the log and the raw data: the checks keep the default precision and report the
-    floor in their error bound (they cannot resolve less)."""
+    (`hessian.product_noise_floor`; 0 unmeasured on a CPU), once per run on the first check's
+    batch along the restored top Ritz vector, or a random unit vector. Logged; a tolerance
+    below it is noted in the log and the raw data: the checks keep the default precision and
+    report the floor in their error bound (they cannot resolve less)."""
     try:
         vector = _unit_or_random(state["ritz_vectors"][0], key)
         floor = float(hessian.product_noise_floor(loss_fn, state["params"], batch, vector))
@@ -438,8 +438,13 @@ def _noise_floor(loss_fn: LossFn, config: TrainConfig, state: dict[str, PyTree],
         logging.exception("Measuring the products' noise floor failed; taking it as 0.")
         return 0.0
     floor = floor if math.isfinite(floor) else 0.0
-    logging.info("Hessian-vector products: relative error %.2g at the default matmul "
-                 "precision (against 'highest'); every check's error bound includes it.", floor)
+    if jax.default_backend() in hessian.EXACT_DEFAULT_PRECISION_BACKENDS:
+        logging.info("Hessian-vector products: full float32 precision on %s (noise floor %.2g).",
+                     jax.default_backend(), floor)
+    else:
+        logging.info("Hessian-vector products: relative error %.2g at the default matmul "
+                     "precision (against 'highest'); every check's error bound includes it.",
+                     floor)
     tolerance = config.eigensolver_tolerance or hessian.DEFAULT_TOLERANCE["lanczos"]
     if tolerance < floor:
         message = (f"the eigensolver tolerance {tolerance:.2g} is below the products' noise "

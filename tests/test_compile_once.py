@@ -25,7 +25,7 @@ def compiles(args: list[str]) -> tuple[collections.Counter, str]:
     return collections.Counter(names), result.stderr
 
 
-SPECTRUM_FLAGS = ["--hessian_trace_matvecs=8", "--spectral_density_every_checks=3",
+SPECTRUM_FLAGS = ["--hessian_trace_matvecs=8", "--spectral_density_every_checks=4",
                   "--batch_sharpness", "--sam_point_sharpness", "--density_output="]
 
 
