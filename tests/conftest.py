@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 
@@ -13,15 +14,21 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # The programs' compilation cache (--compilation_cache_dir, under $XDG_CACHE_HOME) goes to a
 # folder of this test session, not the user's cache: one folder for every worker of the session
-# (pytest-xdist gives them one run id), so a program compiled by one test run is loaded, not
-# compiled again, by the next run of the same program in any worker. Most of the suite's time
-# is XLA compiling the same small models.
-_SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
-TEST_CACHE_HOME = pathlib.Path(tempfile.gettempdir()) / f"sam_eos_test_cache_{_SESSION}"
-TEST_CACHE_HOME.mkdir(exist_ok=True)
-os.environ["XDG_CACHE_HOME"] = str(TEST_CACHE_HOME)
+# (made by the main pytest process, whose environment the pytest-xdist workers inherit), so a
+# program compiled by one test run is loaded, not compiled again, by the next run of the same
+# program in any worker. Most of the suite's time is XLA compiling small models. The main
+# process removes the folder at the end (`pytest_sessionfinish`).
+if "SAM_EOS_TEST_CACHE_HOME" not in os.environ:
+    os.environ["SAM_EOS_TEST_CACHE_HOME"] = tempfile.mkdtemp(prefix="sam_eos_test_cache_")
+os.environ["XDG_CACHE_HOME"] = os.environ["SAM_EOS_TEST_CACHE_HOME"]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def pytest_sessionfinish(session):
+    """The main process (not an xdist worker) removes the session's compilation cache."""
+    if not hasattr(session.config, "workerinput"):
+        shutil.rmtree(os.environ["SAM_EOS_TEST_CACHE_HOME"], ignore_errors=True)
