@@ -285,7 +285,7 @@ def _off_scale_note(above: list[tuple[float, float]], below: list[tuple[float, f
             count = len(points)
             notes.append(f"{count} value{'s' if count != 1 else ''} {side} the axis "
                          f"({word} {value:.4g} at {where(x)})")
-    return "; ".join(notes)
+    return "\n".join(notes)  # one line each: two on one line run past the figure
 
 
 def make_figure(name: str, runs: Sequence[RunData], x_axis: str = "steps"):
