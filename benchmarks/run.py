@@ -7,10 +7,10 @@
    reorthogonalisation, exact float64 HVPs from JAX), run until the residual of every top
    Ritz pair is below 1e-10 ||H||; its residuals are then recomputed with one more HVP each.
    The library's own long run (`max_iterations=300, tolerance=1e-10`) is compared with it too.
-2. No recompilation: a short `sam_eos.train.run` with step-based checks; the times of its
+2. No recompilation: a short `sam_eos.loop.train.run` with step-based checks; the times of its
    checks come from its log lines and a trace counter (a Python side effect in `loss_fn`).
 3. One jitted SAM step (rho = 0.05) vs one GD step, on the MLP and the default transformer.
-4. Loop overhead: `sam_eos.train.run` (full batch, no checks) vs a bare jitted `fori_loop` of
+4. Loop overhead: `sam_eos.loop.train.run` (full batch, no checks) vs a bare jitted `fori_loop` of
    `sam_eos.sam.sam_update` on a tiny model; host-to-device transfers of the batch counted.
 5. Memory: peak host RSS (VmHWM, else `ru_maxrss`, of a child process) of one
    `top_eigenvalues` call on the 2.8M-parameter MNIST MLP and on the transformer, vs a child
@@ -49,9 +49,10 @@ from absl import logging as absl_logging
 from jax.flatten_util import ravel_pytree
 
 from benchmarks import problems
-from sam_eos import hessian, power_iteration, sam, train
-from sam_eos.feed import FullBatchFeed
-from sam_eos.steps import make_train_steps
+from sam_eos import hessian, power_iteration, sam
+from sam_eos.loop import train
+from sam_eos.loop.feed import FullBatchFeed
+from sam_eos.loop.steps import make_train_steps
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]

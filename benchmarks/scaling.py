@@ -7,8 +7,8 @@ On a CPU the devices are simulated (`XLA_FLAGS=--xla_force_host_platform_device_
 for each child process) and share the machine's cores, so perfect scaling is not possible
 there; on a machine with several accelerators the same command measures real scaling. Each
 device count runs in its own child process: the paper's MLP (3 x 1000 ReLU, squared loss), SAM
-with rho 0.1, full batch sharded over the devices with `sam_eos.distributed`, timed over
-`--steps` steps of `sam_eos.steps.make_train_steps` after compilation (median of 3 dispatches).
+with rho 0.1, full batch sharded over the devices with `sam_eos.loop.distributed`, timed over
+`--steps` steps of `sam_eos.loop.steps.make_train_steps` after compilation (median of 3 dispatches).
 Scaling efficiency = (rate on N devices / rate on 1) / N. `--two_processes` adds the largest
 device count again as two processes joined by `jax.distributed` over localhost (half the
 devices each, each process putting only its rows of the batch), which is what several hosts do:
@@ -27,7 +27,7 @@ import time
 
 def child(num_devices: int, num_images: int, steps: int) -> None:
     """Measures one device count; prints a JSON line."""
-    from sam_eos import distributed
+    from sam_eos.loop import distributed
 
     distributed.initialize_multihost()  # the two-process row; nothing otherwise
 
@@ -36,8 +36,8 @@ def child(num_devices: int, num_images: int, steps: int) -> None:
     import optax
 
     from image_classification import model
-    from sam_eos import steps as steps_
-    from sam_eos.feed import FullBatchFeed
+    from sam_eos.loop import steps as steps_
+    from sam_eos.loop.feed import FullBatchFeed
 
     mesh = distributed.make_mesh(num_devices)
     rng = np.random.default_rng(0)

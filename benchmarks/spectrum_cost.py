@@ -21,7 +21,8 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from benchmarks import problems
-from sam_eos import hessian, spectrum, train
+from sam_eos import hessian, spectrum
+from sam_eos.loop import train
 
 WIDTH, DEPTH = 200, 4  # 3 hidden layers of 200 units, as benchmarks.run
 NUM_IMAGES = 2000

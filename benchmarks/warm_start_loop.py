@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import problems
-from sam_eos import train
-from sam_eos.records import read_raw_data
+from sam_eos.loop import train
+from sam_eos.reports.raw_data import read_raw_data
 
 STEP_SIZE, RHO, NUM_IMAGES = 0.5, 0.1, 2000
 RUNS = {

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from image_classification import dataset, model
-from sam_eos import train
+from sam_eos.loop import train
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -10,9 +10,10 @@ import numpy as np
 from absl import flags, logging
 
 from image_classification import dataset, model
-from sam_eos import cli, distributed, feed, train
-from sam_eos import flags as shared_flags
-from sam_eos.command_line import project_flag_values
+from sam_eos.cli import flags as shared_flags
+from sam_eos.cli import program
+from sam_eos.cli.parsing import project_flag_values
+from sam_eos.loop import distributed, feed, train
 
 shared_flags.define_shared_flags(
     time_limit_in_hours=4.0, hessian_check_gap=0.25, step_size=0.01, batch_size=60000
@@ -48,7 +49,7 @@ SHUFFLE = flags.DEFINE_bool(
 def training_data(data: dataset.ImageData, order: dataset.Minibatches, mesh,
                   per_process: bool) -> feed.Data:
     """The training images and labels on the device, each step gathering its minibatch there;
-    or, when they do not fit (`sam_eos.feed.fits_on_device`), host batches sent in chunks."""
+    or, when they do not fit (`sam_eos.loop.feed.fits_on_device`), host batches sent in chunks."""
     examples = (data.train_images, data.train_labels)
     num_bytes = sum(x.nbytes for x in examples) * jax.process_count()
     if feed.fits_on_device(num_bytes, 1 if mesh is None else mesh.size):
@@ -124,8 +125,8 @@ def main(argv: list[str]) -> int:
                                          min(batch_size, 10000))
         return int(distributed.sum_over_processes(np.int32(errors))) / data.test_size
 
-    return cli.report_test_value("error", result, test_error)
+    return program.report_test_value("error", result, test_error)
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    program.run_main(main)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sam_eos.errors import InputError
+from sam_eos.loop.errors import InputError
 
 PyTree = Any
 ARCHITECTURES = ("MLP", "CNN")

@@ -17,8 +17,8 @@ import os
 import signal
 import sys
 
-from sam_eos import distributed
-from sam_eos.distributed import local_copy
+from sam_eos.loop import distributed
+from sam_eos.loop.distributed import local_copy
 
 distributed.initialize_multihost()  # before any other JAX call; nothing in a plain run
 
@@ -27,12 +27,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from sam_eos import hessian, train  # noqa: E402
-from sam_eos.errors import InputError  # noqa: E402
-from sam_eos.feed import FullBatchFeed, StreamFeed  # noqa: E402
+from sam_eos import hessian  # noqa: E402
+from sam_eos.loop import train  # noqa: E402
+from sam_eos.loop.errors import InputError  # noqa: E402
+from sam_eos.loop.feed import FullBatchFeed, StreamFeed  # noqa: E402
+from sam_eos.loop.steps import make_train_steps  # noqa: E402
+from sam_eos.loop.train import FullBatch, TrainConfig, run  # noqa: E402
 from sam_eos.sam import loss_gradient_and_sam_gradient, sam_gradient, sam_update  # noqa: E402
-from sam_eos.steps import make_train_steps  # noqa: E402
-from sam_eos.train import FullBatch, TrainConfig, run  # noqa: E402
 
 BATCH = 64
 SIZES = (16, 64, 32, 4)  # 3,300 parameters

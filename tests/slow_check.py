@@ -34,7 +34,7 @@ def slow_chunks(compile_check):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from sam_eos import train
+    from sam_eos.loop import train
 
     train.compile_check = slow_chunks(train.compile_check)
     program, sys.argv = sys.argv[1], [sys.argv[1], *sys.argv[2:]]

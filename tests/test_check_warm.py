@@ -13,8 +13,9 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import checkpoint, errors, hessian, steps, train
-from sam_eos.records import read_raw_data
+from sam_eos import hessian
+from sam_eos.loop import checkpoint, errors, steps, train
+from sam_eos.reports.raw_data import read_raw_data
 from tests.test_programs import ROOT, TINY_TRANSFORMER, environment, output_flags
 from tests.test_train import mlp_loss, mlp_problem, outputs
 

@@ -11,8 +11,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sam_eos import checkpoint, errors, records, train
-from sam_eos.records import keep_first_rows, read_raw_data
+from sam_eos.loop import checkpoint, errors, train
+from sam_eos.reports import raw_data
+from sam_eos.reports.raw_data import keep_first_rows, read_raw_data
 from tests.test_programs import ROOT, TINY_TRANSFORMER, environment, shakespeare_like_text
 from tests.test_train import mlp_loss, mlp_problem
 
@@ -92,7 +93,7 @@ def test_settings_differences_and_keep_first_rows(tmp_path):
 
 def untimed(rows: np.ndarray) -> np.ndarray:
     """The raw-data rows (k = 1) without their timings."""
-    return records.untimed(records.column_names(1), rows)
+    return raw_data.untimed(raw_data.column_names(1), rows)
 
 
 def state_template(params, config: train.TrainConfig) -> dict:

@@ -8,15 +8,15 @@ import sys
 import pytest
 from absl import flags
 
-from sam_eos.command_line import is_project_module, project_flag_values
-from sam_eos.errors import EXIT_BAD_INPUT, EXIT_OK
+from sam_eos.cli.parsing import is_project_module, project_flag_values
+from sam_eos.loop.errors import EXIT_BAD_INPUT, EXIT_OK
 from tests.conftest import ROOT
 
 
 def test_project_flags_only():
     values = flags.FlagValues()
     defined = {
-        "rho": "sam_eos.flags",
+        "rho": "sam_eos.cli.flags",
         "num_layers": str(ROOT / "transformer" / "__main__.py"),
         "nn_architecture": "image_classification.__main__",
         "hbm_oom_exit": "jax._src.config",
@@ -32,9 +32,9 @@ def test_project_flags_only():
 
 
 def test_project_modules_by_name_and_by_main_path():
-    assert is_project_module("sam_eos.flags") and is_project_module("experiments.mnist_edge")
+    assert is_project_module("sam_eos.cli.flags") and is_project_module("experiments.mnist_edge")
     assert is_project_module("/x/y/transformer/__main__.py")
-    assert is_project_module("/x/sam_eos/plot.py")
+    assert is_project_module("/x/sam_eos/cli/replot.py")
     assert not is_project_module("sam_eos_fork.flags") and not is_project_module("absl.app")
     assert not is_project_module("/x/y/other/__main__.py")
 

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from sam_eos import cli, flags, train
-from sam_eos.records import read_raw_data, read_summary
+from sam_eos.cli import flags, program
+from sam_eos.loop import train
+from sam_eos.reports.raw_data import read_raw_data, read_summary
 
 
 def quadratic(w, a):
@@ -36,7 +37,7 @@ def test_a_run_ends_with_its_summary_time_split_and_files(tmp_path, caplog):
     assert math.isclose(result.seconds["steps"] + result.seconds["checks"],
                         result.training_seconds)
     with caplog.at_level(logging.INFO):
-        summary = cli.end_run(result, "error", 0.25)
+        summary = program.end_run(result, "error", 0.25)
     written = read_summary(str(tmp_path / "raw.txt"))
     assert written == summary
     assert (written["checks"], written["steps"]) == (5, 20)
@@ -60,7 +61,7 @@ def test_a_diverged_run_still_gets_a_summary_without_a_test_value(tmp_path, caps
                                outputs=outputs(tmp_path))
     result = train.run(quadratic, jnp.ones(2), train.FullBatch(hessian), config)
     assert result.status == "diverged"
-    code = cli.report_test_value("error", result, lambda params: 1 / 0)  # never evaluated
+    code = program.report_test_value("error", result, lambda params: 1 / 0)  # never evaluated
     assert code == result.exit_code
     assert "Test error: not computed" in capsys.readouterr().out
     summary = read_summary(str(tmp_path / "raw.txt"))
@@ -75,7 +76,7 @@ def test_no_raw_data_no_summary_line_but_still_the_log(tmp_path, caplog):
     result = train.run(quadratic, jnp.ones(2), train.FullBatch(jnp.eye(2)), config)
     assert (result.raw_data, result.files) == ("", [])
     with caplog.at_level(logging.INFO):
-        cli.end_run(result, "loss", None)
+        program.end_run(result, "loss", None)
     messages = [r.getMessage() for r in caplog.records]
     assert "Summary: 2 checks in 3 steps." in messages
     assert messages[-1] == "No output files were written."

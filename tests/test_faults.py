@@ -12,8 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from sam_eos import checkpoint, errors, locks, records, train
-from sam_eos.records import read_raw_data, untimed
+from sam_eos.loop import checkpoint, errors, locks, train
+from sam_eos.reports import raw_data
+from sam_eos.reports.raw_data import read_raw_data, untimed
 from tests.test_programs import ROOT, TINY_TRANSFORMER, environment, shakespeare_like_text
 from tests.test_train import mlp_loss, mlp_problem
 
@@ -65,7 +66,7 @@ class _HalfThenFull:
 def fill_disk_at_row(monkeypatch, row_number: int, half_written: bool) -> None:
     """From the `row_number`-th row on, raw-data writes fail as on a full disk: through
     /dev/full (the kernel's ENOSPC), or with half of the row written first."""
-    original_row = records.RawDataWriter.row
+    original_row = raw_data.RawDataWriter.row
     rows = []
 
     def row(self, values):
@@ -75,7 +76,7 @@ def fill_disk_at_row(monkeypatch, row_number: int, half_written: bool) -> None:
                           else open("/dev/full", "wb", buffering=0))  # noqa: SIM115
         original_row(self, values)
 
-    monkeypatch.setattr(records.RawDataWriter, "row", row)
+    monkeypatch.setattr(raw_data.RawDataWriter, "row", row)
 
 
 @pytest.mark.parametrize("half_written", [False, True])
@@ -139,7 +140,7 @@ def test_raw_data_deleted_before_a_resume_never_leads_to_repeated_steps(tmp_path
 def test_raw_data_cut_short_before_a_resume_continues_after_the_rows_it_holds(tmp_path):
     run(config(tmp_path, 20))
     raw = tmp_path / "raw.txt"
-    records.keep_first_rows(str(raw), 2)  # rows 0 and 5 left
+    raw_data.keep_first_rows(str(raw), 2)  # rows 0 and 5 left
     finished = run(config(tmp_path, 30))
     # Steps 10 and 15 are gone for good; 20 (the checkpoint's) is measured again.
     assert steps_on_file(raw) == [0, 5, 20, 25, 30]

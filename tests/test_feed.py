@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from sam_eos import feed
+from sam_eos.loop import feed
 from transformer import dataset
 
 

@@ -1,5 +1,5 @@
 """The plots, tested by what they draw (lines, labels, x data, y-range, scale), and
-`python3 -m sam_eos.plot` on our files, several files and the original program's files."""
+`python3 -m sam_eos.cli.replot` on our files, several files and the original program's files."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from sam_eos import plots, records
+from sam_eos.reports import figures, raw_data
 from tests.conftest import ROOT
 
 COLUMNS = ["time_hours", "hessian_norm", "two_over_eta", "sam_edge", "grad_norm", "loss",
@@ -33,7 +33,7 @@ def run_data(rho=0.1, outlier=165.0, extra=None, n=10):
         "hessian_vector_products": np.full(n, 30.0), **(extra or {}),
     }
     settings = {"rho": rho, "step_size": 0.1, "run_name": f"MLP: rho={rho:g}, eta=0.1"}
-    return plots.RunData(settings, list(table), np.column_stack(list(table.values())))
+    return figures.RunData(settings, list(table), np.column_stack(list(table.values())))
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def figure_of():
     made = []
 
     def make(name, runs, x_axis="steps"):
-        made.append(plots.make_figure(name, runs, x_axis))
+        made.append(figures.make_figure(name, runs, x_axis))
         return made[-1].axes[0]
 
     yield make
@@ -66,7 +66,7 @@ def test_eigenvalue_plot_against_steps_with_lambda_max_and_clipped_outlier(figur
                                   np.linspace(2.0, 9.5, 10))
     bottom, top = ax.get_ylim()
     # The scale is 2/eta = 20 (above the later checks): top = 2 x 20, 2/eta and the edge shown.
-    assert (bottom, top) == (0.0, plots.OFF_SCALE_FACTOR * 20.0)
+    assert (bottom, top) == (0.0, figures.OFF_SCALE_FACTOR * 20.0)
     assert "1 value above the axis (largest 165 at step 0)" in ax.get_title()
     marks = [line for line in ax.lines if line.get_label() == "_off scale"]
     assert len(marks) == 1 and list(marks[0].get_xdata()) == [0.0]
@@ -124,11 +124,11 @@ def test_alignment_and_loss_plots(figure_of):
 def test_failed_checks_are_skipped_and_an_empty_run_still_draws(tmp_path):
     run = run_data()
     run.rows[3, 1] = np.nan
-    figure = plots.make_figure("eigs_curve", [run])
+    figure = figures.make_figure("eigs_curve", [run])
     sharpness = lines_by_label(figure.axes[0])["sharpness (operator norm)"]
     assert len(sharpness.get_xdata()) == 9 and 30.0 not in sharpness.get_xdata()
     plt.close(figure)
-    written = plots.draw_plots(np.zeros((0, 0)), COLUMNS, {"run_name": "empty"},
+    written = figures.draw_plots(np.zeros((0, 0)), COLUMNS, {"run_name": "empty"},
                                {"eigs_curve": str(tmp_path / "e.pdf"), "loss_curve": ""})
     assert written == [str(tmp_path / "e.pdf")]
     assert (tmp_path / "e.pdf").read_bytes().startswith(b"%PDF-")
@@ -136,21 +136,21 @@ def test_failed_checks_are_skipped_and_an_empty_run_still_draws(tmp_path):
 
 def test_eigenvalue_limits_keep_references_in_view():
     late_high = [np.array([1.0, 2.0, 30.0, 31.0, 29.0, 30.0])]
-    assert plots.eigenvalue_limits(late_high, [np.full(6, 20.0)]) == pytest.approx(
+    assert figures.eigenvalue_limits(late_high, [np.full(6, 20.0)]) == pytest.approx(
         (0.0, 1.05 * 31.0))
     spike = [np.array([500.0, 5.0, 6.0, 7.0])]
-    assert plots.eigenvalue_limits(spike, [np.full(4, 10.0)]) == (0.0, 20.0)
-    assert plots.eigenvalue_limits([np.array([np.nan])], []) is None
+    assert figures.eigenvalue_limits(spike, [np.full(4, 10.0)]) == (0.0, 20.0)
+    assert figures.eigenvalue_limits([np.array([np.nan])], []) is None
 
 
 def test_eigenvalue_limits_clip_an_early_negative_outlier():
     # A batch sharpness of -39.6 at step 0 beside a sharpness near 8: the bottom stays near 0.
     early_negative = [np.array([-39.6, 5.0, 6.0, 7.0, 8.0, 7.0])]
-    assert plots.eigenvalue_limits(early_negative, [np.full(6, 10.0)]) == pytest.approx(
+    assert figures.eigenvalue_limits(early_negative, [np.full(6, 10.0)]) == pytest.approx(
         (-0.25 * 10.5, 10.5))
     # Values that stay negative are kept in view.
     negative = [np.array([-3.0, -3.0, -3.0, -3.0])]
-    assert plots.eigenvalue_limits(negative, [np.full(4, 10.0)]) == pytest.approx(
+    assert figures.eigenvalue_limits(negative, [np.full(4, 10.0)]) == pytest.approx(
         (-3.15, 10.5))
 
 
@@ -158,19 +158,19 @@ def test_figure_marks_values_below_the_axis():
     run = run_data(rho=0.1)
     rows = run.rows.copy()
     rows[0, run.columns.index("hessian_norm")] = -40.0
-    figure = plots.make_figure("eigs_curve", [plots.RunData(run.settings, run.columns, rows)])
+    figure = figures.make_figure("eigs_curve", [figures.RunData(run.settings, run.columns, rows)])
     title = figure.axes[0].get_title()
     plt.close(figure)
     assert "1 value below the axis (smallest -40 at step 0)" in title
 
 
 def run_plot(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "sam_eos.plot", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "sam_eos.cli.replot", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 
 def write_raw(path, run):
-    writer = records.RawDataWriter(str(path), run.columns, run.settings)
+    writer = raw_data.RawDataWriter(str(path), run.columns, run.settings)
     for values in run.rows:
         writer.row(dict(zip(run.columns, values, strict=True)))
     writer.close()

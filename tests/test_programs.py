@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from sam_eos import errors
-from sam_eos.records import read_raw_data, read_summary, untimed
+from sam_eos.loop import errors
+from sam_eos.reports.raw_data import read_raw_data, read_summary, untimed
 from tests import processes as processes_
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -142,7 +142,7 @@ def test_transformer_learns_and_writes_everything(tmp_path, corpus):
     losses = rows[:, 5]
     assert losses[0] > 0.9 * math.log(128) and losses[-1] < 0.6 * math.log(128)
     # The plots can be redrawn from the raw data alone.
-    redraw = run(["-m", "sam_eos.plot", f"--raw_data={tmp_path / 'raw.txt'}"], timeout=60)
+    redraw = run(["-m", "sam_eos.cli.replot", f"--raw_data={tmp_path / 'raw.txt'}"], timeout=60)
     assert redraw.returncode == 0, redraw.stderr[-2000:]
     assert redraw.stdout.count("wrote ") == 4
     for name in ("eigs.pdf", "eigs_se_only.pdf", "alignment.pdf", "loss.pdf"):

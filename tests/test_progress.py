@@ -6,8 +6,8 @@ import logging
 import jax
 import pytest
 
-from sam_eos import progress, train
-from sam_eos.progress import Progress, Snapshot, progress_line
+from sam_eos.loop import progress, train
+from sam_eos.loop.progress import Progress, Snapshot, progress_line
 
 
 def snapshot(**changes) -> Snapshot:

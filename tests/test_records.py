@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from sam_eos import records
 from sam_eos.edge import sam_edge
+from sam_eos.reports import raw_data
 
-COLUMNS = records.column_names(2)
+COLUMNS = raw_data.column_names(2)
 SETTINGS = {"rho": 0.1, "step_size": 0.5, "seed": 3, "run_name": "unit"}
 
 
@@ -23,7 +23,7 @@ def row(step: int, sharpness: float, **changes) -> dict[str, float]:
 
 
 def write(path, rows, settings=SETTINGS, notes=()):
-    writer = records.RawDataWriter(str(path), COLUMNS, settings)
+    writer = raw_data.RawDataWriter(str(path), COLUMNS, settings)
     for i, values in enumerate(rows):
         if i in dict(notes):
             writer.note(dict(notes)[i])
@@ -42,9 +42,9 @@ def test_the_first_line_names_the_columns_and_counts_are_integers(tmp_path):
     second = dict(zip(COLUMNS, lines[4].split(), strict=True))
     assert second["step"] == "50" and second["loss"] == "nan"
     assert second["hessian_norm"] == "2.5" and second["time_hours"] == "0.5"
-    assert records.format_value(math.nan, integer=True) == "nan"
-    assert records.format_value(2.5, integer=True) == "2.5"  # not a whole number: kept
-    assert records.format_value(-math.inf) == "-inf"
+    assert raw_data.format_value(math.nan, integer=True) == "nan"
+    assert raw_data.format_value(2.5, integer=True) == "2.5"  # not a whole number: kept
+    assert raw_data.format_value(-math.inf) == "-inf"
 
 
 def test_numpy_and_pandas_one_liners_load_by_name(tmp_path):
@@ -53,7 +53,7 @@ def test_numpy_and_pandas_one_liners_load_by_name(tmp_path):
     path = tmp_path / "raw.txt"
     write(path, [row(0, 1.5), row(10, 2.5), row(20, math.nan)],
           notes=[(2, "check at step 20 failed: # of products exceeded")])
-    records.append_summary(str(path), {"checks": 3})
+    raw_data.append_summary(str(path), {"checks": 3})
 
     data = np.genfromtxt(path, names=True)
     assert list(data.dtype.names) == COLUMNS
@@ -72,12 +72,12 @@ def test_numpy_and_pandas_one_liners_load_by_name(tmp_path):
 def test_read_raw_data_reads_this_format_and_ignores_notes_and_summary(tmp_path):
     path = tmp_path / "raw.txt"
     write(path, [row(0, 1.5), row(10, 2.5)], notes=[(1, "something")])
-    records.append_summary(str(path), {"checks": 2, "final_loss": math.inf})
-    settings, columns, rows = records.read_raw_data(str(path))
+    raw_data.append_summary(str(path), {"checks": 2, "final_loss": math.inf})
+    settings, columns, rows = raw_data.read_raw_data(str(path))
     assert settings == SETTINGS and columns == COLUMNS
     assert rows.shape == (2, len(COLUMNS))
     np.testing.assert_array_equal(rows[:, COLUMNS.index("step")], [0, 10])
-    assert records.read_summary(str(path)) == {"checks": 2, "final_loss": None}
+    assert raw_data.read_summary(str(path)) == {"checks": 2, "final_loss": None}
 
 
 def test_read_raw_data_reads_files_written_before_the_names_line(tmp_path):
@@ -91,11 +91,11 @@ def test_read_raw_data_reads_files_written_before_the_names_line(tmp_path):
         "# note: check at step 10 failed\n"
         "0.01 nan 20.0 nan nan nan nan nan 10.0 nan nan nan\n"
     )
-    settings, columns, rows = records.read_raw_data(str(path))
+    settings, columns, rows = raw_data.read_raw_data(str(path))
     assert settings == {"rho": 0.05, "seed": 7}
-    assert columns == records.column_names(1)[:12]  # the columns of the time
+    assert columns == raw_data.column_names(1)[:12]  # the columns of the time
     assert rows.shape == (2, 12) and rows[0, 1] == 1.25 and rows[1, 8] == 10.0
-    assert records.read_summary(str(path)) is None
+    assert raw_data.read_summary(str(path)) is None
 
 
 def write_original(path, rho=0.1, eta=0.5):
@@ -110,58 +110,58 @@ def write_original(path, rho=0.1, eta=0.5):
 def test_original_program_files_read_with_time_in_hours_and_settings_inferred(tmp_path):
     path = tmp_path / "original.txt"
     write_original(path)
-    settings, columns, rows = records.read_original_raw_data(str(path))
-    assert columns == list(records.ORIGINAL_COLUMNS)
+    settings, columns, rows = raw_data.read_original_raw_data(str(path))
+    assert columns == list(raw_data.ORIGINAL_COLUMNS)
     np.testing.assert_allclose(rows[:, 0], [12 / 3600, 0.5, 2.0])
     np.testing.assert_allclose(rows[:, 2], 4.0)
     assert settings["step_size"] == 0.5 and settings["rho"] == pytest.approx(0.1, rel=1e-5)
     assert settings["source"] == "original program"
     write_original(path, rho=0.0)
-    assert records.read_original_raw_data(str(path))[0]["rho"] == 0.0
+    assert raw_data.read_original_raw_data(str(path))[0]["rho"] == 0.0
     with pytest.raises(ValueError, match="no column names"):
-        records.read_raw_data(str(path))  # without a header it is not taken for ours
+        raw_data.read_raw_data(str(path))  # without a header it is not taken for ours
 
 
 def test_keep_first_rows_keeps_the_names_line_and_drops_the_summary(tmp_path):
     path = tmp_path / "raw.txt"
     write(path, [row(0, 1.5), row(10, 2.5), row(20, 3.5)], notes=[(2, "late note")])
-    records.append_summary(str(path), {"checks": 3})
-    records.keep_first_rows(str(path), 2)
+    raw_data.append_summary(str(path), {"checks": 3})
+    raw_data.keep_first_rows(str(path), 2)
     text = path.read_text()
     assert text.splitlines()[0].split() == COLUMNS
     assert "late note" not in text and "# summary:" not in text
-    _, _, rows = records.read_raw_data(str(path))
+    _, _, rows = raw_data.read_raw_data(str(path))
     np.testing.assert_array_equal(rows[:, COLUMNS.index("step")], [0, 10])
-    records.keep_first_rows(str(path), 0)
-    assert records.read_raw_data(str(path))[2].shape == (0, len(COLUMNS))
+    raw_data.keep_first_rows(str(path), 0)
+    assert raw_data.read_raw_data(str(path))[2].shape == (0, len(COLUMNS))
 
 
 def test_is_same_run_compares_settings_but_not_the_resumable_ones(tmp_path):
     path = tmp_path / "raw.txt"
     write(path, [row(0, 1.5)], settings={**SETTINGS, "max_steps": 10})
-    assert records.is_same_run(str(path), {**SETTINGS, "max_steps": 20}, COLUMNS)
-    assert not records.is_same_run(str(path), {**SETTINGS, "rho": 0.2}, COLUMNS)
-    assert not records.is_same_run(str(path), SETTINGS | {"max_steps": 10}, COLUMNS[:-1])
-    assert not records.is_same_run(str(tmp_path / "missing.txt"), SETTINGS, COLUMNS)
+    assert raw_data.is_same_run(str(path), {**SETTINGS, "max_steps": 20}, COLUMNS)
+    assert not raw_data.is_same_run(str(path), {**SETTINGS, "rho": 0.2}, COLUMNS)
+    assert not raw_data.is_same_run(str(path), SETTINGS | {"max_steps": 10}, COLUMNS[:-1])
+    assert not raw_data.is_same_run(str(tmp_path / "missing.txt"), SETTINGS, COLUMNS)
 
 
 def test_a_last_row_cut_short_is_dropped_by_readers_and_by_keep_first_rows(tmp_path):
     path = tmp_path / "raw.txt"
-    writer = records.RawDataWriter(str(path), COLUMNS, SETTINGS)
+    writer = raw_data.RawDataWriter(str(path), COLUMNS, SETTINGS)
     for step in (0, 5):
         writer.row({**dict.fromkeys(COLUMNS, 1.5), "step": step})
     writer.close()
     writer.close()  # closing twice is harmless
     whole = path.read_text()
     path.write_text(whole + "2.5 3.5 4")  # a row whose write was cut short
-    _, _, rows = records.read_raw_data(str(path))
+    _, _, rows = raw_data.read_raw_data(str(path))
     assert rows[:, COLUMNS.index("step")].tolist() == [0, 5]
-    assert records.keep_first_rows(str(path), 5) == 2  # only two rows to keep
+    assert raw_data.keep_first_rows(str(path), 5) == 2  # only two rows to keep
     assert path.read_text() == whole
 
 
 def test_a_full_disk_fails_the_row_that_hits_it_and_close_does_not_fail_again(tmp_path):
-    writer = records.RawDataWriter(str(tmp_path / "raw.txt"), COLUMNS, SETTINGS)
+    writer = raw_data.RawDataWriter(str(tmp_path / "raw.txt"), COLUMNS, SETTINGS)
     writer._file = open("/dev/full", "wb", buffering=0)  # noqa: SIM115 - the kernel's full disk
     with pytest.raises(OSError) as raised:
         writer.row(dict.fromkeys(COLUMNS, 1.0))

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from sam_eos import schedule
-from sam_eos.checkpoint import Position
-from sam_eos.schedule import Schedule
+from sam_eos.loop import schedule
+from sam_eos.loop.checkpoint import Position
+from sam_eos.loop.schedule import Schedule
 
 
 def at(step=0, seconds=0.0, next_check=0.0, last_checked=-1) -> Position:

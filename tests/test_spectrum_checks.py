@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sam_eos import plots, records, spectrum, spectrum_checks, train
-from sam_eos.records import density_data_path, read_density, read_raw_data
+from sam_eos import spectrum
+from sam_eos.loop import measurements, train
+from sam_eos.reports import figures, raw_data
+from sam_eos.reports.raw_data import density_data_path, read_density, read_raw_data
 from tests.test_train import assert_valid_pdf, mlp_loss, mlp_problem, outputs
 
-ALL_ON = spectrum_checks.SpectrumOptions(
+ALL_ON = measurements.SpectrumOptions(
     hessian_trace_matvecs=20, spectral_density_every_checks=2, batch_sharpness=True,
     sam_point_sharpness=True)
 NEW_COLUMNS = ["trace", "trace_standard_error", "batch_sharpness",
@@ -51,9 +53,9 @@ def run_with(tmp_path, options, *, max_steps=30, every=10, rho=0.05, data=None, 
 
 
 def test_options_off_keep_todays_columns_and_write_no_density(tmp_path):
-    result = run_with(tmp_path, spectrum_checks.SpectrumOptions(), max_steps=10)
+    result = run_with(tmp_path, measurements.SpectrumOptions(), max_steps=10)
     _, columns, _ = read_raw_data(result.raw_data)
-    assert columns == records.column_names(1)
+    assert columns == raw_data.column_names(1)
     assert not any(name in columns for name in NEW_COLUMNS)
     assert not (tmp_path / "raw_density.npz").exists() and not (tmp_path / "d.pdf").exists()
 
@@ -62,22 +64,22 @@ def test_every_option_writes_finite_columns_densities_and_the_fifth_plot(tmp_pat
     result = run_with(tmp_path, ALL_ON)
     assert result.status == "max_steps"
     _, columns, rows = read_raw_data(result.raw_data)
-    assert columns == records.column_names(1, NEW_COLUMNS)
+    assert columns == raw_data.column_names(1, NEW_COLUMNS)
     table = {name: rows[:, columns.index(name)] for name in columns}
     for name in NEW_COLUMNS:
         assert np.all(np.isfinite(table[name])), name
     assert np.all(table["trace_standard_error"] > 0)
     assert np.all((table["batch_sharpness_batches"] >= 2)
-                  & (table["batch_sharpness_batches"] <= spectrum_checks.MAX_BATCHES))
+                  & (table["batch_sharpness_batches"] <= measurements.MAX_BATCHES))
     assert np.all(table["sam_point_hessian_vector_products"] >= 1)
     # rho = 0.05: the SAM point is near w, so its sharpness is near lambda_max (within 20 %).
     np.testing.assert_allclose(table["sam_point_sharpness"], table["lambda_max"], rtol=0.2)
     # Checks 0, 1, 2, 3 at steps 0, 10, 20, 30: densities at checks 0 and 2.
     densities = read_density(density_data_path(result.raw_data))
     assert list(densities) == [0, 20]
-    steps = min(spectrum_checks.DENSITY_LANCZOS_STEPS, 6 * 12 + 12 * 2)
+    steps = min(measurements.DENSITY_LANCZOS_STEPS, 6 * 12 + 12 * 2)
     for step, check in densities.items():
-        shape = (spectrum_checks.DENSITY_PROBES, steps)
+        shape = (measurements.DENSITY_PROBES, steps)
         assert check["nodes"].shape == shape and check["weights"].shape == shape
         np.testing.assert_allclose(check["weights"].sum(axis=1), 1.0, rtol=1e-5)
         row = list(table["step"]).index(step)
@@ -91,7 +93,7 @@ def test_every_option_writes_finite_columns_densities_and_the_fifth_plot(tmp_pat
 
 
 def test_batch_sharpness_in_a_row_is_the_mean_over_the_batches_it_used(tmp_path):
-    options = spectrum_checks.SpectrumOptions(batch_sharpness=True)
+    options = measurements.SpectrumOptions(batch_sharpness=True)
     result = run_with(tmp_path, options, max_steps=1, every=1)
     row = result.rows[0]
     params, examples, order = minibatch_problem()
@@ -105,15 +107,15 @@ def test_batch_sharpness_in_a_row_is_the_mean_over_the_batches_it_used(tmp_path)
     mean, error = spectrum.mean_and_standard_error(samples)
     np.testing.assert_allclose(row["batch_sharpness_standard_error"], error, rtol=1e-5)
     # It stopped at the first chunk boundary where the rule held, or at the cap.
-    assert spectrum.enough_batches(samples, spectrum_checks.MAX_BATCHES)
-    chunk = spectrum_checks.BATCH_SHARPNESS_CHUNK
-    assert used == spectrum_checks.MAX_BATCHES or not spectrum.enough_batches(
-        samples[:used - chunk], spectrum_checks.MAX_BATCHES)
+    assert spectrum.enough_batches(samples, measurements.MAX_BATCHES)
+    chunk = measurements.BATCH_SHARPNESS_CHUNK
+    assert used == measurements.MAX_BATCHES or not spectrum.enough_batches(
+        samples[:used - chunk], measurements.MAX_BATCHES)
 
 
 def test_a_full_batch_run_measures_the_one_batch(tmp_path):
     params, examples = mlp_problem()
-    options = spectrum_checks.SpectrumOptions(batch_sharpness=True)
+    options = measurements.SpectrumOptions(batch_sharpness=True)
     result = run_with(tmp_path, options, max_steps=1, every=1,
                       data=train.FullBatch(examples))
     row = result.rows[0]
@@ -124,18 +126,18 @@ def test_a_full_batch_run_measures_the_one_batch(tmp_path):
 
 
 def test_batch_rows_wrap_round_the_chunk():
-    np.testing.assert_array_equal(spectrum_checks.batch_rows(6, 8, 4, 0), [6, 7, 0, 1])
-    np.testing.assert_array_equal(spectrum_checks.batch_rows(6, 8, 4, 1), [2, 3, 4, 5])
+    np.testing.assert_array_equal(measurements.batch_rows(6, 8, 4, 0), [6, 7, 0, 1])
+    np.testing.assert_array_equal(measurements.batch_rows(6, 8, 4, 1), [2, 3, 4, 5])
 
 
 def test_the_density_writer_keeps_what_it_wrote_and_a_resume_cuts_later_checks(tmp_path):
     path = str(tmp_path / "raw_density.npz")
-    writer = records.DensityWriter(path)
+    writer = raw_data.DensityWriter(path)
     marks = {"lambda_max": 3.0, "two_over_eta": 20.0, "sam_edge": 15.0}
     for step in (0, 10, 20):
         writer.add(step, np.full((2, 3), step, float), np.full((2, 3), 1 / 3), marks)
         assert list(read_density(path)) == list(range(0, step + 1, 10))  # on disk at once
-    resumed = records.DensityWriter(path, keep_up_to_step=10)
+    resumed = raw_data.DensityWriter(path, keep_up_to_step=10)
     assert list(resumed.checks) == [0, 10]
     np.testing.assert_array_equal(resumed.checks[10]["marks"], [3.0, 20.0, 15.0])
 
@@ -152,7 +154,7 @@ def fake_densities(num_checks: int) -> dict[int, dict[str, np.ndarray]]:
 
 
 def test_the_density_plot_draws_five_checks_on_a_log_scale_with_the_marks():
-    figure = plots.make_density_figure(fake_densities(9), "title")
+    figure = figures.make_density_figure(fake_densities(9), "title")
     ax = figure.axes[0]
     assert ax.get_yscale() == "log"
     labels = [line.get_label() for line in ax.lines]
@@ -167,20 +169,20 @@ def test_the_density_plot_draws_five_checks_on_a_log_scale_with_the_marks():
     bottom, top = ax.get_ylim()
     assert math.isclose(bottom, np.max([line.get_ydata().max() for line in ax.lines
                                         if line.get_label().startswith("step ")])
-                        * plots.DENSITY_FLOOR_FRACTION, rel_tol=1e-9)
-    plots.plt.close(figure)
+                        * figures.DENSITY_FLOOR_FRACTION, rel_tol=1e-9)
+    figures.plt.close(figure)
 
 
 def test_evenly_spaced_picks_first_and_last():
-    assert plots.evenly_spaced(3) == [0, 1, 2]
-    assert plots.evenly_spaced(11) == [0, 2, 5, 8, 10]
-    assert plots.evenly_spaced(0) == []
+    assert figures.evenly_spaced(3) == [0, 1, 2]
+    assert figures.evenly_spaced(11) == [0, 2, 5, 8, 10]
+    assert figures.evenly_spaced(0) == []
 
 
 def test_the_smoothed_density_integrates_to_one():
     checks = fake_densities(1)
-    grid, width = plots.density_grid(list(checks.values()))
-    density = plots.smoothed_density(checks[0]["nodes"], checks[0]["weights"], grid, width)
+    grid, width = figures.density_grid(list(checks.values()))
+    density = figures.smoothed_density(checks[0]["nodes"], checks[0]["weights"], grid, width)
     assert abs(np.trapezoid(density, grid) - 1) < 1e-2
     on_device = spectrum.density_on_grid(jnp.asarray(checks[0]["nodes"]),
                                          jnp.asarray(checks[0]["weights"]),
@@ -190,7 +192,7 @@ def test_the_smoothed_density_integrates_to_one():
 
 @pytest.mark.parametrize("rho", [0.0, 0.05])
 def test_the_sam_point_sharpness_is_warm_started_and_matches_a_cold_solve(tmp_path, rho):
-    options = spectrum_checks.SpectrumOptions(sam_point_sharpness=True)
+    options = measurements.SpectrumOptions(sam_point_sharpness=True)
     result = run_with(tmp_path, options, rho=rho, max_steps=2, every=1)
     params, examples, order = minibatch_problem()
     first = order.take_indices(1)[0]
@@ -206,13 +208,13 @@ def test_sam_eos_plot_redraws_the_density_from_the_saved_file(tmp_path):
     from tests.test_plots import run_plot
 
     raw = tmp_path / "raw.txt"
-    columns = records.column_names(1)
-    writer = records.RawDataWriter(str(raw), columns, {"run_name": "fake", "step_size": 0.1})
+    columns = raw_data.column_names(1)
+    writer = raw_data.RawDataWriter(str(raw), columns, {"run_name": "fake", "step_size": 0.1})
     writer.row(dict.fromkeys(columns, 1.0))
     writer.close()
-    densities = records.DensityWriter(density_data_path(str(raw)))
+    densities = raw_data.DensityWriter(density_data_path(str(raw)))
     for step, check in fake_densities(3).items():
-        marks = dict(zip(records.DENSITY_MARKS, check["marks"], strict=True))
+        marks = dict(zip(raw_data.DENSITY_MARKS, check["marks"], strict=True))
         densities.add(step, check["nodes"], check["weights"], marks)
     result = run_plot(raw)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -225,7 +227,7 @@ def test_sam_eos_plot_redraws_the_density_from_the_saved_file(tmp_path):
 
 
 def test_the_trace_flags_reject_a_negative_value_with_exit_code_2(tmp_path):
-    from sam_eos import errors
+    from sam_eos.loop import errors
     from tests.test_programs import run, shakespeare_like_text
 
     corpus = tmp_path / "corpus.txt"

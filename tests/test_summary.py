@@ -2,8 +2,8 @@
 
 import math
 
-from sam_eos import records
-from sam_eos.summary import summarize, summary_lines
+from sam_eos.reports import raw_data
+from sam_eos.reports.summary import summarize, summary_lines
 
 
 def rows(sharpness, edge=5.0, two_over_eta=10.0):
@@ -47,15 +47,15 @@ def test_summary_lines_read_as_sentences():
 
 def test_the_summary_is_the_raw_datas_last_line_and_reads_back(tmp_path):
     path = tmp_path / "raw.txt"
-    writer = records.RawDataWriter(str(path), ["step", "loss"], {"rho": 0.0})
+    writer = raw_data.RawDataWriter(str(path), ["step", "loss"], {"rho": 0.0})
     writer.row({"step": 0, "loss": 1.0})
     writer.close()
     summary = summarize([{"hessian_norm": 1.0, "sam_edge": 2.0, "two_over_eta": 2.0,
                           "loss": math.nan}], steps=1, test_name="loss", test_value=math.inf,
                         seconds={"compile": 1.0})
-    records.append_summary(str(path), summary)
+    raw_data.append_summary(str(path), summary)
     assert path.read_text().splitlines()[-1].startswith("# summary: {")
-    read = records.read_summary(str(path))
+    read = raw_data.read_summary(str(path))
     assert read["median_sharpness_over_sam_edge"] == 0.5
     assert read["test"] == {"name": "loss", "value": None}  # inf is not JSON: null
-    assert records.read_raw_data(str(path))[2].tolist() == [[0.0, 1.0]]
+    assert raw_data.read_raw_data(str(path))[2].tolist() == [[0.0, 1.0]]

@@ -9,9 +9,10 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from sam_eos import cli, distributed, feed, train
-from sam_eos import flags as shared_flags
-from sam_eos.command_line import project_flag_values
+from sam_eos.cli import flags as shared_flags
+from sam_eos.cli import program
+from sam_eos.cli.parsing import project_flag_values
+from sam_eos.loop import distributed, feed, train
 from transformer import dataset, model
 
 shared_flags.define_shared_flags(
@@ -38,7 +39,7 @@ HESSIAN_BATCH_SIZE = flags.DEFINE_integer(
 
 def training_data(stream: dataset.TrainBatches, mesh, per_process: bool) -> feed.Data:
     """The training crops on the device, each step gathering its batch there; or, when they do
-    not fit (`sam_eos.feed.fits_on_device`), host batches sent in fixed-size chunks."""
+    not fit (`sam_eos.loop.feed.fits_on_device`), host batches sent in fixed-size chunks."""
     num_bytes = stream.crops.nbytes
     if feed.fits_on_device(num_bytes, 1 if mesh is None else mesh.size):
         logging.info("Training data on the device: %d crops (%.1f MB).", len(stream.crops),
@@ -52,13 +53,14 @@ def _texts() -> tuple[str, str, str]:
     """(training text, test text, a name for messages) from the data flags."""
     if CORPUS.value is not None:
         if TRAINING_DATA.value is not None or TEST_DATA.value is not None:
-            raise cli.InputError("give either --corpus or --training_data/--test_data, not both")
+            raise program.InputError(
+                "give either --corpus or --training_data/--test_data, not both")
         shared_flags.require_positive_int("test_lines", TEST_LINES.value)
         text = dataset.read_ascii_text(CORPUS.value)
         train_text, test_text = dataset.split_corpus(text, TEST_LINES.value)
         return train_text, test_text, f"{CORPUS.value} (training part)"
     if TRAINING_DATA.value is None or TEST_DATA.value is None:
-        raise cli.InputError("--training_data and --test_data are required (or give --corpus)")
+        raise program.InputError("--training_data and --test_data are required (or give --corpus)")
     train_text = dataset.read_ascii_text(TRAINING_DATA.value)
     return train_text, dataset.read_ascii_text(TEST_DATA.value), TRAINING_DATA.value
 
@@ -120,8 +122,8 @@ def main(argv: list[str]) -> int:
         ), np.float64))
         return total / tokens
 
-    return cli.report_test_value("loss", result, test_loss)
+    return program.report_test_value("loss", result, test_loss)
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    program.run_main(main)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from sam_eos.errors import InputError
+from sam_eos.loop.errors import InputError
 
 VOCAB_SIZE = 128
 PAD_TOKEN = 0
@@ -154,7 +154,7 @@ class TrainBatches:
     shuffle buffer of `shuffle_buffer_batches * batch_size` crops, and batches the result. The
     buffer drains at the end of each epoch, so every usable crop appears exactly once per epoch.
     The stream is a function of `seed` alone. The per-epoch order is computed on crop indices, so
-    yielding a batch is just one gather. `rows` (e.g. `sam_eos.distributed.process_rows`) keeps
+    yielding a batch is just one gather. `rows` (e.g. `sam_eos.loop.distributed.process_rows`) keeps
     only those rows of every batch: a process's share of the same global stream.
     """
 

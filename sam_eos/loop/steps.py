@@ -22,7 +22,7 @@ from jax.flatten_util import ravel_pytree
 
 from sam_eos import hessian, tree
 from sam_eos.edge import sam_edge
-from sam_eos.feed import Select
+from sam_eos.loop.feed import Select
 from sam_eos.sam import loss_gradient_and_sam_gradient
 
 PyTree = Any
@@ -34,7 +34,7 @@ def make_train_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, r
     """A jitted `(params, opt_state, arrays, start, num_steps) -> (taken, params, opt_state,
     loss, finite)` running up to `num_steps` SAM steps in one `lax.while_loop`.
 
-    Step j uses the batch `select(arrays, start + j)` (`sam_eos.feed`); `start` and
+    Step j uses the batch `select(arrays, start + j)` (`sam_eos.loop.feed`); `start` and
     `num_steps` are int32 scalars, traced, so any count reuses one compiled program. The loop
     stops early, without updating, at the first step whose loss or gradient is not finite;
     `loss` is the loss at the last step it evaluated.

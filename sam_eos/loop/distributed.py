@@ -2,7 +2,7 @@
 
 A 1-D `jax.sharding.Mesh` with axis "batch" spans the devices. Batches are placed sharded along
 their batch axis (`put_batch`), parameters and optimiser state replicated (`put_replicated`),
-and the jit-compiled functions of `sam_eos.sam`, `sam_eos.hessian` and `sam_eos.train` are
+and the jit-compiled functions of `sam_eos.sam`, `sam_eos.hessian` and `sam_eos.loop.train` are
 used unchanged: GSPMD propagates the shardings and inserts the all-reduces. Since `loss_fn`
 averages over the *global* batch, every gradient -- and so the SAM perturbation
 `rho * g / ||g||` -- is that of the whole batch (the paper's SAM), not per-device m-sharpness.
@@ -43,7 +43,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from sam_eos.errors import InputError
+from sam_eos.loop.errors import InputError
 
 PyTree = Any
 

@@ -2,13 +2,13 @@
 
 Everything here is a function of the loop's `Position` (step, training seconds, ...) and the
 `Schedule` (the flags' stopping and checking rules), with no clock, device or file: the loop in
-`sam_eos.train` reads the clock, asks these functions, and acts. Times are seconds of training
+`sam_eos.loop.train` reads the clock, asks these functions, and acts. Times are seconds of training
 time (steps and checks, not compiling or start-up).
 """
 
 import dataclasses
 
-from sam_eos.checkpoint import Position
+from sam_eos.loop.checkpoint import Position
 
 SECONDS_PER_HOUR = 3600.0
 # A dispatch of several steps aims at this many seconds: long enough to hide Python's

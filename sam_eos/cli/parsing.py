@@ -13,7 +13,7 @@ from typing import Any
 
 from absl import flags
 
-from sam_eos.errors import EXIT_BAD_INPUT, EXIT_OK
+from sam_eos.loop.errors import EXIT_BAD_INPUT, EXIT_OK
 
 PROJECT_PACKAGES = ("sam_eos", "image_classification", "transformer", "experiments")
 
@@ -41,7 +41,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def is_project_module(module_name: str, packages: tuple[str, ...] = PROJECT_PACKAGES) -> bool:
     """Whether absl's name for a defining module is one of the project's: a dotted module name
-    in `packages` ("sam_eos.flags"), or the path of a main module inside one of their
+    in `packages` ("sam_eos.cli.flags"), or the path of a main module inside one of their
     directories (`python3 -m transformer` defines flags as ".../transformer/__main__.py")."""
     if module_name.endswith(".py"):
         return os.path.basename(os.path.dirname(os.path.abspath(module_name))) in packages

@@ -5,14 +5,15 @@ directory at once (the second would silently splice its rows into the first's).
 a stale lock behind. They hold on local file systems; on NFS they depend on the server.
 
 The raw data is locked through an empty file beside it (`.raw.txt.lock` for `raw.txt`), not
-the file itself: a run may move an earlier run's file aside (`sam_eos.outputs.move_aside`), and
-a lock would move with it. The checkpoint directory is locked through `.sam_eos.lock` inside.
+the file itself: a run may move an earlier run's file aside
+(`sam_eos.reports.paths.move_aside`), and a lock would move with it. The checkpoint directory
+is locked through `.sam_eos.lock` inside.
 """
 
 import fcntl
 import os
 
-from sam_eos.errors import InputError
+from sam_eos.loop.errors import InputError
 
 CHECKPOINT_LOCK_NAME = ".sam_eos.lock"  # inside --checkpoint_dir; orbax ignores it
 

@@ -12,14 +12,15 @@ import jax
 from absl import flags, logging
 from jax.sharding import Mesh
 
-from sam_eos import distributed, hessian
-from sam_eos.command_line import project_flag_values
-from sam_eos.errors import InputError
-from sam_eos.outputs import DENSITY_FILE_NAME, output_paths
-from sam_eos.plots import X_AXES, check_plot_format
-from sam_eos.records import check_output_path
-from sam_eos.spectrum_checks import TRACE_MIN_MATVECS, SpectrumOptions
-from sam_eos.train import Outputs, TrainConfig
+from sam_eos import hessian
+from sam_eos.cli.parsing import project_flag_values
+from sam_eos.loop import distributed
+from sam_eos.loop.errors import InputError
+from sam_eos.loop.measurements import TRACE_MIN_MATVECS, SpectrumOptions
+from sam_eos.loop.train import Outputs, TrainConfig
+from sam_eos.reports.figures import X_AXES, check_plot_format
+from sam_eos.reports.paths import DENSITY_FILE_NAME, output_paths
+from sam_eos.reports.raw_data import check_output_path
 
 FLAGS = flags.FLAGS
 

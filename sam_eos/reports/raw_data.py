@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from sam_eos.errors import InputError
+from sam_eos.loop.errors import InputError
 
 ORIGINAL_COLUMNS = (
     "time_hours",  # training time (hours) when the check was taken
@@ -50,7 +50,7 @@ SECONDS_PER_HOUR = 3600.0
 
 def column_names(num_principal_components: int, extra: Sequence[str] = ()) -> list[str]:
     """All columns for a run measuring k eigenvalues (eig_2 .. eig_k appear when k > 1), then
-    the `extra` columns of the optional measurements (`sam_eos.spectrum_checks`)."""
+    the `extra` columns of the optional measurements (`sam_eos.loop.measurements`)."""
     further = [f"eig_{i}" for i in range(2, num_principal_components + 1)]
     return [
         *ORIGINAL_COLUMNS,
@@ -227,7 +227,7 @@ def read_raw_data(path: str) -> tuple[dict[str, Any], list[str], np.ndarray]:
     if columns is None:
         raise ValueError(f"{path} has no column names: not a sam_eos raw-data file (a file "
                          "of the original program reads with read_original_raw_data, or "
-                         "`python3 -m sam_eos.plot --original_format`)")
+                         "`python3 -m sam_eos.cli.replot --original_format`)")
     rows = _load_rows(path, skip, len(columns))
     if rows.shape[1] != len(columns):
         raise ValueError(f"{path}: {len(columns)} column names but rows of {rows.shape[1]} "
@@ -284,8 +284,8 @@ def _rho_from_sam_edge(edge: np.ndarray, grad_norm: np.ndarray, step_size: float
 
 
 def append_summary(path: str, summary: dict[str, Any]) -> None:
-    """Appends the run's summary (`sam_eos.summary.summarize`) as a `# summary: {json}` line;
-    non-finite numbers become null. An empty path writes nothing."""
+    """Appends the run's summary (`sam_eos.reports.summary.summarize`) as a
+    `# summary: {json}` line; non-finite numbers become null. An empty path writes nothing."""
     if not path:
         return
     with open(path, "a") as file:
@@ -315,9 +315,9 @@ def read_summary(path: str) -> dict[str, Any] | None:
 
 def is_same_run(path: str, settings: dict[str, Any], columns: Sequence[str]) -> bool:
     """Whether the raw-data file at `path` was written by a run with these settings and
-    columns (settings compared as `sam_eos.checkpoint.settings_differences` does, so a resumed
+    columns (settings compared as `sam_eos.loop.checkpoint.settings_differences` does, so a resumed
     run may have more time or steps). False for a file that is not raw data."""
-    from sam_eos.checkpoint import settings_differences  # orbax: only when needed
+    from sam_eos.loop.checkpoint import settings_differences  # orbax: only when needed
 
     try:
         saved_settings, saved_columns, _ = read_raw_data(path)

@@ -1,7 +1,7 @@
 """A run's summary: what it measured, in a few numbers (a dict, and log lines).
 
 `summarize` is pure: the loop passes its rows and what only it knows (test metric, times);
-`sam_eos.records.append_summary` writes the result as the raw data's last line.
+`sam_eos.reports.raw_data.append_summary` writes the result as the raw data's last line.
 """
 
 import math

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from sam_eos import checkpoint, distributed, errors, outputs
-from sam_eos.plots import draw_density, draw_plots
-from sam_eos.records import (
+from sam_eos.loop import checkpoint, distributed, errors
+from sam_eos.reports import paths
+from sam_eos.reports.figures import draw_density, draw_plots
+from sam_eos.reports.raw_data import (
     DensityWriter,
     RawDataWriter,
     column_names,
@@ -30,8 +31,8 @@ SECONDS_PER_HOUR = 3600.0
 
 def measured_row(step: int, seconds: float, m: dict[str, Any], *, step_size: float,
                  eigensolver: str) -> dict[str, float]:
-    """One raw-data row from a check's measurement (`sam_eos.train`: the eigensolver's results,
-    `sam_eos.steps.make_measure`'s and `check_seconds`, the check's wall time), at `seconds`
+    """One raw-data row from a check's measurement (`sam_eos.loop.train`: the eigensolver's results,
+    `sam_eos.loop.steps.make_measure`'s and `check_seconds`, the check's wall time), at `seconds`
     of training time. Eigenvalue columns are nan when Lanczos did not converge; `power` keeps
     its last estimate at its iteration cap, as the original does."""
     eigenvalues = np.asarray(m["eigenvalues"], np.float64)
@@ -96,9 +97,9 @@ def start_raw_data(path: str, settings: dict[str, Any], columns: list[str], resu
         return None
     exists = os.path.exists(path) and os.path.getsize(path) > 0
     same_run = exists and is_same_run(path, settings, columns)
-    action = outputs.raw_data_action(exists, resuming, same_run)
+    action = paths.raw_data_action(exists, resuming, same_run)
     if action == "move_aside":
-        moved = outputs.move_aside(path)
+        moved = paths.move_aside(path)
         logging.warning("%s holds the raw data of %s; moved it to %s so that nothing is "
                         "overwritten.", path, "an earlier run of these settings" if same_run
                         else "another run", moved)

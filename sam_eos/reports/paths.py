@@ -1,7 +1,7 @@
 """Where a run's five outputs go, and how an earlier run's file is kept rather than overwritten.
 
 With `--output_dir=DIR` the outputs get standard names inside DIR (`OUTPUT_FILE_NAMES`), the
-same names `python3 -m sam_eos.plot` writes. A file of a different run found at an output path
+same names `python3 -m sam_eos.cli.replot` writes. A file of a different run found at an output path
 is renamed with the first free number before its extension (`raw.txt` -> `raw.1.txt`), so
 nothing is lost and the name still opens in the right program.
 """

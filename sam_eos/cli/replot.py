@@ -1,11 +1,11 @@
 """Redraws the four PDFs from raw-data files, one run or several overlaid (e.g. GD vs SAM),
 and the fifth, the spectral densities, from a run's `<raw stem>_density.npz`.
 
-    python3 -m sam_eos.plot runs/gd/raw.txt                       # runs/gd/eigs.pdf, ...
-    python3 -m sam_eos.plot runs/gd/raw.txt runs/sam/raw.txt --output_dir=runs/both
-    python3 -m sam_eos.plot --original_format original_raw.txt    # the original's files
+    python3 -m sam_eos.cli.replot runs/gd/raw.txt                       # runs/gd/eigs.pdf, ...
+    python3 -m sam_eos.cli.replot runs/gd/raw.txt runs/sam/raw.txt --output_dir=runs/both
+    python3 -m sam_eos.cli.replot --original_format original_raw.txt    # the original's files
 
-The files get the programs' names (`sam_eos.outputs.OUTPUT_FILE_NAMES`: eigs.pdf,
+The files get the programs' names (`sam_eos.reports.paths.OUTPUT_FILE_NAMES`: eigs.pdf,
 eigs_se_only.pdf, alignment.pdf, loss.pdf) in `--output_dir`, after `--output_prefix`. One file
 draws next to itself by default; several need `--output_dir`. `--<plot>_output` flags name one
 plot's path (empty: skip it). The density plot (density.pdf) is drawn when one raw-data file
@@ -18,11 +18,11 @@ import sys
 
 from absl import app, flags
 
-from sam_eos.command_line import parse_flags
-from sam_eos.errors import EXIT_BAD_INPUT, InputError
-from sam_eos.outputs import DENSITY_FILE_NAME, PLOT_FIELDS, output_paths
-from sam_eos.plots import X_AXES, RunData, draw_density, draw_runs
-from sam_eos.records import (
+from sam_eos.cli.parsing import parse_flags
+from sam_eos.loop.errors import EXIT_BAD_INPUT, InputError
+from sam_eos.reports.figures import X_AXES, RunData, draw_density, draw_runs
+from sam_eos.reports.paths import DENSITY_FILE_NAME, PLOT_FIELDS, output_paths
+from sam_eos.reports.raw_data import (
     DENSITY_SUFFIX,
     check_output_path,
     density_data_path,
@@ -113,7 +113,7 @@ def main(argv: list[str]) -> None:
     given += [DENSITY_DATA.value] if DENSITY_DATA.value else []
     try:
         if not raw_paths and not given:
-            raise InputError("give raw-data files: python3 -m sam_eos.plot RAW [RAW ...]")
+            raise InputError("give raw-data files: python3 -m sam_eos.cli.replot RAW [RAW ...]")
         outputs = (plot_paths(raw_paths, OUTPUT_DIR.value, OUTPUT_PREFIX.value,
                               {field: flag.value for field, flag in OUTPUTS.items()})
                    if raw_paths else {})

@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sam_eos.errors import InputError  # noqa: E402
+from sam_eos.loop.errors import InputError  # noqa: E402
 
 PLOT_NAMES = ("eigs_curve", "eigs_se_only", "alignment_curve", "loss_curve")
 X_AXES = ("steps", "hours")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_eos import distributed
+from sam_eos.loop import distributed
 
 PyTree = Any
 Select = Callable[[PyTree, jax.Array], PyTree]
@@ -51,7 +51,7 @@ class FullBatch:
     """One batch used at every step; it goes to the device once and stays there.
 
     `per_process`: on several processes (hosts), `batch` holds only this process's rows of the
-    global batch (`sam_eos.distributed.make_global_batch`); otherwise every process passes the
+    global batch (`sam_eos.loop.distributed.make_global_batch`); otherwise every process passes the
     whole batch and sends its own rows. The same on a single process.
     """
 

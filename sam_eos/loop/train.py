@@ -7,12 +7,12 @@ updates. The run stops at the time limit, at `max_steps`, when the loss stops be
 code EXIT_DIVERGED), when its raw data cannot be written (EXIT_OUTPUT_FAILED), or on
 SIGINT/SIGTERM, also during compiling (rows are on disk already; the plots are drawn from what
 exists). Process 0 holds exclusive locks on the raw-data file and the checkpoint directory for
-the whole run (`sam_eos.locks`): a second run on them fails before training.
+the whole run (`sam_eos.loop.locks`): a second run on them fails before training.
 
-The loop is split along the way data flows: `sam_eos.schedule` decides (pure: check? save?
-stop? how many steps?), `sam_eos.feed` places the data, `sam_eos.steps` holds the compiled
+The loop is split along the way data flows: `sam_eos.loop.schedule` decides (pure: check? save?
+stop? how many steps?), `sam_eos.loop.feed` places the data, `sam_eos.loop.steps` holds the compiled
 step and check (compiled ahead of time, once per run, before the clock starts), and
-`sam_eos.recording` writes rows, notes, checkpoints and plots. `run` wires them together.
+`sam_eos.reports.recorder` writes rows, notes, checkpoints and plots. `run` wires them together.
 
 Time: "training time" is the wall-clock time spent in the loop (steps and checks, not start-up
 or compiling), in seconds internally and in hours in flags and raw data. On several processes
@@ -36,8 +36,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from sam_eos import checkpoint, distributed, errors, hessian, locks, schedule, steps
-from sam_eos.feed import (  # noqa: F401 - the data kinds, re-exported for the programs
+from sam_eos import hessian
+from sam_eos.loop import checkpoint, distributed, errors, locks, schedule, steps
+from sam_eos.loop.feed import (  # noqa: F401 - the data kinds, re-exported for the programs
     BatchStream,
     Data,
     DeviceData,
@@ -47,9 +48,9 @@ from sam_eos.feed import (  # noqa: F401 - the data kinds, re-exported for the p
     Placement,
     make_feed,
 )
-from sam_eos.progress import Progress
-from sam_eos.recording import Recorder
-from sam_eos.spectrum_checks import SpectrumOptions, compile_spectrum_checks, extra_column_names
+from sam_eos.loop.measurements import SpectrumOptions, compile_spectrum_checks, extra_column_names
+from sam_eos.loop.progress import Progress
+from sam_eos.reports.recorder import Recorder
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -80,7 +81,7 @@ class Outputs:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Settings of the shared loop (validated by `sam_eos.flags`)."""
+    """Settings of the shared loop (validated by `sam_eos.cli.flags`)."""
 
     step_size: float
     rho: float = 0.0
@@ -171,7 +172,7 @@ def settings_record(config: TrainConfig, extra: dict[str, Any]) -> dict[str, Any
 def make_check(loss_fn: LossFn, config: TrainConfig,
                place: Placement | None = None) -> tuple[Callable, Callable]:
     """The jitted parts of a check with `config`'s settings: `(eigensolver_chunk, measure)`
-    (`sam_eos.steps`); on a mesh (`place`) the chunk's outputs are replicated, as the loop's
+    (`sam_eos.loop.steps`); on a mesh (`place`) the chunk's outputs are replicated, as the loop's
     state that holds its Ritz vectors."""
     chunk_iterations, _ = steps.chunk_plan(config.eigensolver, config.eigensolver_max_iterations)
     chunk = steps.make_eigensolver_chunk(
@@ -345,7 +346,7 @@ def run(
       optimizer: the outer step; default `optax.sgd(config.step_size)`, which makes each step
         exactly `sam_eos.sam.sam_update`.
       settings: extra settings to record in the raw-data header (e.g. the program's flags).
-      mesh: shard every batch over this mesh's devices (`sam_eos.distributed.make_mesh`),
+      mesh: shard every batch over this mesh's devices (`sam_eos.loop.distributed.make_mesh`),
         parameters replicated; None: the default device, or on several processes every
         device of every process.
     Returns:

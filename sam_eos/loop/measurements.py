@@ -7,7 +7,7 @@ of time once per run (`compile_spectrum_checks`) from `sam_eos.spectrum`'s pure 
   `trace`, `trace_standard_error`;
 - the spectral density (SLQ, DENSITY_PROBES probes of DENSITY_LANCZOS_STEPS steps) on the
   check's batch, every `spectral_density_every_checks`-th check: nodes and weights, saved
-  beside the raw data (`sam_eos.records.DensityWriter`), not a column;
+  beside the raw data (`sam_eos.reports.raw_data.DensityWriter`), not a column;
 - batch sharpness over the training minibatches of the current chunk, gathered on the device
   by the feed's `select`, BATCH_SHARPNESS_CHUNK at a time (one compiled shape) until the
   Monte-Carlo rule `spectrum.enough_batches` holds or MAX_BATCHES: columns `batch_sharpness`,
@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sam_eos import hessian, spectrum, steps
-from sam_eos.feed import Feed
+from sam_eos import hessian, spectrum
+from sam_eos.loop import steps
+from sam_eos.loop.feed import Feed
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -48,7 +49,7 @@ _TRACE_SALT, _DENSITY_SALT, _SAM_POINT_SALT = 1, 2, 3
 
 @dataclasses.dataclass(frozen=True)
 class SpectrumOptions:
-    """Which optional measurements a check takes (validated by `sam_eos.flags`)."""
+    """Which optional measurements a check takes (validated by `sam_eos.cli.flags`)."""
 
     hessian_trace_matvecs: int = 0  # 0: off
     spectral_density_every_checks: int = 0  # 0: off

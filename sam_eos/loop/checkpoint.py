@@ -16,7 +16,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from absl import logging
 
-from sam_eos.errors import InputError
+from sam_eos.loop.errors import InputError
 
 PyTree = Any
 # Entries of the loop's state (a dict) that checkpoints written before they existed lack: such

@@ -9,10 +9,11 @@ from typing import Any
 
 from absl import app, logging
 
-from sam_eos import distributed, records, summary
-from sam_eos.command_line import parse_flags
-from sam_eos.errors import EXIT_BAD_INPUT, InputError
-from sam_eos.train import RunResult
+from sam_eos.cli.parsing import parse_flags
+from sam_eos.loop import distributed
+from sam_eos.loop.errors import EXIT_BAD_INPUT, InputError
+from sam_eos.loop.train import RunResult
+from sam_eos.reports import raw_data, summary
 
 __all__ = ["InputError", "report_test_value", "run_main"]
 
@@ -30,7 +31,7 @@ def _quiet_libraries(record: std_logging.LogRecord) -> bool:
 def run_main(main: Callable[[list[str]], int | None]) -> None:
     """`absl.app.run(main)`, logging at INFO, with `InputError` turned into
     `error: <message>` on stderr and exit code EXIT_BAD_INPUT (no traceback), as is a flag
-    absl cannot parse (`sam_eos.command_line.parse_flags`); `--help` exits 0."""
+    absl cannot parse (`sam_eos.cli.parsing.parse_flags`); `--help` exits 0."""
 
     def wrapped(argv: list[str]) -> None:
         if len(argv) > 1:
@@ -70,14 +71,14 @@ def report_test_value(name: str, result: RunResult, evaluate: Callable[[Any], fl
 
 
 def end_run(result: RunResult, test_name: str, test_value: float | None) -> dict[str, Any]:
-    """Logs the run's summary (`sam_eos.summary`), appends it to the raw data as a
+    """Logs the run's summary (`sam_eos.reports.summary`), appends it to the raw data as a
     `# summary:` line (when there is raw data), and logs the files written. Process 0 only."""
     run_summary = summary.summarize(result.rows, steps=result.steps, test_name=test_name,
                                     test_value=test_value, seconds=result.seconds)
     for line in summary.summary_lines(run_summary):
         logging.info(line)
     try:
-        records.append_summary(result.raw_data, run_summary)
+        raw_data.append_summary(result.raw_data, run_summary)
     except OSError as error:
         logging.error("Could not append the summary to %s: %s", result.raw_data, error)
     log_files(result.files)
