@@ -24,7 +24,7 @@ case "${1:-}" in
     shift
     # Two workers: the suite is mostly XLA compilation, one core each. Work stealing: a worker
     # that runs out of tests takes queued ones from the other, so no core idles at the end.
-    exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist worksteal "$@"
+    exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist worksteal --durations=15 "$@"
     ;;
   ""|--*)
     # Use pre-downloaded TFDS data beside the project when there is some (offline machines).

@@ -11,8 +11,6 @@ import importlib.metadata
 import os
 import pathlib
 import platform
-from collections.abc import Callable
-from typing import Any
 
 import haiku as hk
 import jax
@@ -20,11 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from image_classification import model as image_model
+from sam_eos.types import LossFn, PyTree
 from transformer import dataset as text_dataset
 from transformer import model as text_model
-
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"

@@ -53,9 +53,7 @@ from sam_eos import hessian, power_iteration, sam
 from sam_eos.loop import train
 from sam_eos.loop.feed import FullBatchFeed
 from sam_eos.loop.steps import make_train_steps
-
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]
+from sam_eos.types import LossFn, PyTree
 
 STEP_SIZE = 0.05
 RHO = 0.05

@@ -16,15 +16,12 @@ import argparse
 import os
 
 import jax
-import matplotlib
 import numpy as np
 from absl import logging
+from matplotlib.figure import Figure
 
 from image_classification import dataset, model
 from sam_eos.loop import train
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -86,7 +83,8 @@ def main() -> None:
     print(f"SAM: median sharpness / (2/eta)   over the second half = {sam_vs_gd_edge:.3f}")
     print(f"final training loss: GD {gd[-1, 4]:.5f}, SAM {sam[-1, 4]:.5f}")
 
-    figure, ax = plt.subplots(figsize=(7, 4.2))
+    figure = Figure(figsize=(7, 4.2))
+    ax = figure.subplots()
     ax.plot(gd[:, 0], gd[:, 1], "C0.-", label="GD sharpness")
     ax.plot(sam[:, 0], sam[:, 1], "C3.-", label=f"SAM sharpness (rho={args.rho:g})")
     ax.plot(sam[:, 0], sam[:, 2], "C1--", label="SAM edge")

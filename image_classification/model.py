@@ -6,7 +6,6 @@ error between the logits and one-hot labels, averaged over the batch and the cla
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import haiku as hk
 import jax
@@ -15,8 +14,8 @@ import numpy as np
 import optax
 
 from sam_eos.loop.errors import InputError
+from sam_eos.types import PyTree
 
-PyTree = Any
 ARCHITECTURES = ("MLP", "CNN")
 
 

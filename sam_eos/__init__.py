@@ -1,9 +1,61 @@
-"""sam_eos: watch Hessian sharpness while SAM or gradient descent trains.
+"""sam_eos: watch Hessian sharpness while SAM, gradient descent or any optax optimizer trains.
 
-A functional core (`sam`, `hessian`, `edge`, `tree`) of pure, jit-compiled functions over
-parameter pytrees, and an edge (`train`, `records`, `plots`, `flags`) that does I/O.
+The functional core, re-exported here, is pure functions over parameter pytrees:
+
+- `sam`: the SAM gradient and step;
+- `edge`: each optimizer's stability threshold, and the SAM and USAM edges built on one;
+- `effective_sharpness`: the operator P^-1/2 (H + rho_eff H^2) P^-1/2 whose top eigenvalue
+  meets that threshold at the edge;
+- `hessian`, `lanczos`, `power_iteration`: Hessian-vector products and the top eigenvalues;
+- `tracker`: `SharpnessTracker`, warm-started tracking inside any training loop;
+- `spectrum`: trace, spectral density, batch sharpness, sharpness at the SAM point.
+
+The harness lives below: `sam_eos.loop` (the training loop), `sam_eos.reports` (raw data,
+figures, summary) and `sam_eos.cli` (the programs' flags). Importing `sam_eos` loads none of
+them, nor matplotlib, TensorFlow or Haiku.
 """
 
-from sam_eos.edge import sam_edge
+from sam_eos.edge import sam_edge, stability_threshold, usam_edge
+from sam_eos.effective_sharpness import (
+    adam_preconditioner,
+    effective_radius,
+    effective_sharpness_operator,
+)
+from sam_eos.hessian import EigenInfo, hessian_operator, hvp, product_noise_floor, top_eigenvalues
+from sam_eos.sam import loss_gradient_and_sam_gradient, sam_gradient, sam_update
+from sam_eos.spectrum import (
+    batch_sharpness,
+    hessian_trace,
+    sam_point,
+    sam_point_sharpness,
+    spectral_density,
+)
+from sam_eos.tracker import SharpnessResult, SharpnessTracker, TrackerState
+from sam_eos.types import LossFn, PyTree
 
-__all__ = ["sam_edge"]
+__all__ = [
+    "EigenInfo",
+    "LossFn",
+    "PyTree",
+    "SharpnessResult",
+    "SharpnessTracker",
+    "TrackerState",
+    "adam_preconditioner",
+    "batch_sharpness",
+    "effective_radius",
+    "effective_sharpness_operator",
+    "hessian_operator",
+    "hessian_trace",
+    "hvp",
+    "loss_gradient_and_sam_gradient",
+    "product_noise_floor",
+    "sam_edge",
+    "sam_gradient",
+    "sam_point",
+    "sam_point_sharpness",
+    "sam_update",
+    "spectral_density",
+    "stability_threshold",
+    "top_eigenvalues",
+    "usam_edge",
+]

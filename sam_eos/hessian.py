@@ -25,7 +25,7 @@ parameters' dtype: 100 rows of the 2.8M-parameter MNIST MLP take 1.1 GB (float32
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +33,8 @@ from jax.flatten_util import ravel_pytree
 
 from sam_eos import lanczos
 from sam_eos.power_iteration import power_iteration
+from sam_eos.types import LossFn, PyTree
 
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]
 # `(v, hv) -> hv'` on flat [n] vectors: a change applied to every product (tests inject noise).
 ProductTransform = Callable[[jax.Array, jax.Array], jax.Array]
 

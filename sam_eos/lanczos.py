@@ -14,13 +14,12 @@ So a step costs O(steps so far x n) and a huge `max_steps` costs nothing until i
 """
 
 import functools
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-Matvec = Callable[[jax.Array], jax.Array]
+from sam_eos.types import Matvec
 
 # Basis rows held at once. Converging the top few eigenvalues to 1e-4 takes 3-30 steps; a run
 # that needs more restarts from its Ritz vectors every MAX_BASIS_STEPS steps, so memory stays

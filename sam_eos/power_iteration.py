@@ -19,15 +19,13 @@ value meets the relative test or the largest is at most 1e-3. For k = 1 this is 
 """
 
 import functools
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]
+from sam_eos.types import LossFn, PyTree
 
 FINITE_DIFFERENCE_OFFSET = 1e-3  # the original's DIFFERENTIATION_STEP_SIZE
 FINITE_DIFFERENCE_DENOMINATOR = 2 * FINITE_DIFFERENCE_OFFSET + 1e-5  # the original's, eps added

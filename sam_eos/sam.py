@@ -4,15 +4,11 @@
 gradient descent and the second gradient evaluation is skipped at trace time.
 """
 
-from collections.abc import Callable
-from typing import Any
 
 import jax
 
 from sam_eos import tree
-
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]
+from sam_eos.types import LossFn, PyTree
 
 # Added to ||g|| before normalising, as in the paper's code, so a zero gradient does not divide
 # by zero.

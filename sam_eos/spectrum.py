@@ -33,8 +33,6 @@ running one after another.
 """
 
 import functools
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +40,7 @@ import numpy as np
 from matfree import stochtrace
 
 from sam_eos import hessian, lanczos, sam, tree
-
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]
+from sam_eos.types import LossFn, PyTree
 
 TRACE_METHODS = ("xtrace", "hutchinson")
 # The Monte-Carlo rule for batch sharpness: stop once the standard error of the mean is at

@@ -4,12 +4,11 @@ Every function takes and returns pytrees with the same structure as the paramete
 and is pure and jit-friendly. Sums are accumulated in the leaves' dtype.
 """
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-PyTree = Any
+from sam_eos.types import PyTree
 
 
 def dot(a: PyTree, b: PyTree) -> jax.Array:

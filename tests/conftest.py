@@ -12,6 +12,16 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # One BLAS thread per process: two test workers on two cores, each with threaded LAPACK calls
 # (Lanczos's small eigh every step), only contend.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Cheaper XLA CPU compiles for the tests' own processes and every subprocess they start (their
+# environments copy this one): 2-3x less compile time on the tests' tiny models, for a small
+# run-time cost. Only the tests use them; the programs keep full optimisation. No test compares
+# numbers with ones made under the default flags.
+# SAM_EOS_TEST_XLA_FLAGS replaces them ("" for XLA's defaults).
+TEST_XLA_FLAGS = os.environ.setdefault(
+    "SAM_EOS_TEST_XLA_FLAGS",
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 # The programs' compilation cache (--compilation_cache_dir, under $XDG_CACHE_HOME) goes to a
 # folder of this test session, not the user's cache: one folder for every worker of the session
 # (made by the main pytest process, whose environment the pytest-xdist workers inherit), so a

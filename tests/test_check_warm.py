@@ -14,7 +14,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from sam_eos import hessian
-from sam_eos.loop import checkpoint, errors, steps, train
+from sam_eos.loop import checkpoint, errors, schedule, steps, train
 from sam_eos.reports.raw_data import read_raw_data
 from tests.test_programs import ROOT, TINY_TRANSFORMER, environment, output_flags
 from tests.test_train import mlp_loss, mlp_problem, outputs
@@ -85,7 +85,7 @@ def test_a_resumed_run_starts_warm_from_the_saved_ritz_vectors(tmp_path):
 def test_a_checkpoint_without_ritz_vectors_restores_them_as_zeros(tmp_path):
     state = {"params": jnp.arange(3.0), "opt_state": ()}
     saver = checkpoint.Checkpointer(str(tmp_path), {})
-    saver.save(state, checkpoint.Position(step=4))
+    saver.save(state, schedule.Position(step=4))
     restored, position = saver.restore({**state, "ritz_vectors": jnp.zeros((2, 3))})
     saver.close()
     assert position.step == 4

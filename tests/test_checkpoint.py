@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sam_eos.loop import checkpoint, errors, train
+from sam_eos.loop import checkpoint, errors, schedule, train
 from sam_eos.reports import raw_data
 from sam_eos.reports.raw_data import keep_first_rows, read_raw_data
 from tests.test_programs import ROOT, TINY_TRANSFORMER, environment, shakespeare_like_text
@@ -209,8 +209,8 @@ def test_a_failed_save_is_logged_and_the_run_goes_on(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpointer._manager, "save", disk_full)
     state = (params, train.optax.sgd(0.1).init(params))
-    assert checkpointer.save(state, checkpoint.Position(step=2)) is False
+    assert checkpointer.save(state, schedule.Position(step=2)) is False
     monkeypatch.undo()
-    assert checkpointer.save(state, checkpoint.Position(step=2)) is True
+    assert checkpointer.save(state, schedule.Position(step=2)) is True
     checkpointer.close()
     assert checkpoint.Checkpointer(str(tmp_path / "run"), {}).latest_step() == 2

@@ -4,7 +4,6 @@
 import subprocess
 import sys
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
@@ -38,15 +37,10 @@ def run_data(rho=0.1, outlier=165.0, extra=None, n=10):
 
 @pytest.fixture
 def figure_of():
-    made = []
-
     def make(name, runs, x_axis="steps"):
-        made.append(figures.make_figure(name, runs, x_axis))
-        return made[-1].axes[0]
+        return figures.make_figure(name, runs, x_axis).axes[0]
 
-    yield make
-    for figure in made:
-        plt.close(figure)
+    return make
 
 
 def lines_by_label(ax):
@@ -127,7 +121,6 @@ def test_failed_checks_are_skipped_and_an_empty_run_still_draws(tmp_path):
     figure = figures.make_figure("eigs_curve", [run])
     sharpness = lines_by_label(figure.axes[0])["sharpness (operator norm)"]
     assert len(sharpness.get_xdata()) == 9 and 30.0 not in sharpness.get_xdata()
-    plt.close(figure)
     written = figures.draw_plots(np.zeros((0, 0)), COLUMNS, {"run_name": "empty"},
                                {"eigs_curve": str(tmp_path / "e.pdf"), "loss_curve": ""})
     assert written == [str(tmp_path / "e.pdf")]
@@ -160,7 +153,6 @@ def test_figure_marks_values_below_the_axis():
     rows[0, run.columns.index("hessian_norm")] = -40.0
     figure = figures.make_figure("eigs_curve", [figures.RunData(run.settings, run.columns, rows)])
     title = figure.axes[0].get_title()
-    plt.close(figure)
     assert "1 value below the axis (smallest -40 at step 0)" in title
 
 

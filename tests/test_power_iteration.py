@@ -18,20 +18,23 @@ DENOMINATOR_SHRINK = 2e-3 / (2e-3 + 1e-5)
 
 
 def original_power_iteration(loss_fn, params, batch, key, tolerance=1e-3, limit=100):
-    """The original's loop, step by step in Python: (estimate, unit direction, iterations)."""
+    """The original's loop, step by step in Python: (estimate, unit direction, iterations,
+    margins), margins[t] being how far iteration t's relative change |n_t - n_{t-1}| / n_t was
+    from `tolerance`, relative to it (near 0: a stop decided by rounding)."""
     flat, unravel = ravel_pytree(params)
     gradient = jax.jit(lambda f: ravel_pytree(jax.grad(loss_fn)(unravel(f), batch))[0])
     v = jax.random.normal(key, (1, flat.size), flat.dtype)[0]
     v = v / jnp.linalg.norm(v)
-    last_norm, current_norm, t = None, 1.0, 0
+    last_norm, current_norm, t, margins = None, 1.0, 0, []
     while (last_norm is None or (abs(current_norm - last_norm) > current_norm * tolerance
                                  and abs(current_norm) > 1e-3)) and t < limit:
         last_norm = current_norm
         product = (gradient(flat + 1e-3 * v) - gradient(flat - 1e-3 * v)) / (2 * 1e-3 + 1e-5)
         current_norm = float(jnp.linalg.norm(product))
         v = product / current_norm
+        margins.append(abs(abs(current_norm - last_norm) / current_norm / tolerance - 1))
         t += 1
-    return float(jnp.vdot(v, product)), np.asarray(v), t
+    return float(jnp.vdot(v, product)), np.asarray(v), t, margins
 
 
 def dense_spectrum(loss_fn, params, batch):
@@ -58,11 +61,19 @@ def relu_mlp():
 def test_matches_the_original_loop(relu_mlp, loss_fn):
     params, batch, _ = relu_mlp
     for key in keys(3):
-        expected, expected_direction, expected_iterations = original_power_iteration(
+        expected, expected_direction, expected_iterations, margins = original_power_iteration(
             loss_fn, params, batch, key)
         result = power_iteration(loss_fn, params, batch, key)
-        assert int(result.iterations) == expected_iterations
         assert bool(result.converged)
+        iterations = int(result.iterations)
+        if iterations != expected_iterations:
+            # Only a stop test decided by rounding may differ, and by one iteration. The
+            # central difference cancels about 3 of float32's 7 digits in each product, so the
+            # norms agree to ~1e-5 and their relative change (~1e-3) to a few percent.
+            assert abs(iterations - expected_iterations) == 1
+            assert margins[min(iterations, expected_iterations) - 1] < 0.05, margins
+            np.testing.assert_allclose(float(result.magnitudes[0]), expected, rtol=1e-3)
+            continue
         np.testing.assert_allclose(float(result.magnitudes[0]), expected, rtol=1e-5)
         direction = ravel_pytree(result.direction)[0]
         np.testing.assert_allclose(np.asarray(direction), expected_direction, atol=1e-5)
@@ -142,7 +153,7 @@ def test_max_iterations_is_respected(relu_mlp):
     result = power_iteration(mlp_loss, params, batch, key, -1.0, max_iterations=7)
     assert int(result.iterations) == 7
     assert not bool(result.converged)
-    expected, _, iterations = original_power_iteration(mlp_loss, params, batch, key, -1.0, 7)
+    expected, _, iterations, _ = original_power_iteration(mlp_loss, params, batch, key, -1.0, 7)
     assert iterations == 7
     np.testing.assert_allclose(float(result.magnitudes[0]), expected, rtol=1e-5)
     _, _, info = top_eigenvalues(mlp_loss, params, batch, 2, method="power", key=key,

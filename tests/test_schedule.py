@@ -5,8 +5,7 @@ import math
 import pytest
 
 from sam_eos.loop import schedule
-from sam_eos.loop.checkpoint import Position
-from sam_eos.loop.schedule import Schedule
+from sam_eos.loop.schedule import Position, Schedule
 
 
 def at(step=0, seconds=0.0, next_check=0.0, last_checked=-1) -> Position:

@@ -170,7 +170,6 @@ def test_the_density_plot_draws_five_checks_on_a_log_scale_with_the_marks():
     assert math.isclose(bottom, np.max([line.get_ydata().max() for line in ax.lines
                                         if line.get_label().startswith("step ")])
                         * figures.DENSITY_FLOOR_FRACTION, rel_tol=1e-9)
-    figures.plt.close(figure)
 
 
 def test_evenly_spaced_picks_first_and_last():

@@ -43,8 +43,9 @@ def is_project_module(module_name: str, packages: tuple[str, ...] = PROJECT_PACK
     """Whether absl's name for a defining module is one of the project's: a dotted module name
     in `packages` ("sam_eos.cli.flags"), or the path of a main module inside one of their
     directories (`python3 -m transformer` defines flags as ".../transformer/__main__.py")."""
-    if module_name.endswith(".py"):
-        return os.path.basename(os.path.dirname(os.path.abspath(module_name))) in packages
+    if module_name.endswith(".py"):  # a package's directory, or a subpackage's parent
+        directories = os.path.dirname(os.path.abspath(module_name)).split(os.sep)
+        return any(name in packages for name in directories[-2:])
     return module_name.split(".")[0] in packages
 
 

@@ -31,29 +31,30 @@ from sam_eos.reports.raw_data import (
     read_raw_data,
 )
 
-RAW_DATA = flags.DEFINE_string("raw_data", None, "A raw-data file (or give files as arguments).")
-OUTPUT_DIR = flags.DEFINE_string(
-    "output_dir", None, "Write the plots here (default: the raw-data file's directory, when "
-    "there is one file)."
-)
-OUTPUT_PREFIX = flags.DEFINE_string("output_prefix", "", "Put this before each file name.")
-PLOT_X = flags.DEFINE_enum("plot_x", "steps", X_AXES, "The x-axis: steps, or training time.")
-ORIGINAL_FORMAT = flags.DEFINE_bool(
-    "original_format", False, "The files were written by the original program (8 columns, no "
-    "header, time in seconds); drawn against time."
-)
-DENSITY_DATA = flags.DEFINE_string(
-    "density_data", None, "A densities file (<raw stem>_density.npz) to draw (default: the one "
-    "beside the only raw-data file, if any).")
-DENSITY_OUTPUT = flags.DEFINE_string(
-    "density_output", None, f"The density plot's path (default: <output_dir>/<prefix>"
-    f"{DENSITY_FILE_NAME}; empty: skip it).")
-OUTPUTS = {
-    field: flags.DEFINE_string(f"{field}_output", None, f"This plot's path (default: "
-                               f"<output_dir>/<prefix>{name}; empty: skip it).")
-    for field, name in (("eigs_curve", "eigs.pdf"), ("eigs_se_only", "eigs_se_only.pdf"),
-                        ("alignment_curve", "alignment.pdf"), ("loss_curve", "loss.pdf"))
-}
+PLOTS = (("eigs_curve", "eigs.pdf"), ("eigs_se_only", "eigs_se_only.pdf"),
+         ("alignment_curve", "alignment.pdf"), ("loss_curve", "loss.pdf"))
+
+
+def define_flags() -> None:
+    """Registers this program's absl flags; called when it runs, never on import."""
+    flags.DEFINE_string("raw_data", None, "A raw-data file (or give files as arguments).")
+    flags.DEFINE_string(
+        "output_dir", None, "Write the plots here (default: the raw-data file's directory, "
+        "when there is one file).")
+    flags.DEFINE_string("output_prefix", "", "Put this before each file name.")
+    flags.DEFINE_enum("plot_x", "steps", X_AXES, "The x-axis: steps, or training time.")
+    flags.DEFINE_bool(
+        "original_format", False, "The files were written by the original program (8 "
+        "columns, no header, time in seconds); drawn against time.")
+    flags.DEFINE_string(
+        "density_data", None, "A densities file (<raw stem>_density.npz) to draw (default: "
+        "the one beside the only raw-data file, if any).")
+    flags.DEFINE_string(
+        "density_output", None, f"The density plot's path (default: <output_dir>/<prefix>"
+        f"{DENSITY_FILE_NAME}; empty: skip it).")
+    for field, name in PLOTS:
+        flags.DEFINE_string(f"{field}_output", None, f"This plot's path (default: "
+                            f"<output_dir>/<prefix>{name}; empty: skip it).")
 
 
 def plot_paths(raw_paths: list[str], output_dir: str | None, prefix: str,
@@ -107,28 +108,29 @@ def density_plot_path(source: str, output_dir: str | None, prefix: str,
 
 
 def main(argv: list[str]) -> None:
-    arguments = ([RAW_DATA.value] if RAW_DATA.value else []) + list(argv[1:])
+    values = flags.FLAGS
+    arguments = ([values.raw_data] if values.raw_data else []) + list(argv[1:])
     raw_paths = [path for path in arguments if not path.endswith(DENSITY_SUFFIX)]
     given = [path for path in arguments if path.endswith(DENSITY_SUFFIX)]
-    given += [DENSITY_DATA.value] if DENSITY_DATA.value else []
+    given += [values.density_data] if values.density_data else []
     try:
         if not raw_paths and not given:
             raise InputError("give raw-data files: python3 -m sam_eos.cli.replot RAW [RAW ...]")
-        outputs = (plot_paths(raw_paths, OUTPUT_DIR.value, OUTPUT_PREFIX.value,
-                              {field: flag.value for field, flag in OUTPUTS.items()})
+        overrides = {field: values[f"{field}_output"].value for field, _ in PLOTS}
+        outputs = (plot_paths(raw_paths, values.output_dir, values.output_prefix, overrides)
                    if raw_paths else {})
         for field, path in outputs.items():
             check_output_path(path, f"{field}_output")
-        runs = [read_run(path, ORIGINAL_FORMAT.value) for path in raw_paths]
+        runs = [read_run(path, values.original_format) for path in raw_paths]
         source = density_source(raw_paths, given)
-        density_path = (density_plot_path(source, OUTPUT_DIR.value, OUTPUT_PREFIX.value,
-                                          DENSITY_OUTPUT.value) if source else "")
+        density_path = (density_plot_path(source, values.output_dir, values.output_prefix,
+                                          values.density_output) if source else "")
         check_output_path(density_path, "density_output")
         densities = _read_densities(source) if density_path else {}
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    for path in draw_runs(runs, outputs, PLOT_X.value) if runs else []:
+    for path in draw_runs(runs, outputs, values.plot_x) if runs else []:
         print(f"wrote {path}")
     title = str(runs[0].settings.get("run_name", "")) if len(runs) == 1 else ""
     if draw_density(densities, density_path, title):
@@ -143,4 +145,5 @@ def _read_densities(path: str) -> dict:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=parse_flags)

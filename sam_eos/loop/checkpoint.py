@@ -17,8 +17,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from sam_eos.loop.errors import InputError
+from sam_eos.loop.schedule import Position
+from sam_eos.types import PyTree
 
-PyTree = Any
 # Entries of the loop's state (a dict) that checkpoints written before they existed lack: such
 # a checkpoint restores without them, and they keep the template's value (for the eigensolver's
 # Ritz vectors, zeros: the first check after the resume starts cold).
@@ -27,18 +28,6 @@ RESUMABLE_CHANGES = frozenset(
     {"time_limit_in_hours", "max_steps", "checkpoint_every_minutes", "checkpoint_dir",
      "plot_x", "progress_every_seconds"}
 )
-
-
-@dataclasses.dataclass
-class Position:
-    """Where a run is, beside its parameters (all JSON-friendly)."""
-
-    step: int = 0
-    training_seconds: float = 0.0
-    next_check_seconds: float = 0.0
-    batches_taken: int = 0
-    rows_written: int = 0
-    last_checked_step: int = -1
 
 
 def settings_differences(saved: Any, current: Any, path: str = "") -> list[str]:

@@ -36,7 +36,6 @@ does alone (its share of a test set) uses `local_copy` of the replicated paramet
 """
 
 import os
-from typing import Any
 
 import jax
 import numpy as np
@@ -44,8 +43,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from sam_eos.loop.errors import InputError
-
-PyTree = Any
+from sam_eos.types import PyTree
 
 BATCH_AXIS = "batch"
 MULTIHOST_SWITCH = "SAM_EOS_MULTIHOST"

@@ -16,15 +16,15 @@ calls `select` with a traced row, so the number of steps per dispatch never beco
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sam_eos.loop import distributed
+from sam_eos.types import PyTree
 
-PyTree = Any
 Select = Callable[[PyTree, jax.Array], PyTree]
 
 # Index rows (batches) per chunk of `DeviceData`, and their most int32 entries (16 MiB).

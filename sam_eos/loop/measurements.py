@@ -24,7 +24,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +33,7 @@ from absl import logging
 from sam_eos import hessian, spectrum
 from sam_eos.loop import steps
 from sam_eos.loop.feed import Feed
-
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]
+from sam_eos.types import LossFn, PyTree
 
 DENSITY_PROBES = 4
 DENSITY_LANCZOS_STEPS = 64  # at most the number of parameters

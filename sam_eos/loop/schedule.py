@@ -8,9 +8,21 @@ time (steps and checks, not compiling or start-up).
 
 import dataclasses
 
-from sam_eos.loop.checkpoint import Position
-
 SECONDS_PER_HOUR = 3600.0
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a run is, beside its parameters (all JSON-friendly)."""
+
+    step: int = 0
+    training_seconds: float = 0.0
+    next_check_seconds: float = 0.0
+    batches_taken: int = 0
+    rows_written: int = 0
+    last_checked_step: int = -1
+
+
 # A dispatch of several steps aims at this many seconds: long enough to hide Python's
 # per-dispatch cost, short enough for the time limit and time-based checks to stay on time.
 DISPATCH_TARGET_SECONDS = 0.25

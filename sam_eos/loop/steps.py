@@ -12,7 +12,6 @@ nothing run-varying is a shape, so no later call compiles again.
 import functools
 import time
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +23,7 @@ from sam_eos import hessian, tree
 from sam_eos.edge import sam_edge
 from sam_eos.loop.feed import Select
 from sam_eos.sam import loss_gradient_and_sam_gradient
-
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]
+from sam_eos.types import LossFn
 
 
 def make_train_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, rho: float,

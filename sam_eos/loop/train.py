@@ -37,7 +37,7 @@ import optax
 from absl import logging
 
 from sam_eos import hessian
-from sam_eos.loop import checkpoint, distributed, errors, locks, schedule, steps
+from sam_eos.loop import distributed, errors, locks, schedule, steps
 from sam_eos.loop.feed import (  # noqa: F401 - the data kinds, re-exported for the programs
     BatchStream,
     Data,
@@ -51,9 +51,7 @@ from sam_eos.loop.feed import (  # noqa: F401 - the data kinds, re-exported for 
 from sam_eos.loop.measurements import SpectrumOptions, compile_spectrum_checks, extra_column_names
 from sam_eos.loop.progress import Progress
 from sam_eos.reports.recorder import Recorder
-
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]
+from sam_eos.types import LossFn, PyTree
 
 SECONDS_PER_HOUR = schedule.SECONDS_PER_HOUR
 MAX_STEPS_PER_DISPATCH = 1024
@@ -373,7 +371,7 @@ def run(
         "params": params, "opt_state": optimizer.init(params),
         "ritz_vectors": cold_ritz_block(params, config),
     })
-    position = checkpoint.Position()
+    position = schedule.Position()
     restored = recorder.restore(state)
     if restored is not None:
         state, position = restored
@@ -486,7 +484,7 @@ def _solve_in_chunks(program: Program, params: PyTree, batch: PyTree, key: jax.A
 
 
 def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
-                position: checkpoint.Position, recorder: Recorder, key: jax.Array,
+                position: schedule.Position, recorder: Recorder, key: jax.Array,
                 stop_requested: Callable[[], bool]) -> tuple[dict[str, PyTree], str, float]:
     """Takes and records the check at `position`: (the state with the check's Ritz vectors,
     the outcome, the check's seconds). Outcomes: "measured"; "diverged" (a measured loss that
@@ -532,7 +530,7 @@ def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
 
 
 def _loop(program: Program, feed: Feed, state: dict[str, PyTree],
-          position: checkpoint.Position, plan: schedule.Schedule, recorder: Recorder,
+          position: schedule.Position, plan: schedule.Schedule, recorder: Recorder,
           key: jax.Array, progress: Progress,
           stop: _StopFlag) -> tuple[dict[str, PyTree], str, int | None, float]:
     """Steps and checks until `plan` says stop: (state, status, signal number, seconds spent
@@ -597,7 +595,7 @@ def _loop(program: Program, feed: Feed, state: dict[str, PyTree],
 
 
 def _dispatch(program: Program, feed: Feed, state: dict[str, PyTree],
-              position: checkpoint.Position, plan: schedule.Schedule, recorder: Recorder,
+              position: schedule.Position, plan: schedule.Schedule, recorder: Recorder,
               dispatch_size: int) -> tuple[dict[str, PyTree], int, bool]:
     """Runs the next steps in one call: (new state, next dispatch size, whether diverged)."""
     count = schedule.steps_next(plan, position, dispatch_size, feed.rows_left())

@@ -22,13 +22,10 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sam_eos.loop.errors import InputError  # noqa: E402
+from sam_eos.loop.errors import InputError
 
 PLOT_NAMES = ("eigs_curve", "eigs_se_only", "alignment_curve", "loss_curve")
 X_AXES = ("steps", "hours")
@@ -67,9 +64,7 @@ class RunData:
 def check_plot_format(path: str, flag_name: str) -> None:
     """Fail now, not after training, if matplotlib cannot write a plot in `path`'s format."""
     extension = os.path.splitext(path)[1].lstrip(".").lower()
-    figure = plt.figure()
-    supported = figure.canvas.get_supported_filetypes()
-    plt.close(figure)
+    supported = Figure().canvas.get_supported_filetypes()
     if extension not in supported:
         formats = ", ".join("." + name for name in sorted(supported))
         raise InputError(f"--{flag_name}={path}: plots can be written as {formats}; the path "
@@ -290,7 +285,7 @@ def _off_scale_note(above: list[tuple[float, float]], below: list[tuple[float, f
 
 def make_figure(name: str, runs: Sequence[RunData], x_axis: str = "steps"):
     """The matplotlib Figure of plot `name` (from PLOT_NAMES) with every run overlaid, against
-    `x_axis` ("steps" or "hours"); the caller saves and closes it."""
+    `x_axis` ("steps" or "hours"); the caller saves it."""
     kinds: dict[str, Callable[[_Figure], None]] = {
         "eigs_curve": lambda drawing: drawing.eigenvalues(with_two_over_eta=True),
         "eigs_se_only": lambda drawing: drawing.eigenvalues(with_two_over_eta=False),
@@ -298,19 +293,16 @@ def make_figure(name: str, runs: Sequence[RunData], x_axis: str = "steps"):
         "loss_curve": _Figure.loss,
     }
     xs, x_label, unit = _x_data(runs, x_axis)
-    figure, ax = plt.subplots(figsize=(6.4, 4.2))
-    try:
-        drawing = _Figure(runs, xs, ax)
-        kinds[name](drawing)
-        ax.set_xlabel(x_label)
-        title = _common_title(runs)
-        if drawing.off_scale or drawing.below_scale:
-            note = _off_scale_note(drawing.off_scale, drawing.below_scale, unit)
-            title = f"{title}\n{note}" if title else note
-        _finish(figure, ax, title)
-    except Exception:
-        plt.close(figure)
-        raise
+    figure = Figure(figsize=(6.4, 4.2))
+    ax = figure.subplots()
+    drawing = _Figure(runs, xs, ax)
+    kinds[name](drawing)
+    ax.set_xlabel(x_label)
+    title = _common_title(runs)
+    if drawing.off_scale or drawing.below_scale:
+        note = _off_scale_note(drawing.off_scale, drawing.below_scale, unit)
+        title = f"{title}\n{note}" if title else note
+    _finish(figure, ax, title)
     return figure
 
 
@@ -324,12 +316,9 @@ def _finish(figure, ax, title: str) -> None:
     figure.tight_layout()
 
 
-def _save(figure, path: str) -> None:
-    """Writes `figure` to `path` and closes it (also when the write fails)."""
-    try:
-        figure.savefig(path)
-    finally:
-        plt.close(figure)
+def _save(figure: Figure, path: str) -> None:
+    """Writes `figure` to `path` (a matplotlib Figure outside pyplot: no global state)."""
+    figure.savefig(path)
 
 
 def draw_runs(
@@ -417,41 +406,38 @@ def make_density_figure(checks: dict[int, dict[str, np.ndarray]], title: str = "
     """The Figure of the densities at up to MAX_DENSITY_CURVES evenly spaced checks (step ->
     {"nodes", "weights", "marks": [lambda_max, 2/eta, SAM edge]}): log-scale y, each check's
     lambda_max (dotted) and SAM edge (dashed) in its colour, 2/eta in black. The caller saves
-    and closes it."""
+    it."""
     ordered = sorted(checks.items())
     chosen = [ordered[i] for i in evenly_spaced(len(ordered))]
-    figure, ax = plt.subplots(figsize=(6.4, 4.2))
-    try:
-        grid, width = density_grid([check for _, check in chosen])
-        highest = 0.0
-        two_over_eta = set()
-        for i, (step, check) in enumerate(chosen):
-            colour = f"C{i % 10}"
-            density = smoothed_density(check["nodes"], check["weights"], grid, width)
-            highest = max(highest, float(np.max(density)))
-            ax.plot(grid, density, color=colour, label=f"step {step}")
-            lambda_max, eta_mark, edge = (float(v) for v in check["marks"])
-            first = i == 0
-            if np.isfinite(lambda_max):
-                ax.axvline(lambda_max, color=colour, linestyle=":", linewidth=1,
-                           label=r"$\lambda_{\max}$ (dotted)" if first else "_lambda_max")
-            if np.isfinite(edge) and not np.isclose(edge, eta_mark):
-                ax.axvline(edge, color=colour, linestyle="--", linewidth=1,
-                           label="SAM edge (dashed)" if first else "_sam_edge")
-            if np.isfinite(eta_mark):
-                two_over_eta.add(eta_mark)
-        for j, value in enumerate(sorted(two_over_eta)):
-            ax.axvline(value, color="0.1", linestyle="-.", linewidth=1,
-                       label=r"$2/\eta$" if j == 0 else "_two_over_eta")
-        ax.set_yscale("log")
-        if highest > 0:
-            ax.set_ylim(highest * DENSITY_FLOOR_FRACTION, highest * 3)
-        ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("spectral density (SLQ, smoothed)")
-        _finish(figure, ax, title)
-    except Exception:
-        plt.close(figure)
-        raise
+    figure = Figure(figsize=(6.4, 4.2))
+    ax = figure.subplots()
+    grid, width = density_grid([check for _, check in chosen])
+    highest = 0.0
+    two_over_eta = set()
+    for i, (step, check) in enumerate(chosen):
+        colour = f"C{i % 10}"
+        density = smoothed_density(check["nodes"], check["weights"], grid, width)
+        highest = max(highest, float(np.max(density)))
+        ax.plot(grid, density, color=colour, label=f"step {step}")
+        lambda_max, eta_mark, edge = (float(v) for v in check["marks"])
+        first = i == 0
+        if np.isfinite(lambda_max):
+            ax.axvline(lambda_max, color=colour, linestyle=":", linewidth=1,
+                       label=r"$\lambda_{\max}$ (dotted)" if first else "_lambda_max")
+        if np.isfinite(edge) and not np.isclose(edge, eta_mark):
+            ax.axvline(edge, color=colour, linestyle="--", linewidth=1,
+                       label="SAM edge (dashed)" if first else "_sam_edge")
+        if np.isfinite(eta_mark):
+            two_over_eta.add(eta_mark)
+    for j, value in enumerate(sorted(two_over_eta)):
+        ax.axvline(value, color="0.1", linestyle="-.", linewidth=1,
+                   label=r"$2/\eta$" if j == 0 else "_two_over_eta")
+    ax.set_yscale("log")
+    if highest > 0:
+        ax.set_ylim(highest * DENSITY_FLOOR_FRACTION, highest * 3)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("spectral density (SLQ, smoothed)")
+    _finish(figure, ax, title)
     return figure
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from sam_eos.loop.errors import InputError
+from sam_eos.loop.schedule import SECONDS_PER_HOUR
 
 ORIGINAL_COLUMNS = (
     "time_hours",  # training time (hours) when the check was taken
@@ -45,7 +46,6 @@ SETTINGS_PREFIX = "# settings: "
 COLUMNS_PREFIX = "# columns: "  # files written before the names line (still read)
 NOTE_PREFIX = "# note: "
 SUMMARY_PREFIX = "# summary: "
-SECONDS_PER_HOUR = 3600.0
 
 
 def column_names(num_principal_components: int, extra: Sequence[str] = ()) -> list[str]:

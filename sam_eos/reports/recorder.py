@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from sam_eos.loop import checkpoint, distributed, errors
+from sam_eos.loop import checkpoint, distributed, errors, schedule
+from sam_eos.loop.schedule import SECONDS_PER_HOUR
 from sam_eos.reports import paths
 from sam_eos.reports.figures import draw_density, draw_plots
 from sam_eos.reports.raw_data import (
@@ -24,9 +25,7 @@ from sam_eos.reports.raw_data import (
     keep_first_rows,
     read_raw_data,
 )
-
-PyTree = Any
-SECONDS_PER_HOUR = 3600.0
+from sam_eos.types import PyTree
 
 
 def measured_row(step: int, seconds: float, m: dict[str, Any], *, step_size: float,
@@ -118,7 +117,7 @@ def start_raw_data(path: str, settings: dict[str, Any], columns: list[str], resu
     return [dict(zip(columns, map(float, row), strict=True)) for row in table]
 
 
-def _match_position_to_rows(position: checkpoint.Position, rows: list[dict[str, float]]) -> None:
+def _match_position_to_rows(position: schedule.Position, rows: list[dict[str, float]]) -> None:
     """Makes a resumed position agree with the raw data it continues: the rows written are
     those on file, and a last check whose row is missing (cut short, deleted) is taken again at
     the same step, so no step is repeated or left out later."""
@@ -155,13 +154,13 @@ class Recorder:
         self._writer: RawDataWriter | None = None
         self.output_failed = False  # a raw-data write failed: the run should stop
 
-    def restore(self, template: PyTree) -> tuple[PyTree, checkpoint.Position] | None:
+    def restore(self, template: PyTree) -> tuple[PyTree, schedule.Position] | None:
         """The latest checkpoint's (state, position), or None (no checkpoint: a fresh run)."""
         if self._checkpointer is None or self._checkpointer.latest_step() is None:
             return None
         return self._checkpointer.restore(template)
 
-    def open(self, position: checkpoint.Position, resumed: bool) -> None:
+    def open(self, position: schedule.Position, resumed: bool) -> None:
         """Opens the raw-data file (continued after a resume; another run's moved aside) and
         matches `position` to the rows it holds (`_match_position_to_rows`). Only process 0
         has one, so only it can fail here; every process hears of it, or the others would wait
@@ -245,7 +244,7 @@ class Recorder:
                           "exit code %d, keeping the %d rows measured.", self._raw_data,
                           error.strerror or error, errors.EXIT_OUTPUT_FAILED, len(self.rows))
 
-    def save(self, state: PyTree, position: checkpoint.Position) -> None:
+    def save(self, state: PyTree, position: schedule.Position) -> None:
         if self._checkpointer is not None:
             self._checkpointer.save(state, position)
 
@@ -253,7 +252,7 @@ class Recorder:
         if self._writer is not None:
             self._writer.close()
 
-    def finish(self, state: PyTree | None, position: checkpoint.Position) -> list[str]:
+    def finish(self, state: PyTree | None, position: schedule.Position) -> list[str]:
         """Saves a last checkpoint (when `state` is consistent, else None), then draws; the
         plots written."""
         if self._checkpointer is not None:

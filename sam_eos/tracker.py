@@ -1,0 +1,129 @@
+"""Warm-started sharpness tracking for any training loop, optax-style: `init`, then `update`.
+
+    tracker = sam_eos.SharpnessTracker(loss_fn, k=1)
+    state = tracker.init(params, jax.random.key(0))
+    for step in range(num_steps):
+        params, opt_state = train_step(params, opt_state, batch)
+        if step % 10 == 0:
+            result, state = tracker.update(state, params, batch)
+            print(step, result.eigenvalues[0], sam_eos.stability_threshold("adam", 1e-3))
+
+Each `update` runs Lanczos (`sam_eos.lanczos`) on exact Hessian-vector products, started from
+the Ritz vectors the previous call left in `state`: along a training trajectory the top
+directions move little between calls, so later calls need fewer products than the first.
+`update` is one jit-compiled function per tracker: calling it every few steps compiles once per
+(params, batch) shape. The state is a pytree of arrays, so it can be checkpointed with the
+rest of a loop's state.
+
+Any params pytree works. Flax NNX and Equinox models hold their parameters in objects: split
+them into a pytree and a static part and close `loss_fn` over the static part, e.g.
+`graphdef, params = nnx.split(model)` with `loss_fn = lambda p, b: loss(nnx.merge(graphdef, p),
+b)`, or `params, static = eqx.partition(model, eqx.is_inexact_array)` with
+`loss_fn = lambda p, b: loss(eqx.combine(p, static), b)`. Pass the pytree part as `params`.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from sam_eos import lanczos
+from sam_eos.effective_sharpness import effective_sharpness_operator, products_per_matvec
+from sam_eos.types import LossFn, PyTree
+
+DEFAULT_MAX_PRODUCTS = 100
+DEFAULT_TOLERANCE = 1e-5
+DEFAULT_EXTRA_VECTORS = 2
+DEFAULT_START_NOISE = 1e-2
+
+
+class TrackerState(NamedTuple):
+    """What one `update` leaves for the next: a pytree of arrays."""
+
+    ritz_vectors: jax.Array  # float [k + extra_vectors, num_params]; zeros: a cold start
+    key: jax.Array  # PRNG key of the next call's random start component
+
+
+class SharpnessResult(NamedTuple):
+    """One measurement of the top of the spectrum."""
+
+    eigenvalues: jax.Array  # float [k], the algebraically largest, descending (curvature units)
+    hessian_vector_products: jax.Array  # int32 scalar: HVPs this call used
+    error_bound: jax.Array  # float scalar: estimated error of `eigenvalues`, relative to ||A||
+    converged: jax.Array  # bool scalar: error_bound <= tolerance within max_products
+    direction: PyTree  # params-shaped unit eigenvector of the first eigenvalue
+
+
+class SharpnessTracker:
+    """Tracks the top-k eigenvalues of the Hessian (or an effective-sharpness operator).
+
+    Args:
+      loss_fn: `loss_fn(params, batch) -> scalar`.
+      k: how many eigenvalues (>= 1).
+      max_products: Lanczos products allowed per `update` (each one HVP, two with `rho_eff`).
+      tolerance: stop when the estimated error of every top-k eigenvalue is below
+        `tolerance * ||A||`.
+      extra_vectors: Ritz vectors kept beyond k for the next warm start (directions next in
+        line can overtake the top k between calls).
+      start_noise: weight of the unit random vector added to each warm start, so that a
+        direction that became the top one since the last call is still found.
+      hvp_mode: "auto", "linearize" or "forward_over_reverse" (`sam_eos.hessian`).
+    """
+
+    def __init__(self, loss_fn: LossFn, k: int = 1, *, max_products: int = DEFAULT_MAX_PRODUCTS,
+                 tolerance: float = DEFAULT_TOLERANCE,
+                 extra_vectors: int = DEFAULT_EXTRA_VECTORS,
+                 start_noise: float = DEFAULT_START_NOISE, hvp_mode: str = "auto"):
+        if k < 1 or max_products < k or extra_vectors < 0:
+            raise ValueError(f"need 1 <= k <= max_products and extra_vectors >= 0; got k={k}, "
+                             f"max_products={max_products}, extra_vectors={extra_vectors}")
+        self.loss_fn, self.k, self.max_products = loss_fn, k, max_products
+        self.tolerance, self.start_noise, self.hvp_mode = tolerance, start_noise, hvp_mode
+        self.block_size = k + extra_vectors
+        self._update = jax.jit(self._measure)
+
+    def init(self, params: PyTree, key: jax.Array) -> TrackerState:
+        """The state before the first call: no Ritz vectors (a cold start) and `key`."""
+        flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)  # traced: nothing compiled
+        # Lanczos returns at most as many Ritz vectors as one cycle holds steps.
+        rows = min(self.block_size, lanczos.basis_steps(flat.size, self.max_products))
+        return TrackerState(jnp.zeros((rows, flat.size), flat.dtype), key)
+
+    def update(self, state: TrackerState, params: PyTree, batch: PyTree, *,
+               rho_eff: float | jax.Array | None = None,
+               preconditioner: PyTree | None = None) -> tuple[SharpnessResult, TrackerState]:
+        """Measures the top-k eigenvalues at `params` on `batch`, warm-started from `state`.
+
+        Args:
+          state: from `init` or the previous `update`.
+          params, batch: the point and the data; the Hessian is taken in `params`.
+          rho_eff: None for the Hessian H; else the operator H + rho_eff H^2 (a SAM
+            perturbation's effective radius, `sam_eos.effective_radius`).
+          preconditioner: None, or a positive diagonal P as a params pytree (e.g.
+            `sam_eos.adam_preconditioner(opt_state)`): the operator becomes P^-1/2 A P^-1/2.
+        Returns:
+          `(SharpnessResult, the next state)`. Compiled once per shape and per choice of
+          None / not None for `rho_eff` and `preconditioner`.
+        """
+        return self._update(state, params, batch, rho_eff, preconditioner)
+
+    def _measure(self, state, params, batch, rho_eff, preconditioner):
+        key, next_key = jax.random.split(state.key)
+        _, unravel, matvec = effective_sharpness_operator(
+            self.loss_fn, params, batch, rho_eff=0.0 if rho_eff is None else rho_eff,
+            preconditioner=preconditioner, hvp_mode=self.hvp_mode)
+        start = state.ritz_vectors
+        dtype = start.dtype
+        found = lanczos.solve(
+            matvec, start, key, jnp.asarray(self.tolerance, dtype), jnp.zeros((), dtype),
+            jnp.asarray(self.start_noise, dtype), k=self.k, max_steps=self.max_products,
+            block_size=self.block_size)
+        result = SharpnessResult(
+            eigenvalues=found.top,
+            hessian_vector_products=found.steps * products_per_matvec(rho_eff),
+            error_bound=found.bound,
+            converged=found.converged,
+            direction=unravel(found.vectors[0]),
+        )
+        return result, TrackerState(found.vectors, next_key)
