@@ -21,14 +21,10 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from sam_eos.hessian import hessian_operator
+from sam_eos.sam import is_static_zero
 from sam_eos.types import LossFn, Matvec, PyTree
 
 SAM_VARIANTS = ("none", "sam", "usam")
-
-
-def is_static_zero(value) -> bool:
-    """True for a Python number equal to 0: a term that can be left out at trace time."""
-    return isinstance(value, (int, float)) and value == 0
 
 
 def effective_radius(variant: str, rho: float | jax.Array, grad_norm: float | jax.Array):

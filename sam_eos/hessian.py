@@ -9,7 +9,7 @@ estimator, power iteration on central finite differences, is kept as `method="po
 side-by-side comparisons.
 
 A check can also run in bounded chunks, e.g. to read a stop flag in between: call with a fixed
-`max_iterations=C` (one executable), `start_vectors` the previous chunk's `info.ritz_vectors`
+`num_matvecs=C` (one executable), `start_vectors` the previous chunk's `info.ritz_vectors`
 and `start_noise=0.0`, until `info.converged`; each chunk restarts from the previous one's Ritz
 vectors (for k > 1 on clustered eigenvalues, prefer chunks of 32 products or more).
 
@@ -177,31 +177,36 @@ def _measured_noise_floor(loss_fn, params, batch, vector, *, precision, product_
     return jnp.linalg.norm(product - reference) / jnp.linalg.norm(reference)
 
 
+# Options only Lanczos uses: giving one with method="power" is an error, not ignored.
+LANCZOS_ONLY_OPTIONS = ("start_vectors", "block_size", "start_noise", "noise_floor", "hvp_mode",
+                        "precision", "product_transform")
+
+
 def top_eigenvalues(
     loss_fn: LossFn,
     params: PyTree,
     batch: PyTree,
+    key: jax.Array,
     k: int = 1,
     *,
     method: str = "lanczos",
-    max_iterations: int | None = None,
+    num_matvecs: int | None = None,
     tolerance: float | None = None,
-    key: jax.Array | None = None,
-    return_info: bool = False,
     start_vectors: jax.Array | None = None,
     block_size: int | None = None,
-    start_noise: float = DEFAULT_START_NOISE,
-    noise_floor: float | jax.Array = 0.0,
-    hvp_mode: str = "auto",
+    start_noise: float | jax.Array | None = None,
+    noise_floor: float | jax.Array | None = None,
+    hvp_mode: str | None = None,
     precision: str | None = None,
     product_transform: ProductTransform | None = None,
-):
+) -> tuple[jax.Array, PyTree, EigenInfo]:
     """The k algebraically largest eigenvalues of the Hessian of `loss_fn` at `params`.
 
     Args:
-      loss_fn: `loss_fn(params, batch) -> scalar`; keep one function object per run (it is a
-        static argument of the compiled solver: a new object compiles anew).
+      loss_fn: `loss_fn(params, batch) -> scalar`. It is a static argument of the compiled
+        solver: pass the same function object on every call (a new lambda compiles anew).
       params, batch: pytrees; the Hessian is taken with respect to `params`.
+      key: PRNG key of the random start (component).
       k: how many eigenvalues.
       method: "lanczos" (default; exact HVPs, full reorthogonalisation, stops when the
         estimated error of every top-k Ritz value, and of the bottom one when it may be the
@@ -210,55 +215,54 @@ def top_eigenvalues(
         finite differences, stopping when successive product norms agree to `tolerance`
         relatively; it returns magnitudes, the norms of the last products, estimating the
         largest |eigenvalues|; block power with Gram-Schmidt for k > 1).
-      max_iterations: HVPs allowed (Lanczos, over restarts every 128 steps) or power
-        iterations; default 100. Static: a fixed value compiles once.
+      num_matvecs: the product budget: HVPs (Lanczos, over restarts every 128 steps) or power
+        iterations (each k finite-difference products); default 100. Static.
       tolerance: default 1e-5 (Lanczos) or 1e-3 (power, as the original).
-      key: PRNG key for the random start (component); default `PRNGKey(0)`.
-      return_info: also return an `EigenInfo`.
-      start_vectors: Lanczos only: float [warm_block_size(k, block_size), num_params] (flat,
+      The rest are Lanczos's only; any of them with method="power" is a ValueError:
+      start_vectors: float [warm_block_size(k, block_size), num_params] (flat,
         `ravel_pytree` order), the previous check's `info.ritz_vectors`; None, all zeros or
         non-finite: a cold start. Warm and cold calls share one compiled solver.
       block_size: Ritz vectors returned for the next warm start (default k + 2; static).
-      start_noise: weight of a unit random vector added to a warm start (traced); 0 to
-        continue a chunked solve exactly from the previous chunk.
-      noise_floor: the products' relative error (`product_noise_floor`, traced); the reported
-        error bound is at least this, and steps stop once the bound is below it.
-      hvp_mode: "auto" (per backend, see AUTO_HVP_MODE), "linearize" or
+      start_noise: weight of a unit random vector added to a warm start (traced; default
+        1e-2); 0 to continue a chunked solve exactly from the previous chunk.
+      noise_floor: the products' relative error (`product_noise_floor`, traced; default 0);
+        the reported error bound is at least this, and steps stop once the bound is below it.
+      hvp_mode: "auto" (default; per backend, see AUTO_HVP_MODE), "linearize" or
         "forward_over_reverse".
       precision: matmul precision of the products (None: JAX's default; "highest" removes
         the TF32 noise floor on GPUs at a cost in time).
       product_transform: `(v, hv) -> hv'` applied to every product (tests: injected noise).
     Returns:
-      `(eigenvalues, principal_direction)`: eigenvalues float [k] in descending order and the
-      unit eigenvector (a params-shaped pytree) of the first; plus `EigenInfo` if asked.
+      `(eigenvalues, direction, info)`: eigenvalues float [k] in descending order, the unit
+      eigenvector (a params-shaped pytree) of the first, and an `EigenInfo`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown eigensolver method {method!r}; choose one of {METHODS}")
-    max_iterations = max_iterations or DEFAULT_MAX_ITERATIONS[method]
+    num_matvecs = num_matvecs or DEFAULT_MAX_ITERATIONS[method]
     tolerance = DEFAULT_TOLERANCE[method] if tolerance is None else tolerance
-    if key is None:
-        key = jax.random.PRNGKey(0)
     if method == "power":
+        given = [name for name, value in zip(LANCZOS_ONLY_OPTIONS, (
+            start_vectors, block_size, start_noise, noise_floor, hvp_mode, precision,
+            product_transform), strict=True) if value is not None]
+        if given:
+            raise ValueError(f"method='power' does not use {', '.join(given)}")
         eigenvalues, direction, info = _power_iteration(
             loss_fn, params, batch, key, jnp.float32(tolerance), k=k,
-            max_iterations=max_iterations,
+            max_iterations=num_matvecs,
         )
         flat_direction = ravel_pytree(direction)[0]
-        block = cold_start_vectors(params, k, block_size).at[0].set(flat_direction)
-        info = info._replace(ritz_vectors=block)
-    else:
-        if start_vectors is None:
-            start_vectors = cold_start_vectors(params, k, block_size)
-        eigenvalues, direction, info = _lanczos_check(
-            loss_fn, params, batch, key, jnp.float32(tolerance), jnp.float32(noise_floor),
-            start_vectors, jnp.float32(start_noise), k=k, max_iterations=max_iterations,
-            block_size=warm_block_size(k, block_size),
-            hvp_mode=resolve_hvp_mode(hvp_mode), precision=precision,
-            product_transform=product_transform,
-        )
-    if return_info:
-        return eigenvalues, direction, info
-    return eigenvalues, direction
+        block = cold_start_vectors(params, k).at[0].set(flat_direction)
+        return eigenvalues, direction, info._replace(ritz_vectors=block)
+    if start_vectors is None:
+        start_vectors = cold_start_vectors(params, k, block_size)
+    return _lanczos_check(
+        loss_fn, params, batch, key, jnp.float32(tolerance),
+        jnp.float32(0.0 if noise_floor is None else noise_floor), start_vectors,
+        jnp.float32(DEFAULT_START_NOISE if start_noise is None else start_noise), k=k,
+        max_iterations=num_matvecs, block_size=warm_block_size(k, block_size),
+        hvp_mode=resolve_hvp_mode(hvp_mode or "auto"), precision=precision,
+        product_transform=product_transform,
+    )
 
 
 def lanczos_iterations_allowed(num_params: int, max_iterations: int) -> int:

@@ -15,7 +15,8 @@ from sam_eos.types import LossFn, PyTree
 NORMALISATION_EPSILON = 1e-5
 
 
-def _is_static_zero(rho) -> bool:
+def is_static_zero(rho) -> bool:
+    """True for a Python number equal to 0: a term left out at trace time."""
     return isinstance(rho, (int, float)) and rho == 0
 
 
@@ -27,11 +28,14 @@ def loss_gradient_and_sam_gradient(
     With a Python `rho == 0` the SAM gradient is `g` itself (one gradient evaluation).
     """
     loss, gradient = jax.value_and_grad(loss_fn)(params, batch)
-    if _is_static_zero(rho):
+    if is_static_zero(rho):
         return loss, gradient, gradient
-    step = rho / (tree.norm(gradient) + NORMALISATION_EPSILON)
-    perturbed = tree.axpy(step, gradient, params)
-    return loss, gradient, jax.grad(loss_fn)(perturbed, batch)
+    return loss, gradient, jax.grad(loss_fn)(perturbed_params(params, gradient, rho), batch)
+
+
+def perturbed_params(params: PyTree, gradient: PyTree, rho: float | jax.Array) -> PyTree:
+    """The SAM point `params + rho * gradient / (||gradient|| + 1e-5)`."""
+    return tree.axpy(rho / (tree.norm(gradient) + NORMALISATION_EPSILON), gradient, params)
 
 
 def sam_gradient(loss_fn: LossFn, params: PyTree, batch: PyTree, rho: float) -> PyTree:

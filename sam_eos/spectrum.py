@@ -28,7 +28,7 @@ What comes from matfree (0.6.3) and what is ours, and why:
 
 Memory: the trace holds about 4 x num_matvecs / 2 flat vectors (XTrace's probes, their products
 and a QR basis; Hutchinson: 2 x num_matvecs) and runs each half's products as one vmapped
-batch; the density holds one Lanczos basis, (lanczos_steps + 1) x num_params numbers, probes
+batch; the density holds one Lanczos basis, (num_matvecs + 1) x num_params numbers, probes
 running one after another.
 """
 
@@ -40,6 +40,7 @@ import numpy as np
 from matfree import stochtrace
 
 from sam_eos import hessian, lanczos, sam, tree
+from sam_eos.hessian import EigenInfo
 from sam_eos.types import LossFn, PyTree
 
 TRACE_METHODS = ("xtrace", "hutchinson")
@@ -114,7 +115,7 @@ def gauss_quadrature(alpha: jax.Array, beta: jax.Array) -> tuple[jax.Array, jax.
 
 
 @functools.partial(
-    jax.jit, static_argnames=("loss_fn", "num_probes", "lanczos_steps", "hvp_mode")
+    jax.jit, static_argnames=("loss_fn", "num_probes", "num_matvecs", "hvp_mode")
 )
 def spectral_density(
     loss_fn: LossFn,
@@ -122,15 +123,15 @@ def spectral_density(
     batch: PyTree,
     key: jax.Array,
     num_probes: int,
-    lanczos_steps: int,
+    num_matvecs: int,
     hvp_mode: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
-    """`(nodes, weights)`, each float [num_probes, lanczos_steps]: stochastic Lanczos quadrature.
+    """`(nodes, weights)`, each float [num_probes, num_matvecs]: stochastic Lanczos quadrature.
 
     Probe p is a Rademacher vector; its row holds the Gauss quadrature of the spectral measure
     of H seen from it (weights sum to 1), so the mean over probes of sum(weights * f(nodes))
     estimates tr f(H) / num_params. `density_on_grid` smooths them. Costs
-    num_probes x lanczos_steps products (lanczos_steps <= num_params).
+    num_probes x num_matvecs products (num_matvecs <= num_params).
     """
     flat_params, _, matvec = hessian.hessian_operator(
         loss_fn, params, batch, hessian.resolve_hvp_mode(hvp_mode)
@@ -140,7 +141,7 @@ def spectral_density(
     def one_probe(probe_key):
         sign_key, lanczos_key = jax.random.split(probe_key)
         probe = jax.random.rademacher(sign_key, (n,), flat_params.dtype) / jnp.sqrt(n)
-        alpha, beta = lanczos.tridiagonal(matvec, probe, lanczos_key, steps=lanczos_steps)
+        alpha, beta = lanczos.tridiagonal(matvec, probe, lanczos_key, steps=num_matvecs)
         return gauss_quadrature(alpha, beta)
 
     return jax.lax.map(one_probe, jax.random.split(key, num_probes))
@@ -217,22 +218,20 @@ def enough_batches(
 @functools.partial(jax.jit, static_argnames=("loss_fn",))
 def sam_point(loss_fn: LossFn, params: PyTree, batch: PyTree, rho: float | jax.Array) -> PyTree:
     """The point where SAM takes its gradient: w + rho g / (||g|| + 1e-5), g = grad L(w)."""
-    gradient = jax.grad(loss_fn)(params, batch)
-    step = rho / (tree.norm(gradient) + sam.NORMALISATION_EPSILON)
-    return tree.axpy(step, gradient, params)
+    return sam.perturbed_params(params, jax.grad(loss_fn)(params, batch), rho)
 
 
 def sam_point_sharpness(
-    loss_fn: LossFn, params: PyTree, batch: PyTree, rho: float | jax.Array, **solver_options
-):
-    """The top Hessian eigenvalue at the SAM point `sam_point(...)` (float scalar).
+    loss_fn: LossFn, params: PyTree, batch: PyTree, rho: float | jax.Array, key: jax.Array,
+    **solver_options
+) -> tuple[jax.Array, EigenInfo]:
+    """The top Hessian eigenvalue at the SAM point `sam_point(...)`: `(value, EigenInfo)`.
 
     `solver_options` go to `sam_eos.hessian.top_eigenvalues` (k is 1; e.g. tolerance,
-    max_iterations, key, start_vectors for a warm start); with `return_info=True` the result is
-    `(value, EigenInfo)`. Costs one gradient plus the solver's products.
+    num_matvecs, start_vectors for a warm start). Costs one gradient plus the solver's
+    products. `loss_fn` is static: pass the same function object on every call.
     """
     point = sam_point(loss_fn, params, batch, rho)
-    result = hessian.top_eigenvalues(loss_fn, point, batch, 1, **solver_options)
-    if solver_options.get("return_info", False):
-        return result[0][0], result[2]
-    return result[0][0]
+    eigenvalues, _, info = hessian.top_eigenvalues(loss_fn, point, batch, key, 1,
+                                                   **solver_options)
+    return eigenvalues[0], info

@@ -128,10 +128,10 @@ def main() -> None:
     out["hvp_rel_error"] = relative_error(hv4, hv1)
 
     # Top two eigenvalues (Lanczos).
-    eig4, direction4, info4 = hessian.top_eigenvalues(loss_fn, params4, batch4, 2,
-                                                      return_info=True)
-    eig1, direction1, info1 = hessian.top_eigenvalues(loss_fn, params1, batch1, 2,
-                                                      return_info=True)
+    eig4, direction4, info4 = hessian.top_eigenvalues(loss_fn, params4, batch4,
+                                                      jax.random.PRNGKey(0), 2)
+    eig1, direction1, info1 = hessian.top_eigenvalues(loss_fn, params1, batch1,
+                                                      jax.random.PRNGKey(0), 2)
     out["eigenvalues_sharded"] = np.asarray(eig4).tolist()
     out["eigenvalues_single"] = np.asarray(eig1).tolist()
     out["eigenvalues_rel_error"] = float(np.max(np.abs(np.asarray(eig4) - np.asarray(eig1))

@@ -119,7 +119,7 @@ def test_a_perturbed_product_is_covered_by_the_check_bound():
     floor = float(hessian.product_noise_floor(mlp_loss, params, batch, flat / jnp.linalg.norm(
         flat), product_transform=perturbed))
     top, _, info = hessian.top_eigenvalues(
-        mlp_loss, params, batch, 2, tolerance=1e-6, noise_floor=floor, return_info=True,
+        mlp_loss, params, batch, jax.random.PRNGKey(0), 2, tolerance=1e-6, noise_floor=floor,
         product_transform=perturbed)
     exact = dense_top(params, batch)
     assert 0.9e-3 < floor < 1.1e-3 and float(info.error_bound) >= floor

@@ -9,6 +9,8 @@ from jax.flatten_util import ravel_pytree
 from sam_eos import tree
 from sam_eos.hessian import hvp, top_eigenvalues
 
+KEY = jax.random.PRNGKey(0)
+
 
 def mlp_loss(params, batch, activation=jax.nn.relu):
     x, y = batch
@@ -59,7 +61,7 @@ def test_hvp_matches_dense_hessian_times_v():
 @pytest.mark.parametrize("k", [1, 3])
 def test_top_eigenvalues_match_eigvalsh(small_mlp, k):
     params, batch, spectrum = small_mlp
-    eigenvalues, direction = top_eigenvalues(mlp_loss, params, batch, k)
+    eigenvalues, direction, _ = top_eigenvalues(mlp_loss, params, batch, KEY, k)
     assert eigenvalues.shape == (k,)
     np.testing.assert_allclose(np.asarray(eigenvalues), spectrum[:k], rtol=1e-4)
     assert np.all(np.diff(np.asarray(eigenvalues)) <= 0)  # descending
@@ -70,7 +72,7 @@ def test_top_eigenvalues_match_eigvalsh(small_mlp, k):
 
 def test_info_reports_bottom_eigenvalue_and_cost(small_mlp):
     params, batch, spectrum = small_mlp
-    _, _, info = top_eigenvalues(mlp_loss, params, batch, 1, return_info=True)
+    _, _, info = top_eigenvalues(mlp_loss, params, batch, KEY, 1)
     assert bool(info.converged)
     assert 2 <= int(info.matrix_vector_products) <= 100
     # Lanczos' smallest Ritz value approaches the bottom of the spectrum from above.
@@ -85,11 +87,11 @@ def test_second_call_on_new_params_does_not_recompile(small_mlp):
         traces.append(1)
         return mlp_loss(p, b)
 
-    top_eigenvalues(counted_loss, params, batch, 2)
+    top_eigenvalues(counted_loss, params, batch, KEY, 2)
     first = len(traces)
     assert first > 0
     moved = jax.tree.map(lambda x: x * 1.01, params)
-    eigenvalues, _ = top_eigenvalues(counted_loss, moved, batch, 2)
+    eigenvalues, _, _ = top_eigenvalues(counted_loss, moved, batch, KEY, 2)
     assert len(traces) == first  # no new trace: the compiled solver was reused
     assert np.all(np.isfinite(np.asarray(eigenvalues)))
 
@@ -102,20 +104,29 @@ def test_degenerate_and_tiny_problems():
     # A repeated top eigenvalue (Lanczos restarts on breakdown to find both copies).
     a = jnp.diag(jnp.array([5.0, 5.0, 2.0, 1.0, -3.0]))
     eigenvalues, direction, info = top_eigenvalues(
-        quadratic_loss, jnp.zeros(5), a, 3, return_info=True
+        quadratic_loss, jnp.zeros(5), a, KEY, 3
     )
     np.testing.assert_allclose(np.asarray(eigenvalues), [5.0, 5.0, 2.0], rtol=1e-5)
     np.testing.assert_allclose(float(info.bottom_eigenvalue), -3.0, rtol=1e-5)
     assert bool(info.converged)
     # Two parameters: the whole space is exhausted after two steps.
     b = jnp.array([[2.0, 1.0], [1.0, 2.0]])
-    eigenvalues, direction = top_eigenvalues(quadratic_loss, jnp.zeros(2), b, 2)
+    eigenvalues, direction, _ = top_eigenvalues(quadratic_loss, jnp.zeros(2), b, KEY, 2)
     np.testing.assert_allclose(np.asarray(eigenvalues), [3.0, 1.0], rtol=1e-5)
     np.testing.assert_allclose(np.abs(np.asarray(direction)), [2**-0.5, 2**-0.5], rtol=1e-4)
 
 
 def test_rejects_unknown_method_and_too_many_eigenvalues():
     with pytest.raises(ValueError, match="unknown eigensolver"):
-        top_eigenvalues(quadratic_loss, jnp.zeros(2), jnp.eye(2), 1, method="arnoldi")
+        top_eigenvalues(quadratic_loss, jnp.zeros(2), jnp.eye(2), KEY, 1, method="arnoldi")
     with pytest.raises(ValueError, match="Lanczos steps"):
-        top_eigenvalues(quadratic_loss, jnp.zeros(2), jnp.eye(2), 3)
+        top_eigenvalues(quadratic_loss, jnp.zeros(2), jnp.eye(2), KEY, 3)
+
+
+@pytest.mark.parametrize("option", [{"start_vectors": jnp.zeros((3, 2))}, {"noise_floor": 0.1},
+                                    {"hvp_mode": "linearize"}, {"precision": "highest"},
+                                    {"start_noise": 0.0}])
+def test_power_iteration_refuses_the_options_only_lanczos_uses(option):
+    with pytest.raises(ValueError, match=f"method='power' does not use {next(iter(option))}"):
+        top_eigenvalues(quadratic_loss, jnp.zeros(2), jnp.eye(2), KEY, 1, method="power",
+                        **option)

@@ -41,11 +41,11 @@ def test_warm_start_agrees_with_cold_takes_fewer_products_and_does_not_recompile
         traces.append(1)
         return mlp_loss(p, b)
 
-    _, _, first = top_eigenvalues(counted_loss, params, batch, 1, return_info=True)
+    _, _, first = top_eigenvalues(counted_loss, params, batch, jax.random.PRNGKey(0), 1)
     num_traces = len(traces)
-    cold, _, cold_info = top_eigenvalues(counted_loss, moved, batch, 1, return_info=True)
+    cold, _, cold_info = top_eigenvalues(counted_loss, moved, batch, jax.random.PRNGKey(0), 1)
     warm, direction, warm_info = top_eigenvalues(
-        counted_loss, moved, batch, 1, return_info=True, start_vectors=first.ritz_vectors
+        counted_loss, moved, batch, jax.random.PRNGKey(0), 1, start_vectors=first.ritz_vectors
     )
     assert len(traces) == num_traces  # warm and cold share one executable
     assert relative_errors(cold, spectrum[:1]).max() < 1e-4
@@ -61,10 +61,10 @@ def test_warm_start_agrees_with_cold_takes_fewer_products_and_does_not_recompile
 
 def test_warm_block_of_three(moving_mlp):
     params, moved, batch, hessian_after, spectrum, _ = moving_mlp
-    _, _, first = top_eigenvalues(mlp_loss, params, batch, 3, return_info=True)
-    cold, _, cold_info = top_eigenvalues(mlp_loss, moved, batch, 3, return_info=True)
+    _, _, first = top_eigenvalues(mlp_loss, params, batch, jax.random.PRNGKey(0), 3)
+    cold, _, cold_info = top_eigenvalues(mlp_loss, moved, batch, jax.random.PRNGKey(0), 3)
     warm, _, warm_info = top_eigenvalues(
-        mlp_loss, moved, batch, 3, return_info=True, start_vectors=first.ritz_vectors
+        mlp_loss, moved, batch, jax.random.PRNGKey(0), 3, start_vectors=first.ritz_vectors
     )
     assert relative_errors(warm, spectrum[:3]).max() < 1e-4
     assert relative_errors(cold, spectrum[:3]).max() < 1e-4
@@ -79,8 +79,8 @@ def test_warm_start_from_a_rotated_direction_finds_the_top(moving_mlp):
     _, moved, batch, _, spectrum, vectors = moving_mlp
     # Mostly the second eigenvector, as after the top two came close: the top one is found.
     block = jnp.asarray((0.9 * vectors[:, 1] + 0.3 * vectors[:, 0])[None, :], jnp.float32)
-    warm, _, info = top_eigenvalues(mlp_loss, moved, batch, 1, start_vectors=block,
-                                    return_info=True)
+    warm, _, info = top_eigenvalues(mlp_loss, moved, batch, jax.random.PRNGKey(0), 1,
+                                    start_vectors=block)
     assert relative_errors(warm, spectrum[:1]).max() < 1e-4
     assert bool(info.converged)
 
@@ -102,8 +102,8 @@ def test_noise_floor_is_measured_and_included_in_the_bound(moving_mlp):
     measured = hessian.product_noise_floor(mlp_loss, moved, batch, top, always_measure=True)
     assert float(measured) < 1e-5
     assert float(hessian.product_noise_floor(mlp_loss, moved, batch, top)) == 0.0
-    run = functools.partial(top_eigenvalues, mlp_loss, moved, batch, 1, tolerance=1e-6,
-                            return_info=True, product_transform=perturbed)
+    run = functools.partial(top_eigenvalues, mlp_loss, moved, batch, jax.random.PRNGKey(0), 1,
+                            tolerance=1e-6, product_transform=perturbed)
     blind, _, blind_info = run()
     honest, _, honest_info = run(noise_floor=floor)
     true_error = relative_errors(honest, spectrum[:1]).max()
@@ -123,7 +123,7 @@ def test_huge_max_iterations_is_harmless(moving_mlp):
     num_params = ravel_pytree(moved)[0].size
     assert hessian.lanczos_iterations_allowed(num_params, 10**6) == lanczos.MAX_BASIS_STEPS
     eigenvalues, _, info = top_eigenvalues(
-        mlp_loss, moved, batch, 1, max_iterations=10**6, return_info=True
+        mlp_loss, moved, batch, jax.random.PRNGKey(0), 1, num_matvecs=10**6
     )
     assert relative_errors(eigenvalues, spectrum[:1]).max() < 1e-4
     assert bool(info.converged) and int(info.matrix_vector_products) < 50

@@ -82,8 +82,8 @@ def test_matches_the_original_loop(relu_mlp, loss_fn):
 def test_top_eigenvalues_dispatches_to_it(relu_mlp):
     params, batch, _ = relu_mlp
     key = jax.random.PRNGKey(7)
-    values, direction, info = top_eigenvalues(mlp_loss, params, batch, 1, method="power",
-                                              key=key, return_info=True)
+    values, direction, info = top_eigenvalues(mlp_loss, params, batch, key, 1,
+                                              method="power")
     result = power_iteration(mlp_loss, params, batch, key)
     np.testing.assert_allclose(np.asarray(values), np.asarray(result.magnitudes), rtol=1e-6)
     np.testing.assert_allclose(float(tree.norm(direction)), 1.0, rtol=1e-5)
@@ -156,8 +156,8 @@ def test_max_iterations_is_respected(relu_mlp):
     expected, _, iterations, _ = original_power_iteration(mlp_loss, params, batch, key, -1.0, 7)
     assert iterations == 7
     np.testing.assert_allclose(float(result.magnitudes[0]), expected, rtol=1e-5)
-    _, _, info = top_eigenvalues(mlp_loss, params, batch, 2, method="power", key=key,
-                                 tolerance=-1.0, max_iterations=4, return_info=True)
+    _, _, info = top_eigenvalues(mlp_loss, params, batch, key, 2, method="power",
+                                 tolerance=-1.0, num_matvecs=4)
     assert int(info.matrix_vector_products) == 8  # 4 iterations of a block of 2
     assert not bool(info.converged)
 

@@ -92,13 +92,13 @@ def make_trace(loss_fn: LossFn, num_matvecs: int):
     return jax.jit(trace)
 
 
-def make_density(loss_fn: LossFn, lanczos_steps: int):
+def make_density(loss_fn: LossFn, num_matvecs: int):
     """A jitted `(params, batch, key, step) -> (nodes, weights)`, each [DENSITY_PROBES,
-    lanczos_steps]."""
+    num_matvecs]."""
     def density(params, batch, key, step):
         key = jax.random.fold_in(jax.random.fold_in(key, step), _DENSITY_SALT)
         return spectrum.spectral_density(loss_fn, params, batch, key, DENSITY_PROBES,
-                                         lanczos_steps)
+                                         num_matvecs)
     return jax.jit(density)
 
 
@@ -118,8 +118,8 @@ def make_sam_point_sharpness(loss_fn: LossFn, rho: float, max_iterations: int | 
     def sam_point_sharpness(params, batch, key, step, start_vectors):
         key = jax.random.fold_in(jax.random.fold_in(key, step), _SAM_POINT_SALT)
         value, info = spectrum.sam_point_sharpness(
-            loss_fn, params, batch, rho, return_info=True, key=key,
-            max_iterations=max_iterations, tolerance=tolerance, start_vectors=start_vectors)
+            loss_fn, params, batch, rho, key, num_matvecs=max_iterations, tolerance=tolerance,
+            start_vectors=start_vectors)
         return {"value": jnp.where(info.converged, value, jnp.nan),
                 "products": info.matrix_vector_products, "ritz_vectors": info.ritz_vectors}
     return jax.jit(sam_point_sharpness)

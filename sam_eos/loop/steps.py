@@ -102,11 +102,12 @@ def make_eigensolver_chunk(loss_fn: LossFn, *, num_components: int, eigensolver:
     @functools.partial(jax.jit, out_shardings=out_sharding)
     def eigensolver_chunk(params, batch, key, step, chunk, start_vectors, start_noise,
                           noise_floor):
+        lanczos_options = ({} if eigensolver == "power" else dict(
+            start_vectors=start_vectors, start_noise=start_noise, noise_floor=noise_floor))
         eigenvalues, _, info = hessian.top_eigenvalues(
-            loss_fn, params, batch, num_components, method=eigensolver,
-            max_iterations=chunk_iterations, tolerance=tolerance,
-            key=jax.random.fold_in(jax.random.fold_in(key, step), chunk), return_info=True,
-            start_vectors=start_vectors, start_noise=start_noise, noise_floor=noise_floor,
+            loss_fn, params, batch, jax.random.fold_in(jax.random.fold_in(key, step), chunk),
+            num_components, method=eigensolver, num_matvecs=chunk_iterations,
+            tolerance=tolerance, **lanczos_options,
         )
         return {
             "eigenvalues": eigenvalues,
