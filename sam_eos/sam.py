@@ -6,8 +6,8 @@ gradient descent and the second gradient evaluation is skipped at trace time.
 
 
 import jax
+import optax.tree_utils as otu
 
-from sam_eos import tree
 from sam_eos.types import LossFn, PyTree
 
 # Added to ||g|| before normalising, as in the paper's code, so a zero gradient does not divide
@@ -35,7 +35,8 @@ def loss_gradient_and_sam_gradient(
 
 def perturbed_params(params: PyTree, gradient: PyTree, rho: float | jax.Array) -> PyTree:
     """The SAM point `params + rho * gradient / (||gradient|| + 1e-5)`."""
-    return tree.axpy(rho / (tree.norm(gradient) + NORMALISATION_EPSILON), gradient, params)
+    return otu.tree_add_scale(params, rho / (otu.tree_norm(gradient) + NORMALISATION_EPSILON),
+                              gradient)
 
 
 def sam_gradient(loss_fn: LossFn, params: PyTree, batch: PyTree, rho: float) -> PyTree:
@@ -47,4 +48,4 @@ def sam_update(
     loss_fn: LossFn, params: PyTree, batch: PyTree, step_size: float, rho: float
 ) -> PyTree:
     """One SAM step `params - step_size * sam_gradient`; gradient descent when `rho = 0`."""
-    return tree.axpy(-step_size, sam_gradient(loss_fn, params, batch, rho), params)
+    return otu.tree_add_scale(params, -step_size, sam_gradient(loss_fn, params, batch, rho))

@@ -37,9 +37,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax.tree_utils as otu
 from matfree import stochtrace
 
-from sam_eos import hessian, lanczos, sam, tree
+from sam_eos import hessian, lanczos, sam
 from sam_eos.hessian import EigenInfo
 from sam_eos.types import LossFn, PyTree
 
@@ -169,7 +170,7 @@ def gradient_curvature(loss_fn: LossFn, params: PyTree, batch: PyTree) -> jax.Ar
     (nan for a zero gradient)."""
     gradient_fn = lambda p: jax.grad(loss_fn)(p, batch)  # noqa: E731
     gradient, curvature = jax.jvp(gradient_fn, (params,), (gradient_fn(params),))
-    return tree.dot(gradient, curvature) / tree.dot(gradient, gradient)
+    return otu.tree_vdot(gradient, curvature) / otu.tree_vdot(gradient, gradient)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn",))

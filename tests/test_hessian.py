@@ -3,10 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax.tree_utils as otu
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import tree
 from sam_eos.hessian import hvp, top_eigenvalues
 
 KEY = jax.random.PRNGKey(0)
@@ -65,8 +65,8 @@ def test_top_eigenvalues_match_eigvalsh(small_mlp, k):
     assert eigenvalues.shape == (k,)
     np.testing.assert_allclose(np.asarray(eigenvalues), spectrum[:k], rtol=1e-4)
     assert np.all(np.diff(np.asarray(eigenvalues)) <= 0)  # descending
-    np.testing.assert_allclose(float(tree.norm(direction)), 1.0, rtol=1e-5)
-    rayleigh = float(tree.dot(direction, hvp(mlp_loss, params, batch, direction)))
+    np.testing.assert_allclose(float(otu.tree_norm(direction)), 1.0, rtol=1e-5)
+    rayleigh = float(otu.tree_vdot(direction, hvp(mlp_loss, params, batch, direction)))
     np.testing.assert_allclose(rayleigh, spectrum[0], rtol=1e-4)
 
 

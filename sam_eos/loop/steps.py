@@ -16,6 +16,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
+import optax.tree_utils as otu
 from absl import logging
 from jax.flatten_util import ravel_pytree
 
@@ -43,7 +44,7 @@ def make_train_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, r
             i, params, opt_state, _, _ = carry
             batch = select(arrays, start + i)
             loss, _, sam_grad = loss_gradient_and_sam_gradient(loss_fn, params, batch, rho)
-            finite = jnp.isfinite(loss) & jnp.isfinite(tree.norm(sam_grad))
+            finite = jnp.isfinite(loss) & jnp.isfinite(otu.tree_norm(sam_grad))
             updates, new_opt_state = optimizer.update(sam_grad, opt_state, params)
             new_params = optax.apply_updates(params, updates)
             keep = lambda new, old: jax.tree.map(  # noqa: E731
@@ -131,7 +132,7 @@ def make_measure(loss_fn: LossFn, *, rho: float, step_size: float):
         loss, gradient, sam_grad = loss_gradient_and_sam_gradient(loss_fn, params, batch, rho)
         flat_params, unravel = ravel_pytree(params)
         direction = unravel(ritz_vectors[0].astype(flat_params.dtype))
-        grad_norm = tree.norm(gradient)
+        grad_norm = otu.tree_norm(gradient)
         return {
             "loss": loss,
             "grad_norm": grad_norm,
