@@ -5,7 +5,6 @@ A program calls `define_shared_flags(...)` with its own defaults at import time,
 can be written) and raises `InputError` with a message naming the flag before any training.
 """
 
-import math
 import os
 
 import jax
@@ -15,9 +14,15 @@ from jax.sharding import Mesh
 from sam_eos import hessian
 from sam_eos.cli.parsing import project_flag_values
 from sam_eos.loop import distributed
-from sam_eos.loop.errors import InputError
+from sam_eos.loop.config import (
+    OPTIMIZERS,
+    SAM_VARIANTS,
+    Outputs,
+    TrainConfig,
+    require,
+    require_positive_int,
+)
 from sam_eos.loop.measurements import TRACE_MIN_MATVECS, SpectrumOptions
-from sam_eos.loop.train import Outputs, TrainConfig
 from sam_eos.reports.figures import X_AXES, check_plot_format
 from sam_eos.reports.paths import DENSITY_FILE_NAME, output_paths
 from sam_eos.reports.raw_data import check_output_path
@@ -128,6 +133,7 @@ def define_shared_flags(
     flags.DEFINE_enum("plot_x", "steps", list(X_AXES),
                       "The plots' x-axis: steps, or hours of training time.")
     _define_spectrum_flags()
+    _define_optimizer_flags()
     flags.DEFINE_float(
         "progress_every_seconds", 30.0, "Seconds of training time between progress lines "
         "(a live bar instead on a terminal; 0: off)."
@@ -157,15 +163,38 @@ def _define_spectrum_flags() -> None:
         "when set, else this /tmp path; empty: skip).")
 
 
+def _define_optimizer_flags() -> None:
+    """The base optimizer and the SAM variant; each is measured against its own edge."""
+    flags.DEFINE_enum(
+        "optimizer", "sgd", list(OPTIMIZERS), "The base optimizer: sgd (the paper's), "
+        "momentum (heavy ball), nesterov (optax's) or adam. Other than sgd, each check also "
+        "writes the optimizer's stability_threshold and the effective_sharpness measured "
+        "against it.")
+    flags.DEFINE_float("momentum", 0.9, "beta of --optimizer=momentum or nesterov.")
+    flags.DEFINE_float("adam_b1", 0.9, "b1 of --optimizer=adam.")
+    flags.DEFINE_float("adam_b2", 0.999, "b2 of --optimizer=adam.")
+    flags.DEFINE_float("adam_eps", 1e-8, "eps of --optimizer=adam.")
+    flags.DEFINE_enum(
+        "sam_variant", "sam", list(SAM_VARIANTS), "sam: the paper's w - eta grad L(w + rho "
+        "g/||g||); usam: unnormalised, w - eta grad L(w + rho g).")
+
+
+def _refuse_unused_optimizer_flags() -> None:
+    """A hyperparameter given for an optimizer that does not use it is an error."""
+    used = {"sgd": (), "momentum": ("momentum",), "nesterov": ("momentum",),
+            "adam": ("adam_b1", "adam_b2", "adam_eps")}[FLAGS.optimizer] if (
+        FLAGS.optimizer in OPTIMIZERS) else ()
+    for name in ("momentum", "adam_b1", "adam_b2", "adam_eps"):
+        require(not FLAGS[name].present or name in used,
+                f"--{name} is not used by --optimizer={FLAGS.optimizer}; "
+                + ("--momentum goes with momentum or nesterov" if name == "momentum"
+                   else f"--{name} goes with --optimizer=adam"))
+
+
 def spectrum_options_from_flags() -> SpectrumOptions:
     """The optional measurements' flags, checked; raises InputError."""
-    matvecs, every = FLAGS.hessian_trace_matvecs, FLAGS.spectral_density_every_checks
-    require(matvecs == 0 or matvecs >= TRACE_MIN_MATVECS,
-            f"--hessian_trace_matvecs must be 0 (off) or at least {TRACE_MIN_MATVECS} (XTrace "
-            f"needs two probes of two products; got {matvecs})")
-    require(every >= 0, f"--spectral_density_every_checks must be >= 0 (got {every}); 0 turns "
-            "the densities off")
-    return SpectrumOptions(hessian_trace_matvecs=matvecs, spectral_density_every_checks=every,
+    return SpectrumOptions(hessian_trace_matvecs=FLAGS.hessian_trace_matvecs,
+                           spectral_density_every_checks=FLAGS.spectral_density_every_checks,
                            batch_sharpness=FLAGS.batch_sharpness,
                            sam_point_sharpness=FLAGS.sam_point_sharpness)
 
@@ -195,18 +224,6 @@ def use_compilation_cache() -> None:
         logging.info("Compilation cache: %s.", directory)
 
 
-def require(condition: bool, message: str) -> None:
-    """Raises InputError(message) unless condition holds."""
-    if not condition:
-        raise InputError(message)
-
-
-def require_positive_int(name: str, value: int | None, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    require(value is not None and value >= 1, f"--{name} must be at least 1 (got {value})")
-
-
 def train_config_from_flags(run_name: str,
                             input_paths: dict[str, str | None] | None = None) -> TrainConfig:
     """Validates the shared flags and returns the loop's config; raises InputError.
@@ -214,52 +231,10 @@ def train_config_from_flags(run_name: str,
     `input_paths` (flag name -> path) are the program's input files: no output may be one.
     """
     _refuse_huge_integers()
-    for name in ("rho", "step_size", "time_limit_in_hours"):
-        value = FLAGS[name].value
-        require(math.isfinite(value), f"--{name} must be a finite number (got {value})")
-    require(FLAGS.rho >= 0, f"--rho must be >= 0 (got {FLAGS.rho}); 0 gives gradient descent")
-    require(FLAGS.step_size > 0, f"--step_size must be > 0 (got {FLAGS.step_size})")
     require_positive_int("batch_size", FLAGS.batch_size)
-    require(
-        FLAGS.time_limit_in_hours > 0,
-        f"--time_limit_in_hours must be > 0 (got {FLAGS.time_limit_in_hours})",
-    )
-    gap = FLAGS.hessian_check_gap
-    require(
-        gap is None or (math.isfinite(gap) and gap >= 0),
-        f"--hessian_check_gap must be >= 0 hours (got {gap}); leave it unset for no "
-        "time-based checks",
-    )
-    require_positive_int("hessian_check_every_steps", FLAGS.hessian_check_every_steps,
-                         allow_none=True)
-    require_positive_int("max_steps", FLAGS.max_steps, allow_none=True)
-    require(
-        FLAGS.eigensolver in hessian.METHODS,
-        f"--eigensolver must be one of {', '.join(hessian.METHODS)} (got {FLAGS.eigensolver!r})",
-    )
-    require_positive_int("eigensolver_max_iterations", FLAGS.eigensolver_max_iterations,
-                         allow_none=True)
-    tolerance = FLAGS.eigensolver_tolerance
-    require(
-        tolerance is None or (math.isfinite(tolerance) and tolerance > 0),
-        f"--eigensolver_tolerance must be > 0 (got {tolerance})",
-    )
-    require_positive_int("num_principal_components", FLAGS.num_principal_components)
-    minutes = FLAGS.checkpoint_every_minutes
-    require(math.isfinite(minutes) and minutes > 0,
-            f"--checkpoint_every_minutes must be > 0 (got {minutes})")
+    _refuse_unused_optimizer_flags()
     if FLAGS.checkpoint_dir:
         check_output_path(os.path.join(FLAGS.checkpoint_dir, "probe"), "checkpoint_dir")
-    budget = FLAGS.eigensolver_max_iterations or hessian.DEFAULT_MAX_ITERATIONS[FLAGS.eigensolver]
-    require(
-        FLAGS.num_principal_components <= budget,
-        f"--num_principal_components={FLAGS.num_principal_components} exceeds the eigensolver's "
-        f"budget of {budget} iterations; raise --eigensolver_max_iterations",
-    )
-    require(0 <= FLAGS.seed < 2**32, f"--seed must be in [0, 2**32) (got {FLAGS.seed})")
-    progress = FLAGS.progress_every_seconds
-    require(math.isfinite(progress) and progress >= 0,
-            f"--progress_every_seconds must be >= 0 (got {progress}); 0 turns progress off")
     spectrum = spectrum_options_from_flags()
     outputs = {}
     for field, (name, path) in output_paths_from_flags().items():
@@ -278,22 +253,28 @@ def train_config_from_flags(run_name: str,
         step_size=FLAGS.step_size,
         rho=FLAGS.rho,
         time_limit_in_hours=FLAGS.time_limit_in_hours,
-        hessian_check_gap=gap,
+        hessian_check_gap=FLAGS.hessian_check_gap,
         hessian_check_every_steps=FLAGS.hessian_check_every_steps,
         max_steps=FLAGS.max_steps,
         num_principal_components=FLAGS.num_principal_components,
         eigensolver=FLAGS.eigensolver,
         eigensolver_max_iterations=FLAGS.eigensolver_max_iterations,
-        eigensolver_tolerance=tolerance,
+        eigensolver_tolerance=FLAGS.eigensolver_tolerance,
         eigensolver_warm_start=FLAGS.eigensolver_warm_start,
         seed=FLAGS.seed,
         outputs=Outputs(**outputs, density_curve=density),
         run_name=run_name,
         checkpoint_dir=FLAGS.checkpoint_dir,
-        checkpoint_every_minutes=minutes,
+        checkpoint_every_minutes=FLAGS.checkpoint_every_minutes,
         plot_x=FLAGS.plot_x,
-        progress_every_seconds=progress,
+        progress_every_seconds=FLAGS.progress_every_seconds,
         spectrum=spectrum,
+        optimizer=FLAGS.optimizer,
+        momentum=FLAGS.momentum,
+        adam_b1=FLAGS.adam_b1,
+        adam_b2=FLAGS.adam_b2,
+        adam_eps=FLAGS.adam_eps,
+        sam_variant=FLAGS.sam_variant,
     )
 
 

@@ -32,6 +32,7 @@ from absl import logging
 
 from sam_eos import hessian, spectrum
 from sam_eos.loop import steps
+from sam_eos.loop.errors import InputError
 from sam_eos.loop.feed import Feed
 from sam_eos.types import LossFn, PyTree
 
@@ -46,12 +47,22 @@ _TRACE_SALT, _DENSITY_SALT, _SAM_POINT_SALT = 1, 2, 3
 
 @dataclasses.dataclass(frozen=True)
 class SpectrumOptions:
-    """Which optional measurements a check takes (validated by `sam_eos.cli.flags`)."""
+    """Which optional measurements a check takes; validated on construction (InputError)."""
 
     hessian_trace_matvecs: int = 0  # 0: off
     spectral_density_every_checks: int = 0  # 0: off
     batch_sharpness: bool = False
     sam_point_sharpness: bool = False
+
+    def __post_init__(self):
+        matvecs, every = self.hessian_trace_matvecs, self.spectral_density_every_checks
+        if not (matvecs == 0 or matvecs >= TRACE_MIN_MATVECS):
+            raise InputError(
+                f"--hessian_trace_matvecs must be 0 (off) or at least {TRACE_MIN_MATVECS} "
+                f"(XTrace needs two probes of two products; got {matvecs})")
+        if every < 0:
+            raise InputError(f"--spectral_density_every_checks must be >= 0 (got {every}); 0 "
+                             "turns the densities off")
 
     def enabled(self) -> bool:
         return bool(self.hessian_trace_matvecs or self.spectral_density_every_checks

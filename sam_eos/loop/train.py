@@ -38,6 +38,7 @@ from absl import logging
 
 from sam_eos import hessian
 from sam_eos.loop import distributed, errors, locks, schedule, steps
+from sam_eos.loop.config import Outputs, TrainConfig  # noqa: F401 - re-exported
 from sam_eos.loop.feed import (  # noqa: F401 - the data kinds, re-exported for the programs
     BatchStream,
     Data,
@@ -48,58 +49,13 @@ from sam_eos.loop.feed import (  # noqa: F401 - the data kinds, re-exported for 
     Placement,
     make_feed,
 )
-from sam_eos.loop.measurements import SpectrumOptions, compile_spectrum_checks, extra_column_names
+from sam_eos.loop.measurements import compile_spectrum_checks, extra_column_names
 from sam_eos.loop.progress import Progress
 from sam_eos.reports.recorder import Recorder
 from sam_eos.types import LossFn, PyTree
 
 SECONDS_PER_HOUR = schedule.SECONDS_PER_HOUR
 MAX_STEPS_PER_DISPATCH = 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class Outputs:
-    """Output paths; an empty string skips that output."""
-
-    raw_data: str = ""
-    eigs_curve: str = ""
-    eigs_se_only: str = ""
-    alignment_curve: str = ""
-    loss_curve: str = ""
-    density_curve: str = ""  # drawn only with TrainConfig.spectrum's densities
-
-    def plots(self) -> dict[str, str]:
-        return {
-            "eigs_curve": self.eigs_curve,
-            "eigs_se_only": self.eigs_se_only,
-            "alignment_curve": self.alignment_curve,
-            "loss_curve": self.loss_curve,
-        }
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Settings of the shared loop (validated by `sam_eos.cli.flags`)."""
-
-    step_size: float
-    rho: float = 0.0
-    time_limit_in_hours: float = 1.0
-    hessian_check_gap: float | None = None  # hours between checks; 0 = every step; None = off
-    hessian_check_every_steps: int | None = None  # None = off
-    max_steps: int | None = None
-    num_principal_components: int = 1
-    eigensolver: str = "lanczos"
-    eigensolver_max_iterations: int | None = None
-    eigensolver_tolerance: float | None = None
-    eigensolver_warm_start: bool = True  # start each check from the previous one's Ritz vectors
-    seed: int = 0
-    outputs: Outputs = Outputs()
-    run_name: str = "sam_eos run"
-    checkpoint_dir: str = ""  # empty: no checkpoints
-    checkpoint_every_minutes: float = 10.0  # of training time
-    plot_x: str = "steps"  # the plots' x-axis: "steps" or "hours"
-    progress_every_seconds: float = 0.0  # of training time between progress lines; 0: off
-    spectrum: SpectrumOptions = SpectrumOptions()  # optional measurements at each check
 
 
 @dataclasses.dataclass

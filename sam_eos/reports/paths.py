@@ -8,6 +8,7 @@ nothing is lost and the name still opens in the right program.
 
 import os
 
+X_AXES = ("steps", "hours")  # the plots' x-axis: steps, or hours of training time
 OUTPUT_FILE_NAMES = {  # TrainConfig.outputs field -> file name inside --output_dir
     "raw_data": "raw.txt",
     "eigs_curve": "eigs.pdf",
