@@ -103,10 +103,10 @@ def adam_preconditioner(opt_state: PyTree, *, b2: float = 0.999, eps: float = 1e
     `v_hat = nu / (1 - b2^count)` is the bias-corrected second moment that optax's
     `scale_by_adam` divided the last update by (its state holds that step's `nu` and `count`).
     `b2` and `eps` must be the optimizer's own (the state does not record them). Before the
-    first step (count 0) v_hat is taken as 0, so P = eps.
+    first step (count 0) Adam has applied no preconditioner: every entry is then nan.
     Returns a params-shaped pytree of positive entries.
     """
     state = _adam_state(opt_state)
     count = jnp.asarray(state.count)
-    correction = jnp.where(count > 0, 1.0 - b2 ** count.astype(jnp.float32), 1.0)
+    correction = jnp.where(count > 0, 1.0 - b2 ** count.astype(jnp.float32), jnp.nan)
     return jax.tree.map(lambda nu: jnp.sqrt(nu / correction.astype(nu.dtype)) + eps, state.nu)

@@ -13,6 +13,7 @@ from sam_eos.types import LossFn, PyTree
 # Added to ||g|| before normalising, as in the paper's code, so a zero gradient does not divide
 # by zero.
 NORMALISATION_EPSILON = 1e-5
+VARIANTS = ("sam", "usam")
 
 
 def is_static_zero(rho) -> bool:
@@ -21,20 +22,28 @@ def is_static_zero(rho) -> bool:
 
 
 def loss_gradient_and_sam_gradient(
-    loss_fn: LossFn, params: PyTree, batch: PyTree, rho: float
+    loss_fn: LossFn, params: PyTree, batch: PyTree, rho: float, variant: str = "sam"
 ) -> tuple[jax.Array, PyTree, PyTree]:
-    """(L(w), g = grad L(w), grad L(w + rho g / (||g|| + 1e-5))): two gradients, shared g.
+    """(L(w), g = grad L(w), grad L at the perturbed point): two gradients, shared g.
 
-    With a Python `rho == 0` the SAM gradient is `g` itself (one gradient evaluation).
+    The perturbed point is `perturbed_params(w, g, rho, variant)`. With a Python `rho == 0`
+    the SAM gradient is `g` itself (one gradient evaluation).
     """
     loss, gradient = jax.value_and_grad(loss_fn)(params, batch)
     if is_static_zero(rho):
         return loss, gradient, gradient
-    return loss, gradient, jax.grad(loss_fn)(perturbed_params(params, gradient, rho), batch)
+    point = perturbed_params(params, gradient, rho, variant)
+    return loss, gradient, jax.grad(loss_fn)(point, batch)
 
 
-def perturbed_params(params: PyTree, gradient: PyTree, rho: float | jax.Array) -> PyTree:
-    """The SAM point `params + rho * gradient / (||gradient|| + 1e-5)`."""
+def perturbed_params(params: PyTree, gradient: PyTree, rho: float | jax.Array,
+                     variant: str = "sam") -> PyTree:
+    """Where SAM takes its gradient: `params + rho * gradient / (||gradient|| + 1e-5)` for
+    "sam" (the paper's), `params + rho * gradient` for "usam" (unnormalised SAM)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown SAM variant {variant!r}; choose one of {VARIANTS}")
+    if variant == "usam":
+        return otu.tree_add_scale(params, rho, gradient)
     return otu.tree_add_scale(params, rho / (otu.tree_norm(gradient) + NORMALISATION_EPSILON),
                               gradient)
 

@@ -78,6 +78,21 @@ def test_image_classification_mlp_end_to_end_on_mock_mnist(tmp_path):
     np.testing.assert_array_equal(rows[:, 8], [0, 4, 8, 12])  # the final state is measured
 
 
+def test_image_classification_with_adam_and_usam_writes_the_method_columns(tmp_path):
+    result = run(["tests/tfds_mock.py", "64", "--rho=0.01", "--mlp_width=16", "--max_steps=8",
+                  "--optimizer=adam", "--adam_b1=0.8", "--sam_variant=usam", "--step_size=0.01",
+                  "--hessian_check_every_steps=4", "--hessian_check_gap=none",
+                  *output_flags(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    settings, columns, rows = read_raw_data(str(tmp_path / "raw.txt"))
+    assert (settings["optimizer"], settings["sam_variant"]) == ("adam", "usam")
+    assert columns[-3:] == ["converged", "stability_threshold", "effective_sharpness"]
+    np.testing.assert_allclose(rows[:, -2], 3.6 / (0.2 * 0.01))  # (2 + 2 b1) / ((1 - b1) eta)
+    assert np.all(np.isfinite(rows[1:, -1])) and np.all(rows[1:, -1] > 0)
+    assert "effective sharpness" in result.stderr and "x the threshold." in result.stderr
+    assert_outputs(tmp_path, 3)
+
+
 def test_output_dir_progress_summary_and_the_files_written(tmp_path):
     run_dir = tmp_path / "run"
     result = run(["tests/tfds_mock.py", "64", "--rho=0.1", "--mlp_width=32", "--max_steps=12",
@@ -214,6 +229,12 @@ BAD_TRANSFORMER_INPUTS = [
     (["--hessian_trace_matvecs=-1"], "--hessian_trace_matvecs must be 0 (off) or at least 4"),
     (["--hessian_trace_matvecs=3"], "--hessian_trace_matvecs must be 0 (off) or at least 4"),
     (["--spectral_density_every_checks=-2"], "--spectral_density_every_checks must be >= 0"),
+    (["--optimizer=momentum", "--momentum=1.0"], "--momentum must be in [0, 1)"),
+    (["--optimizer=nesterov", "--momentum=-0.1"], "--momentum must be in [0, 1)"),
+    (["--adam_b1=0.5"], "--adam_b1 is not used by --optimizer=sgd"),
+    (["--optimizer=adam", "--momentum=0.5"], "--momentum is not used by --optimizer=adam"),
+    (["--optimizer=adam", "--adam_eps=0"], "--adam_eps must be > 0"),
+    (["--optimizer=adam", "--adam_b2=1"], "--adam_b2 must be in [0, 1)"),
     (["--spectral_density_every_checks=1", "--density_output=/tmp/sam_eos_d.xyz"],
      "plots can be written as"),
     (["--spectral_density_every_checks=1", "--density_output=/tmp/same_d.pdf",

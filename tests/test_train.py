@@ -63,7 +63,9 @@ def test_stops_at_max_steps_with_rows_header_and_pdfs(tmp_path):
     assert settings["seed"] == 7 and settings["program"] == "test" and settings["rho"] == 0.05
     assert columns[:9] == ["time_hours", "hessian_norm", "two_over_eta", "sam_edge",
                            "grad_norm", "loss", "g_alignment", "sg_alignment", "step"]
-    assert "eig_2" in columns
+    assert columns[9:] == ["eig_2", "lambda_max", "lambda_min", "hessian_vector_products",
+                           "check_seconds", "error_bound", "converged"]  # a default run's
+    np.testing.assert_array_equal(rows[:, columns.index("converged")], 1)
     assert rows.shape == (3, len(columns))
     np.testing.assert_array_equal(rows[:, columns.index("step")], [0, 10, 20])
     np.testing.assert_allclose(rows[:, 2], 2 / 0.1)
@@ -147,7 +149,7 @@ def test_divergence_stops_keeps_rows_and_draws_finite_plots(tmp_path):
         assert_valid_pdf(tmp_path / name)
 
 
-def test_unconverged_check_is_recorded_as_nan_with_a_note_and_training_goes_on(tmp_path):
+def test_unconverged_check_keeps_its_estimate_with_a_note_and_training_goes_on(tmp_path):
     params, batch = mlp_problem()
     config = train.TrainConfig(step_size=0.1, max_steps=6, hessian_check_every_steps=3,
                                eigensolver_max_iterations=2, eigensolver_tolerance=1e-12,
@@ -157,8 +159,11 @@ def test_unconverged_check_is_recorded_as_nan_with_a_note_and_training_goes_on(t
     text = open(tmp_path / "raw.txt").read()
     assert text.count("# note: check at step") == 3 and "did not converge" in text
     _, columns, rows = read_raw_data(str(tmp_path / "raw.txt"))
-    assert np.all(np.isnan(rows[:, columns.index("hessian_norm")]))
-    assert np.all(np.isfinite(rows[:, columns.index("loss")]))
+    column = lambda name: rows[:, columns.index(name)]  # noqa: E731
+    assert np.all(np.isfinite(column("hessian_norm"))) and np.all(column("hessian_norm") > 0)
+    assert np.all(column("converged") == 0) and np.all(column("error_bound") > 1e-12)
+    assert np.all(column("hessian_vector_products") == 2)
+    assert np.all(np.isfinite(column("loss")))
 
 
 def test_power_at_its_cap_keeps_its_last_estimate_as_the_original(tmp_path):
@@ -168,7 +173,7 @@ def test_power_at_its_cap_keeps_its_last_estimate_as_the_original(tmp_path):
                                eigensolver_tolerance=1e-12, outputs=outputs(tmp_path))
     result = train.run(mlp_loss, params, train.FullBatch(batch), config)
     text = open(tmp_path / "raw.txt").read()
-    assert text.count("did not converge") == 2 and "recorded as it is, as the original" in text
+    assert text.count("did not converge") == 2 and "recorded as it is, with converged 0" in text
     _, columns, rows = read_raw_data(str(tmp_path / "raw.txt"))
     norms = rows[:, columns.index("hessian_norm")]
     assert np.all(np.isfinite(norms)) and np.all(norms > 0)

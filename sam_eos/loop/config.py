@@ -159,12 +159,3 @@ class TrainConfig:
             return optax.sgd(self.step_size)
         return optax.sgd(self.step_size, momentum=self.momentum,
                          nesterov=self.optimizer == "nesterov")
-
-    def method_name(self) -> str:
-        """A short label for plots and logs, e.g. "momentum 0.9 + SAM"."""
-        base = {"sgd": "GD", "momentum": f"momentum {self.momentum:g}",
-                "nesterov": f"Nesterov {self.momentum:g}",
-                "adam": f"Adam (b1 {self.adam_b1:g})"}[self.optimizer]
-        if self.rho == 0:
-            return base
-        return f"{base} + {'USAM' if self.sam_variant == 'usam' else 'SAM'}"

@@ -20,22 +20,28 @@ import optax.tree_utils as otu
 from absl import logging
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import hessian, tree
-from sam_eos.edge import sam_edge
+from sam_eos import hessian, lanczos, tree
+from sam_eos.edge import sam_edge, usam_edge
+from sam_eos.effective_sharpness import (
+    adam_preconditioner,
+    effective_radius,
+    effective_sharpness_operator,
+)
 from sam_eos.loop.feed import Select
 from sam_eos.sam import loss_gradient_and_sam_gradient
 from sam_eos.types import LossFn
 
 
 def make_train_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, rho: float,
-                     select: Select):
+                     select: Select, variant: str = "sam"):
     """A jitted `(params, opt_state, arrays, start, num_steps) -> (taken, params, opt_state,
     loss, finite)` running up to `num_steps` SAM steps in one `lax.while_loop`.
 
     Step j uses the batch `select(arrays, start + j)` (`sam_eos.loop.feed`); `start` and
     `num_steps` are int32 scalars, traced, so any count reuses one compiled program. The loop
     stops early, without updating, at the first step whose loss or gradient is not finite;
-    `loss` is the loss at the last step it evaluated.
+    `loss` is the loss at the last step it evaluated. `variant`: "sam" or "usam"
+    (`sam_eos.sam.perturbed_params`).
     """
 
     @jax.jit
@@ -43,7 +49,8 @@ def make_train_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, r
         def body(carry):
             i, params, opt_state, _, _ = carry
             batch = select(arrays, start + i)
-            loss, _, sam_grad = loss_gradient_and_sam_gradient(loss_fn, params, batch, rho)
+            loss, _, sam_grad = loss_gradient_and_sam_gradient(loss_fn, params, batch, rho,
+                                                               variant)
             finite = jnp.isfinite(loss) & jnp.isfinite(otu.tree_norm(sam_grad))
             updates, new_opt_state = optimizer.update(sam_grad, opt_state, params)
             new_params = optax.apply_updates(params, updates)
@@ -122,26 +129,77 @@ def make_eigensolver_chunk(loss_fn: LossFn, *, num_components: int, eigensolver:
     return eigensolver_chunk
 
 
-def make_measure(loss_fn: LossFn, *, rho: float, step_size: float):
+def make_measure(loss_fn: LossFn, *, rho: float, step_size: float, variant: str = "sam",
+                 optimizer: str = "sgd", threshold: float | None = None):
     """A jitted `(params, batch, ritz_vectors) -> dict of scalars`: the loss, ||g||, the SAM
     edge and the alignments of the plain and SAM gradients with the principal direction,
-    `ritz_vectors[0]` (flat [n], the eigensolver's top Ritz vector)."""
+    `ritz_vectors[0]` (flat [n], the eigensolver's top Ritz vector).
+
+    With the base optimizer's `threshold` T (any run but plain SGD with the paper's SAM) it
+    also returns `stability_threshold` and `rho_eff` (`sam_eos.effective_radius`), and the SAM
+    edge is the composed one, lambda + rho_eff lambda^2 = T, in curvature units; nan for Adam,
+    whose threshold bounds the preconditioned curvature instead."""
+
+    def edge(grad_norm):
+        if threshold is None:
+            return sam_edge(grad_norm, jnp.float32(step_size), rho)
+        if optimizer == "adam":
+            return jnp.float32(jnp.nan)
+        if variant == "usam":
+            return jnp.float32(usam_edge(step_size, rho, threshold=threshold))
+        return sam_edge(grad_norm, jnp.float32(step_size), rho, threshold=jnp.float32(threshold))
 
     @jax.jit
     def measure(params, batch, ritz_vectors):
-        loss, gradient, sam_grad = loss_gradient_and_sam_gradient(loss_fn, params, batch, rho)
+        loss, gradient, sam_grad = loss_gradient_and_sam_gradient(loss_fn, params, batch, rho,
+                                                                  variant)
         flat_params, unravel = ravel_pytree(params)
         direction = unravel(ritz_vectors[0].astype(flat_params.dtype))
         grad_norm = otu.tree_norm(gradient)
-        return {
+        measured = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "sam_edge": sam_edge(grad_norm, jnp.float32(step_size), rho),
+            "sam_edge": edge(grad_norm),
             "g_alignment": tree.alignment(gradient, direction),
             "sg_alignment": tree.alignment(sam_grad, direction),
         }
+        if threshold is not None:
+            measured["stability_threshold"] = jnp.float32(threshold)
+            measured["rho_eff"] = jnp.asarray(
+                effective_radius("usam" if variant == "usam" else "sam", rho, grad_norm),
+                jnp.float32)
+        return measured
 
     return measure
+
+
+def make_effective_sharpness(loss_fn: LossFn, *, b2: float, eps: float, num_matvecs: int,
+                             tolerance: float, perturbed: bool,
+                             out_sharding: jax.sharding.Sharding | None = None):
+    """A jitted `(params, opt_state, batch, key, step, start_vectors, rho_eff) -> dict`: Adam's
+    effective sharpness, the top eigenvalue of P^-1/2 (H + rho_eff H^2) P^-1/2 with P read from
+    `opt_state` (`sam_eos.adam_preconditioner`), by Lanczos warm-started from `start_vectors`
+    [block, n]. Returns `value`, `hessian_vector_products` (int32), `error_bound`,
+    `converged` and `ritz_vectors` for the next check. Without a perturbation (`perturbed`
+    false, rho = 0) `rho_eff` is ignored and each product is one HVP instead of two."""
+
+    @functools.partial(jax.jit, out_shardings=out_sharding)
+    def effective(params, opt_state, batch, key, step, start_vectors, rho_eff):
+        preconditioner = adam_preconditioner(opt_state, b2=b2, eps=eps)
+        _, _, matvec = effective_sharpness_operator(
+            loss_fn, params, batch, rho_eff=rho_eff if perturbed else 0.0,
+            preconditioner=preconditioner)
+        dtype = start_vectors.dtype
+        found = lanczos.solve(
+            matvec, start_vectors, jax.random.fold_in(key, step), jnp.asarray(tolerance, dtype),
+            jnp.zeros((), dtype), jnp.asarray(hessian.DEFAULT_START_NOISE, dtype), k=1,
+            max_steps=num_matvecs, block_size=start_vectors.shape[0])
+        return {"value": found.top[0],
+                "hessian_vector_products": (2 if perturbed else 1) * found.steps,
+                "error_bound": found.bound, "converged": found.converged,
+                "ritz_vectors": found.vectors}
+
+    return effective
 
 
 def make_batch_at(select: Select):

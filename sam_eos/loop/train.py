@@ -51,6 +51,7 @@ from sam_eos.loop.feed import (  # noqa: F401 - the data kinds, re-exported for 
 )
 from sam_eos.loop.measurements import compile_spectrum_checks, extra_column_names
 from sam_eos.loop.progress import Progress
+from sam_eos.reports.raw_data import METHOD_COLUMNS
 from sam_eos.reports.recorder import Recorder
 from sam_eos.types import LossFn, PyTree
 
@@ -136,7 +137,15 @@ def make_check(loss_fn: LossFn, config: TrainConfig,
         out_sharding=None if place is None or place.mesh is None
         else distributed.replicated_sharding(place.mesh),
     )
-    return chunk, steps.make_measure(loss_fn, rho=config.rho, step_size=config.step_size)
+    threshold = None if config.is_default_method() else config.stability_threshold()
+    return chunk, steps.make_measure(loss_fn, rho=config.rho, step_size=config.step_size,
+                                     variant=config.sam_variant, optimizer=config.optimizer,
+                                     threshold=threshold)
+
+
+def method_column_names(config: TrainConfig) -> list[str]:
+    """The METHOD_COLUMNS for any method but plain SGD with the paper's SAM (none then)."""
+    return [] if config.is_default_method() else list(METHOD_COLUMNS)
 
 
 def make_schedule(config: TrainConfig) -> schedule.Schedule:
@@ -155,8 +164,10 @@ class Program:
     """The run's compiled functions: `train_steps(params, opt_state, arrays, start, n)`; the
     check's `check_batch(arrays, row)`, `eigensolver_chunk(params, batch, key, step, chunk,
     start_vectors, start_noise, noise_floor)` run up to `max_chunks` times, then
-    `measure(params, batch, ritz_vectors)`. `cold_start`: the zero Ritz block of a cold start;
-    `noise_floor`: the products' relative error (0 until measured)."""
+    `measure(params, batch, ritz_vectors)`; with Adam, `effective(params, opt_state, batch,
+    key, step, start_vectors, rho_eff)` (`steps.make_effective_sharpness`). `cold_start`: the
+    zero Ritz block of a cold start; `noise_floor`: the products' relative error (0 until
+    measured)."""
 
     train_steps: Callable
     check_batch: Callable
@@ -167,6 +178,7 @@ class Program:
     warm_start: bool = True
     noise_floor: float = 0.0
     spectrum: Any = None  # spectrum_checks.SpectrumChecks, when any is enabled
+    effective: Callable | None = None  # Adam's effective sharpness
 
 
 def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
@@ -183,7 +195,8 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                  " and the Hessian check" if with_checks else "")
     arrays, row = feed.arrays(), np.int32(feed.row())
     train_steps = steps.compile_ahead(
-        "the SAM step", steps.make_train_steps(loss_fn, optimizer, config.rho, feed.select),
+        "the SAM step", steps.make_train_steps(loss_fn, optimizer, config.rho, feed.select,
+                                               config.sam_variant),
         state["params"], state["opt_state"], arrays, row, np.int32(1),
     )
     if stop_requested():
@@ -210,10 +223,35 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
             max_iterations=config.eigensolver_max_iterations,
             tolerance=config.eigensolver_tolerance, feed=feed, params=state["params"],
             batch=check_batch(arrays, row), key=key)
+    effective = None
+    if with_checks and "effective_ritz_vectors" in state and not stop_requested():
+        effective = _compile_effective(loss_fn, config, state, check_batch(arrays, row), key,
+                                       place)
     _, max_chunks = steps.chunk_plan(config.eigensolver, config.eigensolver_max_iterations)
     return Program(train_steps, check_batch, chunk, measure, cold_start=state["ritz_vectors"],
                    max_chunks=max_chunks, warm_start=config.eigensolver_warm_start,
-                   spectrum=extra)
+                   spectrum=extra, effective=effective)
+
+
+def _compile_effective(loss_fn: LossFn, config: TrainConfig, state: dict[str, PyTree],
+                       batch: PyTree, key: jax.Array, place: Placement) -> Callable:
+    """Adam's effective-sharpness solve (`steps.make_effective_sharpness`), compiled; one that
+    cannot be compiled fails at every check, as the main check does."""
+    try:
+        effective = steps.make_effective_sharpness(
+            loss_fn, b2=config.adam_b2, eps=config.adam_eps,
+            num_matvecs=config.eigensolver_max_iterations or hessian.DEFAULT_MAX_ITERATIONS[
+                "lanczos"],
+            tolerance=config.eigensolver_tolerance or hessian.DEFAULT_TOLERANCE["lanczos"],
+            perturbed=config.rho > 0,
+            out_sharding=None if place.mesh is None
+            else distributed.replicated_sharding(place.mesh))
+        return steps.compile_ahead(
+            "the effective sharpness", effective, state["params"], state["opt_state"], batch,
+            key, np.int32(0), state["effective_ritz_vectors"], np.float32(0))
+    except Exception as error:  # noqa: BLE001 - reported at every check instead
+        logging.exception("Compiling the effective sharpness failed.")
+        return steps.failing(error)
 
 
 def cold_ritz_block(params: PyTree, config: TrainConfig) -> jax.Array:
@@ -310,23 +348,24 @@ def run(
     if mesh is None and jax.process_count() > 1:
         mesh = distributed.make_mesh()  # one run over all processes, not one per process
     place = Placement(mesh)
-    optimizer = optimizer or optax.sgd(config.step_size)
+    optimizer = optimizer or config.make_optimizer()
     outputs = config.outputs if distributed.is_main_process() else Outputs()
     recorder = Recorder(
         raw_data=outputs.raw_data, plot_paths=outputs.plots(),
         checkpoint_dir=config.checkpoint_dir, settings=settings_record(config, settings or {}),
         num_components=config.num_principal_components, step_size=config.step_size,
         eigensolver=config.eigensolver, run_name=config.run_name, x_axis=config.plot_x,
-        extra_columns=extra_column_names(config.spectrum),
+        extra_columns=method_column_names(config) + extra_column_names(config.spectrum),
         with_density=bool(config.spectrum.spectral_density_every_checks),
         density_plot=outputs.density_curve,
     )
     # The loop's state: what a checkpoint holds. "ritz_vectors" [block, n]: the last check's
     # top Ritz vectors, the next check's warm start (zeros: cold), replicated like the params.
-    state = place.replicated({
-        "params": params, "opt_state": optimizer.init(params),
-        "ritz_vectors": cold_ritz_block(params, config),
-    })
+    state = {"params": params, "opt_state": optimizer.init(params),
+             "ritz_vectors": cold_ritz_block(params, config)}
+    if config.optimizer == "adam":  # the effective sharpness's own warm start
+        state["effective_ritz_vectors"] = hessian.cold_start_vectors(params, 1)
+    state = place.replicated(state)
     position = schedule.Position()
     restored = recorder.restore(state)
     if restored is not None:
@@ -439,6 +478,18 @@ def _solve_in_chunks(program: Program, params: PyTree, batch: PyTree, key: jax.A
     return {**solved, "hessian_vector_products": products}, products
 
 
+def _effective_sharpness(program: Program, state: dict[str, PyTree], batch: PyTree,
+                         key: jax.Array, step: int, measured: dict[str, Any]) -> dict[str, PyTree]:
+    """Adds Adam's effective sharpness to `measured` (its products to the check's); returns
+    the state with its Ritz vectors for the next check's warm start."""
+    out = program.effective(state["params"], state["opt_state"], batch, key, np.int32(step),
+                            state["effective_ritz_vectors"], np.float32(measured["rho_eff"]))
+    measured["effective_sharpness"] = float(out["value"])
+    measured["hessian_vector_products"] = (int(measured["hessian_vector_products"])
+                                           + int(out["hessian_vector_products"]))
+    return {**state, "effective_ritz_vectors": out["ritz_vectors"]}
+
+
 def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
                 position: schedule.Position, recorder: Recorder, key: jax.Array,
                 stop_requested: Callable[[], bool]) -> tuple[dict[str, PyTree], str, float]:
@@ -458,6 +509,9 @@ def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
             measured = jax.device_get({
                 **program.measure(state["params"], batch, solved["ritz_vectors"]),
                 **{name: value for name, value in solved.items() if name != "ritz_vectors"}})
+            if program.effective is not None:
+                state = _effective_sharpness(program, state, batch, key, position.step,
+                                             measured)
             extra = program.spectrum and program.spectrum.measure(
                 state["params"], batch, feed, key, position.step, position.rows_written)
     except Exception as error:  # noqa: BLE001 - one failed check must not end the run

@@ -40,6 +40,7 @@ SHARPNESS_SERIES = (  # column, label, style; drawn when the column has a finite
                                                            "marker": "1"}),
 )
 SINGLE_RUN_COLOURS = {"hessian_norm": "C0", "sam_edge": "C1", "two_over_eta": "C2",
+                      "effective_sharpness": "C9", "stability_threshold": "C8",
                       "lambda_max": "C3", "batch_sharpness": "C4", "sam_point_sharpness": "C5",
                       "g_alignment": "C0", "sg_alignment": "C1", "loss": "C0"}
 
@@ -71,12 +72,26 @@ def check_plot_format(path: str, flag_name: str) -> None:
                          f"needs one of these extensions")
 
 
+def method_label(settings: dict[str, Any]) -> str:
+    """The base optimizer and SAM variant the settings name: "GD", "momentum 0.9 + SAM
+    rho=0.05", "Adam b1=0.9 + USAM rho=0.01" (runs without an optimizer setting are GD)."""
+    optimizer, rho = settings.get("optimizer", "sgd"), settings.get("rho") or 0
+    beta, b1 = settings.get("momentum", 0.9), settings.get("adam_b1", 0.9)
+    base = {"momentum": f"momentum {beta:g}", "nesterov": f"Nesterov {beta:g}",
+            "adam": f"Adam b1={b1:g}"}.get(optimizer, "GD")
+    if rho == 0:
+        return base
+    variant = "USAM" if settings.get("sam_variant") == "usam" else "SAM"
+    return f"{variant} rho={rho:g}" if base == "GD" else f"{base} + {variant} rho={rho:g}"
+
+
 def run_label(settings: dict[str, Any]) -> str:
-    """A run's name in a legend: "GD, eta=1" or "SAM rho=0.1, eta=1" (what the settings say)."""
+    """A run's name in a legend: "GD, eta=1", "SAM rho=0.1, eta=1" or "momentum 0.9 + SAM
+    rho=0.1, eta=1" (what the settings say)."""
     rho, eta = settings.get("rho"), settings.get("step_size")
     parts = []
     if rho is not None:
-        parts.append("GD" if rho == 0 else f"SAM rho={rho:g}")
+        parts.append(method_label(settings))
     if eta is not None:
         parts.append(f"eta={eta:g}")
     return ", ".join(parts) or str(settings.get("run_name", "run"))
@@ -192,7 +207,11 @@ class _Figure:
         one_two_over_eta = with_two_over_eta and self.several and len(etas) == 1
         for i, (run, x) in enumerate(zip(self.runs, self.xs, strict=True)):
             norm = run.column("hessian_norm")
-            for column, label, style in SHARPNESS_SERIES:
+            threshold = run.column("stability_threshold")
+            if threshold is not None:  # another method: its effective sharpness and edge
+                drawn += self._effective(i, run, x, threshold)
+            adam = run.settings.get("optimizer") == "adam"
+            for column, label, style in () if adam else SHARPNESS_SERIES:
                 values = run.column(column)
                 if column == "lambda_max" and not _differs(values, norm):
                     continue
@@ -207,10 +226,13 @@ class _Figure:
                 if _draw(ax, x, run.column(name), **style):
                     drawn.append((x, run.column(name)))
             edge, two_over_eta = run.column("sam_edge"), run.column("two_over_eta")
+            edge_label = "SAM edge" if threshold is None else "composed edge (lambda units)"
             if not with_two_over_eta or _differs(edge, two_over_eta):  # GD: the edge is 2/eta
-                if _draw(ax, x, edge, **self.style(i, "sam_edge", "SAM edge", linestyle="--")):
+                if _draw(ax, x, edge, **self.style(i, "sam_edge", edge_label, linestyle="--")):
                     references.append(edge)
-            if with_two_over_eta and not one_two_over_eta:
+            if threshold is not None:
+                references.append(threshold)
+            elif with_two_over_eta and not one_two_over_eta:
                 if _draw(ax, x, two_over_eta, **self.style(i, "two_over_eta", r"$2/\eta$",
                                                             linestyle=":")):
                     references.append(two_over_eta)
@@ -220,6 +242,20 @@ class _Figure:
             references.append(np.array([value]))
         ax.set_ylabel("eigenvalue")
         self._clip(drawn, references)
+
+    def _effective(self, i: int, run: RunData, x: np.ndarray,
+                   threshold: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Draws a run's effective sharpness and its method's threshold T; returns the series
+        drawn (for the y-range)."""
+        effective = run.column("effective_sharpness")
+        method = method_label(run.settings)
+        drawn = []
+        if _draw(self.ax, x, effective, **self.style(
+                i, "effective_sharpness", "effective sharpness", marker="s", markersize=3)):
+            drawn.append((x, effective))
+        _draw(self.ax, x, threshold, **self.style(
+            i, "stability_threshold", f"edge of {method}: T", linestyle="-.", linewidth=1.2))
+        return drawn
 
     def _clip(self, drawn: list[tuple[np.ndarray, np.ndarray]],
               references: list[np.ndarray]) -> None:

@@ -50,7 +50,8 @@ SUMMARY_PREFIX = "# summary: "
 
 def column_names(num_principal_components: int, extra: Sequence[str] = ()) -> list[str]:
     """All columns for a run measuring k eigenvalues (eig_2 .. eig_k appear when k > 1), then
-    the `extra` columns of the optional measurements (`sam_eos.loop.measurements`)."""
+    the `extra` columns: a non-default method's METHOD_COLUMNS and the optional
+    measurements' (`sam_eos.loop.measurements`)."""
     further = [f"eig_{i}" for i in range(2, num_principal_components + 1)]
     return [
         *ORIGINAL_COLUMNS,
@@ -61,9 +62,14 @@ def column_names(num_principal_components: int, extra: Sequence[str] = ()) -> li
         "hessian_vector_products",
         "check_seconds",  # wall-clock seconds the check took
         "error_bound",  # the eigensolver's error bound relative to ||H||, noise floor included
+        "converged",  # 1: the eigensolver met its tolerance; 0: its last estimate, unconverged
         *extra,
     ]
 
+
+# A run with another optimizer than SGD, or with USAM: its base optimizer's threshold T and the
+# top eigenvalue of P^-1/2 (H + rho_eff H^2) P^-1/2, at the edge when equal (`sam_eos.edge`).
+METHOD_COLUMNS = ("stability_threshold", "effective_sharpness")
 
 # Columns that are wall-clock times: they differ between two runs that measure the same.
 TIMING_COLUMNS = ("time_hours", "check_seconds")

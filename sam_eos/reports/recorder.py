@@ -30,15 +30,15 @@ from sam_eos.types import PyTree
 
 def measured_row(step: int, seconds: float, m: dict[str, Any], *, step_size: float,
                  eigensolver: str) -> dict[str, float]:
-    """One raw-data row from a check's measurement (`sam_eos.loop.train`: the eigensolver's results,
-    `sam_eos.loop.steps.make_measure`'s and `check_seconds`, the check's wall time), at `seconds`
-    of training time. Eigenvalue columns are nan when Lanczos did not converge; `power` keeps
-    its last estimate at its iteration cap, as the original does."""
+    """One raw-data row from a check's measurement (`sam_eos.loop.train`: the eigensolver's
+    results, `sam_eos.loop.steps.make_measure`'s and `check_seconds`, the check's wall time), at
+    `seconds` of training time. An unconverged check keeps its last estimate, with its
+    `error_bound` and `converged` 0; only a non-finite estimate is nan. With a non-default
+    method's `stability_threshold` it adds the METHOD_COLUMNS: `effective_sharpness` is the
+    measured one (Adam's) or, with P = I, max f(lambda) over lambda_max and lambda_min for
+    f(lambda) = lambda + rho_eff lambda^2 (H + rho_eff H^2 shares H's eigenvectors)."""
     eigenvalues = np.asarray(m["eigenvalues"], np.float64)
     lambda_min = float(m["lambda_min"])
-    if not bool(m["converged"]) and eigensolver != "power":
-        eigenvalues = np.full_like(eigenvalues, np.nan)
-        lambda_min = math.nan
     lambda_max = float(eigenvalues[0])
     magnitudes = [abs(lambda_max)] + ([] if math.isnan(lambda_min) else [abs(lambda_min)])
     if eigensolver == "power":  # the eigenvalues of largest magnitude
@@ -58,10 +58,23 @@ def measured_row(step: int, seconds: float, m: dict[str, Any], *, step_size: flo
         "hessian_vector_products": float(m["hessian_vector_products"]),
         "check_seconds": float(m.get("check_seconds", math.nan)),
         "error_bound": float(m["error_bound"]),
+        "converged": float(bool(m["converged"])),
     }
     for i in range(1, len(eigenvalues)):
         row[f"eig_{i + 1}"] = float(eigenvalues[i])
+    if "stability_threshold" in m:
+        row["stability_threshold"] = float(m["stability_threshold"])
+        row["effective_sharpness"] = float(m["effective_sharpness"]) if (
+            "effective_sharpness" in m) else composed_sharpness(
+            lambda_max, lambda_min, float(m["rho_eff"]))
     return row
+
+
+def composed_sharpness(lambda_max: float, lambda_min: float, rho_eff: float) -> float:
+    """The top eigenvalue of H + rho_eff H^2 from H's extreme eigenvalues: max of
+    lambda + rho_eff lambda^2 over the two (nan lambda_min: lambda_max's alone)."""
+    values = [v + rho_eff * v * v for v in (lambda_max, lambda_min) if math.isfinite(v)]
+    return max(values) if values else math.nan
 
 
 def failed_row(step: int, seconds: float, *, step_size: float,
@@ -81,6 +94,10 @@ def log_row(row: dict[str, float], seconds_taken: float) -> None:
         row["two_over_eta"], row["grad_norm"], row["g_alignment"], row["sg_alignment"],
         row["hessian_vector_products"], seconds_taken, row["error_bound"],
     )
+    if "stability_threshold" in row:
+        logging.info("  effective sharpness %.6g | threshold T %.6g | ratio %.4g",
+                     row["effective_sharpness"], row["stability_threshold"],
+                     row["effective_sharpness"] / row["stability_threshold"])
 
 
 def start_raw_data(path: str, settings: dict[str, Any], columns: list[str], resuming: bool,
@@ -202,8 +219,8 @@ class Recorder:
                     f"check at step {step}: the eigensolver did not converge in "
                     f"{int(measured['hessian_vector_products'])} products (error bound "
                     f"{float(measured['error_bound']):.3g}); last estimate "
-                    f"{np.asarray(measured['eigenvalues']).tolist()} recorded as "
-                    + ("it is, as the original" if self._eigensolver == "power" else "nan")
+                    f"{np.asarray(measured['eigenvalues']).tolist()} recorded as it is, "
+                    "with converged 0"
                 )
                 logging.warning(message)
                 self.note(message)

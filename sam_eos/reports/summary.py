@@ -45,20 +45,28 @@ def summarize(
     Returns:
       {"checks", "steps", "median_sharpness_over_two_over_eta",
       "median_sharpness_over_sam_edge" (both over the second half of the checks, the last
-      ceil(n / 2), ignoring failed checks; None without one), "final_loss", "test":
-      {"name", "value"}, "seconds": {part: seconds}}.
+      ceil(n / 2), ignoring failed checks; None without one), with another method's rows
+      also "median_effective_sharpness_over_threshold" (1 at its edge), "final_loss",
+      "test": {"name", "value"}, "seconds": {part: seconds}}.
     """
     later = rows[len(rows) // 2:]
     if final_loss is None:
         losses = [row["loss"] for row in rows if math.isfinite(row.get("loss", math.nan))]
         final_loss = losses[-1] if losses else None
-    return {
+    summary = {
         "checks": len(rows),
         "steps": int(steps),
         "median_sharpness_over_two_over_eta": _median(
             [_ratio(row["hessian_norm"], row["two_over_eta"]) for row in later]),
         "median_sharpness_over_sam_edge": _median(
             [_ratio(row["hessian_norm"], row["sam_edge"]) for row in later]),
+    }
+    if any("stability_threshold" in row for row in rows):
+        summary["median_effective_sharpness_over_threshold"] = _median(
+            [_ratio(row.get("effective_sharpness", math.nan),
+                    row.get("stability_threshold", math.nan)) for row in later])
+    return {
+        **summary,
         "final_loss": final_loss,
         "test": {"name": test_name, "value": test_value},
         "seconds": {part: float(seconds.get(part, 0.0)) for part in TIME_PARTS},
@@ -88,6 +96,10 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
         f"Sharpness, median over the last {later} check{'s' if later != 1 else ''}: "
         f"{_number(summary['median_sharpness_over_two_over_eta'])} x 2/eta, "
         f"{_number(summary['median_sharpness_over_sam_edge'])} x the SAM edge.",
+        *([f"Effective sharpness, median over the last {later} check"
+           f"{'s' if later != 1 else ''}: "
+           f"{_number(summary['median_effective_sharpness_over_threshold'])} x the threshold."]
+          if "median_effective_sharpness_over_threshold" in summary else []),
         f"Final training loss {_number(summary['final_loss'])}; test {test['name']} "
         f"{_number(test['value'])}.",
         f"Time: {times} (total {sum(seconds[part] for part in TIME_PARTS):.1f} s).",
