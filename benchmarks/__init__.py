@@ -1,2 +1,2 @@
-"""Benchmarks of sam_eos: eigensolver accuracy and cost, compilation, SAM step cost, loop
-overhead and memory. Run `python3 -m benchmarks.run --help`; results are in BENCHMARKS.md."""
+"""Benchmarks of sam_eos, one module each on a shared harness (`benchmarks.harness`):
+`python3 -m benchmarks [--quick]` runs them, stores JSON and regenerates BENCHMARKS.md."""

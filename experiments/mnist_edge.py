@@ -43,6 +43,17 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def load_problem(data_dir: str | None, num_examples: int, mlp_width: int):
+    """The first `num_examples` MNIST training images as one full batch, and the paper's MLP
+    (ReLU, 3 hidden layers of `mlp_width`, squared loss): `(data, network)`."""
+    data = dataset.load("mnist", data_dir=data_dir, batch_size=num_examples,
+                        mini_training_set_num_batches=1)
+    network = model.make_network("MLP", data.num_classes, mlp_depth=4, mlp_width=mlp_width,
+                                 cnn_num_blocks=1, cnn_layers_per_block=1,
+                                 cnn_feature_multiplier=1)
+    return data, network
+
+
 def run_one(args, data, network, rho: float) -> np.ndarray:
     """One full-batch run; returns its rows as (step, sharpness, sam_edge, 2/eta, loss)."""
     params = jax.jit(network.init)(jax.random.PRNGKey(args.seed), data.train_images[:1])
@@ -65,11 +76,7 @@ def main() -> None:
     logging.set_verbosity(logging.INFO)  # the checks' and progress lines
     os.makedirs(args.output_dir, exist_ok=True)
     figure_path = args.figure or os.path.join(args.output_dir, "mnist_edge.png")
-    data = dataset.load("mnist", data_dir=args.data_dir, batch_size=args.num_examples,
-                        mini_training_set_num_batches=1)
-    network = model.make_network("MLP", data.num_classes, mlp_depth=4, mlp_width=args.mlp_width,
-                                 cnn_num_blocks=1, cnn_layers_per_block=1,
-                                 cnn_feature_multiplier=1)
+    data, network = load_problem(args.data_dir, args.num_examples, args.mlp_width)
     gd = run_one(args, data, network, 0.0)
     sam = run_one(args, data, network, args.rho)
     half_gd, half_sam = gd[len(gd) // 2:], sam[len(sam) // 2:]
