@@ -58,7 +58,7 @@ def measure_along(loss_fn, points, batch) -> dict[str, list[dict]]:
             seconds, (values, _, info) = timed(
                 functools.partial(solve, loss_fn, method, params, batch, check_key, start))
             results[method].append({
-                "products": int(info.matrix_vector_products), "seconds": seconds,
+                "products": int(info.hessian_vector_products), "seconds": seconds,
                 "error": abs(float(values[0]) - reference) / abs(reference),
                 "reference": reference})
             if method == "warm Lanczos":

@@ -22,7 +22,7 @@ jax.block_until_ready(jax.jit(jax.grad(loss_fn))(params, batch))
 report = {"params": problems.num_params(params)}
 if sys.argv[1] == "call":
     values, _, info = top_eigenvalues(loss_fn, params, batch, jax.random.key(0))
-    report.update(hvps=int(info.matrix_vector_products), converged=bool(info.converged))
+    report.update(hvps=int(info.hessian_vector_products), converged=bool(info.converged))
 with open("/proc/self/status") as f:
     report["peak_rss"] = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 print(json.dumps(report))

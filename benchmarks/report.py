@@ -48,7 +48,8 @@ def _ordered(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def backend_section(backend: str, results: list[dict[str, Any]]) -> list[str]:
     results = _ordered(results)
-    device = results[0]["machine"]["device"]
+    machine = results[0]["machine"]
+    device = machine["cpu"] if backend == "cpu" else machine["device"]
     lines = [f"## {backend.upper()}: {device}", "", "### Headline figures", ""]
     headline = [[figure, value, result["name"]] for result in results
                 for figure, value in result.get("headline", [])]

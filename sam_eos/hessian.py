@@ -67,7 +67,7 @@ class EigenInfo(NamedTuple):
     bottom_eigenvalue: jax.Array  # smallest Ritz value (Lanczos); nan for power iteration
     # Hessian-vector products used (int32); for power iteration, finite-difference products,
     # each of which costs two gradient evaluations.
-    matrix_vector_products: jax.Array
+    hessian_vector_products: jax.Array
     # Estimated error of the top eigenvalues relative to ||H||: for Lanczos, the larger of its
     # own estimate and the `noise_floor` it was given.
     error_bound: jax.Array
@@ -295,7 +295,7 @@ def _lanczos_check(loss_fn, params, batch, key, tolerance, noise_floor, start_ve
     )
     info = EigenInfo(
         bottom_eigenvalue=result.bottom,
-        matrix_vector_products=result.steps,
+        hessian_vector_products=result.steps,
         error_bound=jnp.maximum(result.bound, noise_floor),
         converged=result.converged,
         ritz_vectors=result.vectors,

@@ -32,7 +32,7 @@ from sam_eos import lanczos
 from sam_eos.effective_sharpness import effective_sharpness_operator, products_per_matvec
 from sam_eos.types import LossFn, PyTree
 
-DEFAULT_MAX_PRODUCTS = 100
+DEFAULT_NUM_MATVECS = 100
 DEFAULT_TOLERANCE = 1e-5
 DEFAULT_EXTRA_VECTORS = 2
 DEFAULT_START_NOISE = 1e-2
@@ -51,7 +51,7 @@ class SharpnessResult(NamedTuple):
     eigenvalues: jax.Array  # float [k], the algebraically largest, descending (curvature units)
     hessian_vector_products: jax.Array  # int32 scalar: HVPs this call used
     error_bound: jax.Array  # float scalar: estimated error of `eigenvalues`, relative to ||A||
-    converged: jax.Array  # bool scalar: error_bound <= tolerance within max_products
+    converged: jax.Array  # bool scalar: error_bound <= tolerance within num_matvecs
     direction: PyTree  # params-shaped unit eigenvector of the first eigenvalue
 
 
@@ -61,7 +61,7 @@ class SharpnessTracker:
     Args:
       loss_fn: `loss_fn(params, batch) -> scalar`.
       k: how many eigenvalues (>= 1).
-      max_products: Lanczos products allowed per `update` (each one HVP, two with `rho_eff`).
+      num_matvecs: Lanczos products allowed per `update` (each one HVP, two with `rho_eff`).
       tolerance: stop when the estimated error of every top-k eigenvalue is below
         `tolerance * ||A||`.
       extra_vectors: Ritz vectors kept beyond k for the next warm start (directions next in
@@ -71,14 +71,14 @@ class SharpnessTracker:
       hvp_mode: "auto", "linearize" or "forward_over_reverse" (`sam_eos.hessian`).
     """
 
-    def __init__(self, loss_fn: LossFn, k: int = 1, *, max_products: int = DEFAULT_MAX_PRODUCTS,
+    def __init__(self, loss_fn: LossFn, k: int = 1, *, num_matvecs: int = DEFAULT_NUM_MATVECS,
                  tolerance: float = DEFAULT_TOLERANCE,
                  extra_vectors: int = DEFAULT_EXTRA_VECTORS,
                  start_noise: float = DEFAULT_START_NOISE, hvp_mode: str = "auto"):
-        if k < 1 or max_products < k or extra_vectors < 0:
-            raise ValueError(f"need 1 <= k <= max_products and extra_vectors >= 0; got k={k}, "
-                             f"max_products={max_products}, extra_vectors={extra_vectors}")
-        self.loss_fn, self.k, self.max_products = loss_fn, k, max_products
+        if k < 1 or num_matvecs < k or extra_vectors < 0:
+            raise ValueError(f"need 1 <= k <= num_matvecs and extra_vectors >= 0; got k={k}, "
+                             f"num_matvecs={num_matvecs}, extra_vectors={extra_vectors}")
+        self.loss_fn, self.k, self.num_matvecs = loss_fn, k, num_matvecs
         self.tolerance, self.start_noise, self.hvp_mode = tolerance, start_noise, hvp_mode
         self.block_size = k + extra_vectors
         self._update = jax.jit(self._measure)
@@ -87,7 +87,7 @@ class SharpnessTracker:
         """The state before the first call: no Ritz vectors (a cold start) and `key`."""
         flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)  # traced: nothing compiled
         # Lanczos returns at most as many Ritz vectors as one cycle holds steps.
-        rows = min(self.block_size, lanczos.basis_steps(flat.size, self.max_products))
+        rows = min(self.block_size, lanczos.basis_steps(flat.size, self.num_matvecs))
         return TrackerState(jnp.zeros((rows, flat.size), flat.dtype), key)
 
     def update(self, state: TrackerState, params: PyTree, batch: PyTree, *,
@@ -117,7 +117,7 @@ class SharpnessTracker:
         dtype = start.dtype
         found = lanczos.solve(
             matvec, start, key, jnp.asarray(self.tolerance, dtype), jnp.zeros((), dtype),
-            jnp.asarray(self.start_noise, dtype), k=self.k, max_steps=self.max_products,
+            jnp.asarray(self.start_noise, dtype), k=self.k, max_steps=self.num_matvecs,
             block_size=self.block_size)
         result = SharpnessResult(
             eigenvalues=found.top,

@@ -136,7 +136,7 @@ def main() -> None:
     out["eigenvalues_single"] = np.asarray(eig1).tolist()
     out["eigenvalues_rel_error"] = float(np.max(np.abs(np.asarray(eig4) - np.asarray(eig1))
                                                 / np.abs(np.asarray(eig1))))
-    out["eig_hvps"] = [int(info4.matrix_vector_products), int(info1.matrix_vector_products)]
+    out["eig_hvps"] = [int(info4.hessian_vector_products), int(info1.hessian_vector_products)]
     out["eig_converged"] = [bool(info4.converged), bool(info1.converged)]
     out["direction_alignment"] = float(abs(sum(
         np.vdot(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(direction4)),

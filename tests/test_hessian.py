@@ -74,7 +74,7 @@ def test_info_reports_bottom_eigenvalue_and_cost(small_mlp):
     params, batch, spectrum = small_mlp
     _, _, info = top_eigenvalues(mlp_loss, params, batch, KEY, 1)
     assert bool(info.converged)
-    assert 2 <= int(info.matrix_vector_products) <= 100
+    assert 2 <= int(info.hessian_vector_products) <= 100
     # Lanczos' smallest Ritz value approaches the bottom of the spectrum from above.
     assert spectrum[-1] - 1e-4 <= float(info.bottom_eigenvalue) <= spectrum[-1] * 0.5
 

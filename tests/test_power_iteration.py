@@ -87,7 +87,7 @@ def test_top_eigenvalues_dispatches_to_it(relu_mlp):
     result = power_iteration(mlp_loss, params, batch, key)
     np.testing.assert_allclose(np.asarray(values), np.asarray(result.magnitudes), rtol=1e-6)
     np.testing.assert_allclose(float(otu.tree_norm(direction)), 1.0, rtol=1e-5)
-    assert int(info.matrix_vector_products) == int(result.iterations)
+    assert int(info.hessian_vector_products) == int(result.iterations)
     assert bool(info.converged)
     assert np.isnan(float(info.error_bound)) and np.isnan(float(info.bottom_eigenvalue))
 
@@ -158,7 +158,7 @@ def test_max_iterations_is_respected(relu_mlp):
     np.testing.assert_allclose(float(result.magnitudes[0]), expected, rtol=1e-5)
     _, _, info = top_eigenvalues(mlp_loss, params, batch, key, 2, method="power",
                                  tolerance=-1.0, num_matvecs=4)
-    assert int(info.matrix_vector_products) == 8  # 4 iterations of a block of 2
+    assert int(info.hessian_vector_products) == 8  # 4 iterations of a block of 2
     assert not bool(info.converged)
 
 

@@ -132,7 +132,7 @@ def make_sam_point_sharpness(loss_fn: LossFn, rho: float, max_iterations: int | 
             loss_fn, params, batch, rho, key, num_matvecs=max_iterations, tolerance=tolerance,
             start_vectors=start_vectors)
         return {"value": jnp.where(info.converged, value, jnp.nan),
-                "products": info.matrix_vector_products, "ritz_vectors": info.ritz_vectors}
+                "products": info.hessian_vector_products, "ritz_vectors": info.ritz_vectors}
     return jax.jit(sam_point_sharpness)
 
 

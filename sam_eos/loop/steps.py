@@ -120,7 +120,7 @@ def make_eigensolver_chunk(loss_fn: LossFn, *, num_components: int, eigensolver:
         return {
             "eigenvalues": eigenvalues,
             "lambda_min": info.bottom_eigenvalue,
-            "hessian_vector_products": info.matrix_vector_products,
+            "hessian_vector_products": info.hessian_vector_products,
             "error_bound": info.error_bound,
             "converged": info.converged,
             "ritz_vectors": info.ritz_vectors.astype(start_vectors.dtype),
