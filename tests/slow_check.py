@@ -17,7 +17,8 @@ import numpy as np
 
 def slow_chunks(compile_check):
     def compile_slow_check(*args, **kwargs):
-        chunk, measure = compile_check(*args, **kwargs)
+        compiled = compile_check(*args, **kwargs)
+        chunk = compiled.eigensolver_chunk
 
         def slow_chunk(params, batch, key, step, *rest):
             solved = chunk(params, batch, key, step, *rest)
@@ -27,15 +28,16 @@ def slow_chunks(compile_check):
                 solved = {**solved, "converged": np.bool_(False)}
             return solved
 
-        return slow_chunk, measure
+        compiled.eigensolver_chunk = slow_chunk
+        return compiled
 
     return compile_slow_check
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from sam_eos.loop import train
+    from sam_eos.loop import check
 
-    train.compile_check = slow_chunks(train.compile_check)
+    check.compile_check = slow_chunks(check.compile_check)
     program, sys.argv = sys.argv[1], [sys.argv[1], *sys.argv[2:]]
     runpy.run_module(program, run_name="__main__", alter_sys=True)

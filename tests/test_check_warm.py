@@ -14,7 +14,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from sam_eos import hessian
-from sam_eos.loop import checkpoint, errors, schedule, steps, train
+from sam_eos.loop import check, checkpoint, errors, measurements, schedule, steps, train
 from sam_eos.reports.raw_data import read_raw_data
 from tests.test_programs import ROOT, TINY_TRANSFORMER, environment, output_flags
 from tests.test_train import mlp_loss, mlp_problem, outputs
@@ -24,9 +24,9 @@ def run_mlp(tmp_path, name, max_steps=40, **changes):
     params, batch = mlp_problem()
     directory = tmp_path / name
     directory.mkdir(exist_ok=True)
-    config = train.TrainConfig(
-        step_size=0.2, rho=0.05, max_steps=max_steps, hessian_check_every_steps=5,
-        num_principal_components=2, outputs=outputs(directory), **changes)
+    config = train.TrainConfig(**{
+        "step_size": 0.2, "rho": 0.05, "max_steps": max_steps, "hessian_check_every_steps": 5,
+        "num_principal_components": 2, "outputs": outputs(directory), **changes})
     result = train.run(mlp_loss, params, train.FullBatch(batch), config)
     _, columns, table = read_raw_data(str(directory / "raw.txt"))
     return result, {name: table[:, i] for i, name in enumerate(columns)}
@@ -69,7 +69,7 @@ def test_a_resumed_run_starts_warm_from_the_saved_ritz_vectors(tmp_path):
     params, _ = mlp_problem()
     config = train.TrainConfig(step_size=0.2, num_principal_components=2)
     template = {"params": params, "opt_state": optax.sgd(0.2).init(params),
-                "ritz_vectors": train.cold_ritz_block(params, config)}
+                **check.initial_state(params, config)}
     saver = checkpoint.Checkpointer(changes["checkpoint_dir"], {})
     saved = saver._restore_state(15, template)["ritz_vectors"]
     saver.close()
@@ -150,3 +150,31 @@ def test_an_interrupt_mid_check_ends_within_seconds_with_the_rows_so_far(tmp_pat
     assert "# note: check at step 10 interrupted mid-check after" in text
     _, columns, rows = read_raw_data(str(tmp_path / "raw.txt"))
     assert list(rows[:, columns.index("step")]) == [0, 5]
+
+
+def test_every_warm_start_is_checkpointed_and_a_resume_continues_warm(tmp_path):
+    """The SAM point's and Adam's effective-sharpness Ritz vectors are loop state too."""
+    changes = {"checkpoint_dir": str(tmp_path / "checkpoints"), "optimizer": "adam",
+               "step_size": 0.01, "spectrum": measurements.SpectrumOptions(
+                   sam_point_sharpness=True)}
+    _, whole = run_mlp(tmp_path, "whole", max_steps=20, **{**changes, "checkpoint_dir": ""})
+    run_mlp(tmp_path, "parts", max_steps=10, **changes)
+    params, _ = mlp_problem()
+    config = train.TrainConfig(step_size=0.01, num_principal_components=2, optimizer="adam",
+                               spectrum=changes["spectrum"])
+    template = {"params": params, "opt_state": optax.adam(0.01).init(params),
+                **check.initial_state(params, config)}
+    assert set(template) == {"params", "opt_state", "ritz_vectors", "effective_ritz_vectors",
+                             "sam_point_ritz_vectors"}
+    saver = checkpoint.Checkpointer(changes["checkpoint_dir"], {})
+    saved = saver._restore_state(10, template)
+    saver.close()
+    for name in ("ritz_vectors", "effective_ritz_vectors", "sam_point_ritz_vectors"):
+        assert np.all(np.linalg.norm(saved[name], axis=1) > 0.99), name
+    _, resumed = run_mlp(tmp_path, "parts", max_steps=20, **changes)
+    assert list(resumed["step"]) == list(whole["step"])  # 0, 5, 10, 15, 20
+    # After the resume, each warm-started solve costs what it cost uninterrupted.
+    for column in ("hessian_vector_products", "sam_point_hessian_vector_products"):
+        np.testing.assert_array_equal(resumed[column], whole[column])
+    np.testing.assert_allclose(resumed["effective_sharpness"][1:],
+                               whole["effective_sharpness"][1:], rtol=1e-4)

@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sam_eos.loop import checkpoint, errors, schedule, train
+from sam_eos.loop import check, checkpoint, errors, schedule, train
 from sam_eos.reports import raw_data
 from sam_eos.reports.raw_data import keep_first_rows, read_raw_data
 from tests.test_programs import ROOT, TINY_TRANSFORMER, environment, shakespeare_like_text
@@ -99,7 +99,7 @@ def untimed(rows: np.ndarray) -> np.ndarray:
 def state_template(params, config: train.TrainConfig) -> dict:
     """The loop's state (`train.run`) for `checkpoint.Checkpointer.restore`."""
     return {"params": params, "opt_state": train.optax.sgd(0.1).init(params),
-            "ritz_vectors": train.cold_ritz_block(params, config)}
+            **check.initial_state(params, config)}
 
 
 def restore_params(directory) -> list[np.ndarray]:

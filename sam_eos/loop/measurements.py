@@ -16,8 +16,9 @@ of time once per run (`compile_spectrum_checks`) from `sam_eos.spectrum`'s pure 
   previous check's own Ritz vectors): columns `sam_point_sharpness`,
   `sam_point_hessian_vector_products`.
 
-The Ritz vectors are the only state carried between checks (host-held, not checkpointed: a
-resumed run starts them cold).
+The SAM point's Ritz vectors are the only state carried between checks: they live in the
+loop's state ("sam_point_ritz_vectors", `sam_eos.loop.check.initial_state`), so checkpoints
+keep them and a resumed run starts warm.
 """
 
 import dataclasses
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sam_eos import hessian, spectrum
+from sam_eos import spectrum
 from sam_eos.loop import steps
 from sam_eos.loop.errors import InputError
 from sam_eos.loop.feed import Feed
@@ -83,12 +84,14 @@ def extra_column_names(options: SpectrumOptions) -> list[str]:
 
 @dataclasses.dataclass
 class SpectrumResult:
-    """One check's extra columns, its density (nodes, weights [probes, steps]) when taken, and
-    the error message of a measurement that failed (its columns are then nan)."""
+    """One check's extra columns, its density (nodes, weights [probes, steps]) when taken, the
+    error message of a measurement that failed (its columns are then nan), and the SAM point's
+    Ritz vectors for the next check's warm start (None: keep the previous ones)."""
 
     columns: dict[str, float]
     density: tuple[np.ndarray, np.ndarray] | None = None
     error: str | None = None
+    sam_point_vectors: jax.Array | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,32 +151,33 @@ def batch_rows(start: int, available: int, chunk: int, index: int) -> np.ndarray
 
 @dataclasses.dataclass
 class SpectrumChecks:
-    """The compiled measurements of one run (None: off) and the SAM point's Ritz vectors."""
+    """The compiled measurements of one run (None: off)."""
 
     options: SpectrumOptions
     trace: Callable | None = None
     density: Callable | None = None
     batch_samples: Callable | None = None
     sam_point: Callable | None = None
-    cold_vectors: jax.Array | None = None
     chunk: int = 1
-    ritz_vectors: jax.Array | None = None
 
     def measure(self, params: PyTree, batch: PyTree, feed: Feed, key: jax.Array, step: int,
-                check_index: int) -> SpectrumResult:
-        """The enabled measurements at this check (the run's `check_index`-th, from 0); a
-        measurement that raises gives nan columns and an error message, never an exception."""
+                check_index: int, sam_point_vectors: jax.Array | None = None) -> SpectrumResult:
+        """The enabled measurements at this check (the run's `check_index`-th, from 0), the
+        SAM point's warm-started from `sam_point_vectors`; a measurement that raises gives nan
+        columns and an error message, never an exception."""
         names = extra_column_names(self.options)
         try:
-            return self._measure(params, batch, feed, key, np.int32(step), check_index)
+            return self._measure(params, batch, feed, key, np.int32(step), check_index,
+                                 sam_point_vectors)
         except Exception as error:  # noqa: BLE001 - an extra must not fail the check
             logging.exception("The spectrum measurements at step %d failed.", step)
             return SpectrumResult(dict.fromkeys(names, math.nan),
                                   error=f"{type(error).__name__}: {error}")
 
-    def _measure(self, params, batch, feed, key, step, check_index) -> SpectrumResult:
+    def _measure(self, params, batch, feed, key, step, check_index,
+                 sam_point_vectors) -> SpectrumResult:
         columns: dict[str, float] = {}
-        density = None
+        density, vectors = None, None
         seconds = {}  # measurement -> wall-clock seconds, logged
         started = time.perf_counter()
         if self.trace is not None:
@@ -184,10 +188,9 @@ class SpectrumChecks:
             columns.update(self._batch_sharpness(params, feed))
             seconds["batch sharpness"], started = time.perf_counter() - started, time.perf_counter()
         if self.sam_point is not None:
-            start = self.cold_vectors if self.ritz_vectors is None else self.ritz_vectors
-            out = self.sam_point(params, batch, key, step, start)
+            out = self.sam_point(params, batch, key, step, sam_point_vectors)
             # Kept where the compiled function expects its start (its output may sit elsewhere).
-            self.ritz_vectors = jax.device_put(out["ritz_vectors"], self.cold_vectors.sharding)
+            vectors = jax.device_put(out["ritz_vectors"], sam_point_vectors.sharding)
             columns.update(sam_point_sharpness=float(out["value"]),
                            sam_point_hessian_vector_products=float(out["products"]))
             seconds["SAM point"], started = time.perf_counter() - started, time.perf_counter()
@@ -199,7 +202,7 @@ class SpectrumChecks:
         logging.info("spectrum at step %d: %s | %s", step,
                      ", ".join(f"{name} {value:.6g}" for name, value in columns.items()),
                      ", ".join(f"{name} {value:.2f} s" for name, value in seconds.items()))
-        return SpectrumResult(columns, density)
+        return SpectrumResult(columns, density, sam_point_vectors=vectors)
 
     def _batch_sharpness(self, params: PyTree, feed: Feed) -> dict[str, float]:
         """Batch sharpness over the feed's current minibatches, chunk by chunk until the
@@ -219,9 +222,11 @@ class SpectrumChecks:
 
 def compile_spectrum_checks(loss_fn: LossFn, options: SpectrumOptions, *, rho: float,
                             max_iterations: int | None, tolerance: float | None, feed: Feed,
-                            params: PyTree, batch: PyTree, key: jax.Array) -> SpectrumChecks:
+                            params: PyTree, batch: PyTree, key: jax.Array,
+                            sam_point_vectors: jax.Array | None = None) -> SpectrumChecks:
     """Compiles the enabled measurements for this run's shapes (`steps.compile_ahead`, each
-    logged). `batch` is an example of the check's batch."""
+    logged). `batch` is an example of the check's batch; `sam_point_vectors` of the SAM
+    point's warm start (with `sam_point_sharpness`)."""
     checks = SpectrumChecks(options)
     step = np.int32(0)
     if options.hessian_trace_matvecs:
@@ -240,9 +245,8 @@ def compile_spectrum_checks(loss_fn: LossFn, options: SpectrumOptions, *, rho: f
             "the batch sharpness", make_batch_sharpness_samples(loss_fn, feed.select),
             params, feed.arrays(), np.zeros(checks.chunk, np.int32))
     if options.sam_point_sharpness:
-        checks.cold_vectors = hessian.cold_start_vectors(params, 1)
         checks.sam_point = steps.compile_ahead(
             "the SAM-point sharpness",
             make_sam_point_sharpness(loss_fn, rho, max_iterations, tolerance),
-            params, batch, key, step, checks.cold_vectors)
+            params, batch, key, step, sam_point_vectors)
     return checks

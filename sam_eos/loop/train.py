@@ -31,13 +31,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
 
-from sam_eos import hessian
-from sam_eos.loop import distributed, errors, locks, schedule, steps
+from sam_eos.loop import check, distributed, errors, locks, schedule, steps
+from sam_eos.loop.check import HessianCheck
 from sam_eos.loop.config import Outputs, TrainConfig  # noqa: F401 - re-exported
 from sam_eos.loop.feed import (  # noqa: F401 - the data kinds, re-exported for the programs
     BatchStream,
@@ -124,25 +123,6 @@ def settings_record(config: TrainConfig, extra: dict[str, Any]) -> dict[str, Any
     return settings
 
 
-def make_check(loss_fn: LossFn, config: TrainConfig,
-               place: Placement | None = None) -> tuple[Callable, Callable]:
-    """The jitted parts of a check with `config`'s settings: `(eigensolver_chunk, measure)`
-    (`sam_eos.loop.steps`); on a mesh (`place`) the chunk's outputs are replicated, as the loop's
-    state that holds its Ritz vectors."""
-    chunk_iterations, _ = steps.chunk_plan(config.eigensolver, config.eigensolver_max_iterations)
-    chunk = steps.make_eigensolver_chunk(
-        loss_fn, num_components=config.num_principal_components,
-        eigensolver=config.eigensolver, chunk_iterations=chunk_iterations,
-        tolerance=config.eigensolver_tolerance,
-        out_sharding=None if place is None or place.mesh is None
-        else distributed.replicated_sharding(place.mesh),
-    )
-    threshold = None if config.is_default_method() else config.stability_threshold()
-    return chunk, steps.make_measure(loss_fn, rho=config.rho, step_size=config.step_size,
-                                     variant=config.sam_variant, optimizer=config.optimizer,
-                                     threshold=threshold)
-
-
 def method_column_names(config: TrainConfig) -> list[str]:
     """The METHOD_COLUMNS for any method but plain SGD with the paper's SAM (none then)."""
     return [] if config.is_default_method() else list(METHOD_COLUMNS)
@@ -162,23 +142,13 @@ def make_schedule(config: TrainConfig) -> schedule.Schedule:
 @dataclasses.dataclass(frozen=True)
 class Program:
     """The run's compiled functions: `train_steps(params, opt_state, arrays, start, n)`; the
-    check's `check_batch(arrays, row)`, `eigensolver_chunk(params, batch, key, step, chunk,
-    start_vectors, start_noise, noise_floor)` run up to `max_chunks` times, then
-    `measure(params, batch, ritz_vectors)`; with Adam, `effective(params, opt_state, batch,
-    key, step, start_vectors, rho_eff)` (`steps.make_effective_sharpness`). `cold_start`: the
-    zero Ritz block of a cold start; `noise_floor`: the products' relative error (0 until
-    measured)."""
+    check's batch `check_batch(arrays, row)`; the Hessian check (`sam_eos.loop.check`) and
+    the optional spectrum measurements (`sam_eos.loop.measurements`, None when off)."""
 
     train_steps: Callable
     check_batch: Callable
-    eigensolver_chunk: Callable
-    measure: Callable
-    cold_start: jax.Array
-    max_chunks: int = 1
-    warm_start: bool = True
-    noise_floor: float = 0.0
-    spectrum: Any = None  # spectrum_checks.SpectrumChecks, when any is enabled
-    effective: Callable | None = None  # Adam's effective sharpness
+    check: HessianCheck
+    spectrum: Any = None
 
 
 def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
@@ -208,82 +178,25 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     else:
         check_batch = steps.compile_ahead("the check's batch", steps.make_batch_at(feed.select),
                                           arrays, row)
-    chunk = measure = steps.failing(RuntimeError("no checks are scheduled"))
+    hessian_check = check.not_compiled(state["ritz_vectors"], "no checks are scheduled")
     if with_checks and not stop_requested():
-        try:
-            chunk, measure = compile_check(loss_fn, config, state, check_batch(arrays, row),
-                                           key, place)
-        except Exception as error:  # noqa: BLE001 - reported at every check instead
-            logging.exception("Compiling the Hessian check failed.")
-            chunk = measure = steps.failing(error)
+        hessian_check = check.compile_check(loss_fn, config, state, check_batch(arrays, row),
+                                            key, place)
     extra = None
     if with_checks and config.spectrum.enabled() and not stop_requested():
         extra = compile_spectrum_checks(
             loss_fn, config.spectrum, rho=config.rho,
             max_iterations=config.eigensolver_max_iterations,
             tolerance=config.eigensolver_tolerance, feed=feed, params=state["params"],
-            batch=check_batch(arrays, row), key=key)
-    effective = None
-    if with_checks and "effective_ritz_vectors" in state and not stop_requested():
-        effective = _compile_effective(loss_fn, config, state, check_batch(arrays, row), key,
-                                       place)
-    _, max_chunks = steps.chunk_plan(config.eigensolver, config.eigensolver_max_iterations)
-    return Program(train_steps, check_batch, chunk, measure, cold_start=state["ritz_vectors"],
-                   max_chunks=max_chunks, warm_start=config.eigensolver_warm_start,
-                   spectrum=extra, effective=effective)
-
-
-def _compile_effective(loss_fn: LossFn, config: TrainConfig, state: dict[str, PyTree],
-                       batch: PyTree, key: jax.Array, place: Placement) -> Callable:
-    """Adam's effective-sharpness solve (`steps.make_effective_sharpness`), compiled; one that
-    cannot be compiled fails at every check, as the main check does."""
-    try:
-        effective = steps.make_effective_sharpness(
-            loss_fn, b2=config.adam_b2, eps=config.adam_eps,
-            num_matvecs=config.eigensolver_max_iterations or hessian.DEFAULT_MAX_ITERATIONS[
-                "lanczos"],
-            tolerance=config.eigensolver_tolerance or hessian.DEFAULT_TOLERANCE["lanczos"],
-            perturbed=config.rho > 0,
-            out_sharding=None if place.mesh is None
-            else distributed.replicated_sharding(place.mesh))
-        return steps.compile_ahead(
-            "the effective sharpness", effective, state["params"], state["opt_state"], batch,
-            key, np.int32(0), state["effective_ritz_vectors"], np.float32(0))
-    except Exception as error:  # noqa: BLE001 - reported at every check instead
-        logging.exception("Compiling the effective sharpness failed.")
-        return steps.failing(error)
-
-
-def cold_ritz_block(params: PyTree, config: TrainConfig) -> jax.Array:
-    """Zeros shaped like a check's Ritz block [rows, n]: k + 2 rows, fewer when a chunk's
-    Lanczos steps cannot hold them (a tiny model or --eigensolver_max_iterations)."""
-    k, rows = config.num_principal_components, hessian.warm_block_size(
-        config.num_principal_components)
-    if config.eigensolver == "lanczos":
-        chunk_iterations, _ = steps.chunk_plan(config.eigensolver,
-                                               config.eigensolver_max_iterations)
-        num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
-        rows = min(rows, hessian.lanczos_iterations_allowed(num_params, chunk_iterations))
-    return hessian.cold_start_vectors(params, k, max(rows, k))
-
-
-def compile_check(loss_fn: LossFn, config: TrainConfig, state: dict[str, PyTree],
-                  batch: PyTree, key: jax.Array, place: Placement) -> tuple[Callable, Callable]:
-    """The check's two functions (`make_check`) compiled for this run's shapes: one
-    executable for warm and cold starts and for every chunk."""
-    chunk, measure = make_check(loss_fn, config, place)
-    chunk = steps.compile_ahead(
-        "the Hessian check", chunk, state["params"], batch, key, np.int32(0), np.int32(0),
-        state["ritz_vectors"], np.float32(0), np.float32(0))
-    measure = steps.compile_ahead("the check's measurements", measure, state["params"], batch,
-                                  state["ritz_vectors"])
-    return chunk, measure
+            batch=check_batch(arrays, row), key=key,
+            sam_point_vectors=state.get("sam_point_ritz_vectors"))
+    return Program(train_steps, check_batch, hessian_check, spectrum=extra)
 
 
 def _not_compiled(train_steps: Callable, cold_start: jax.Array) -> Program:
     """The program of a run stopped while compiling: no check can be taken."""
-    skipped = steps.failing(RuntimeError("stopped while compiling"))
-    return Program(train_steps, skipped, skipped, skipped, cold_start=cold_start)
+    skipped = check.not_compiled(cold_start, "stopped while compiling")
+    return Program(train_steps, skipped.measure, skipped)
 
 
 def _holding_output_locks(run_function: Callable[..., "RunResult"]) -> Callable[..., "RunResult"]:
@@ -361,11 +274,8 @@ def run(
     )
     # The loop's state: what a checkpoint holds. "ritz_vectors" [block, n]: the last check's
     # top Ritz vectors, the next check's warm start (zeros: cold), replicated like the params.
-    state = {"params": params, "opt_state": optimizer.init(params),
-             "ritz_vectors": cold_ritz_block(params, config)}
-    if config.optimizer == "adam":  # the effective sharpness's own warm start
-        state["effective_ritz_vectors"] = hessian.cold_start_vectors(params, 1)
-    state = place.replicated(state)
+    state = place.replicated({"params": params, "opt_state": optimizer.init(params),
+                              **check.initial_state(params, config)})
     position = schedule.Position()
     restored = recorder.restore(state)
     if restored is not None:
@@ -390,9 +300,9 @@ def run(
         program = compile_program(loss_fn, optimizer, config, feed, state, hessian_batch, key,
                                   plan.has_checks, place, stop.requested)
         if plan.has_checks and config.eigensolver == "lanczos" and not stop.requested():
-            program = dataclasses.replace(program, noise_floor=_noise_floor(
+            program.check.measure_noise_floor(
                 loss_fn, config, state, program.check_batch(feed.arrays(), np.int32(feed.row())),
-                key, recorder))
+                key, recorder.note)
         compile_seconds = time.perf_counter() - compile_started
         progress = Progress(every_seconds=config.progress_every_seconds,
                             time_limit_seconds=plan.time_limit_seconds,
@@ -418,78 +328,6 @@ def run(
                      seconds=seconds, raw_data=outputs.raw_data, files=files)
 
 
-def _noise_floor(loss_fn: LossFn, config: TrainConfig, state: dict[str, PyTree],
-                 batch: PyTree, key: jax.Array, recorder: Recorder) -> float:
-    """The products' relative error at the default matmul precision against "highest"
-    (`hessian.product_noise_floor`; 0 unmeasured on a CPU), once per run on the first check's
-    batch along the restored top Ritz vector, or a random unit vector. Logged; a tolerance
-    below it is noted in the log and the raw data: the checks keep the default precision and
-    report the floor in their error bound (they cannot resolve less)."""
-    try:
-        vector = _unit_or_random(state["ritz_vectors"][0], key)
-        floor = float(hessian.product_noise_floor(loss_fn, state["params"], batch, vector))
-    except Exception:  # noqa: BLE001 - without it, the bounds are the solver's own
-        logging.exception("Measuring the products' noise floor failed; taking it as 0.")
-        return 0.0
-    floor = floor if math.isfinite(floor) else 0.0
-    if jax.default_backend() in hessian.EXACT_DEFAULT_PRECISION_BACKENDS:
-        logging.info("Hessian-vector products: full float32 precision on %s (noise floor %.2g).",
-                     jax.default_backend(), floor)
-    else:
-        logging.info("Hessian-vector products: relative error %.2g at the default matmul "
-                     "precision (against 'highest'); every check's error bound includes it.",
-                     floor)
-    tolerance = config.eigensolver_tolerance or hessian.DEFAULT_TOLERANCE["lanczos"]
-    if tolerance < floor:
-        message = (f"the eigensolver tolerance {tolerance:.2g} is below the products' noise "
-                   f"floor {floor:.2g} (default matmul precision): checks stop at the floor "
-                   "and report it as their error_bound; the tolerance cannot be met")
-        logging.warning(message[0].upper() + message[1:] + ".")
-        recorder.note(message)
-    return floor
-
-
-@jax.jit
-def _unit_or_random(vector: jax.Array, key: jax.Array) -> jax.Array:
-    """`vector` [n] scaled to unit length, or a unit random vector if it is zero."""
-    norm = jnp.linalg.norm(vector)
-    random = jax.random.normal(key, vector.shape, vector.dtype)
-    chosen = jnp.where(norm > 0, vector, random)
-    return chosen / jnp.linalg.norm(chosen)
-
-
-def _solve_in_chunks(program: Program, params: PyTree, batch: PyTree, key: jax.Array,
-                     step: int, start: jax.Array,
-                     stop_requested: Callable[[], bool]) -> tuple[dict[str, Any] | None, int]:
-    """The check's eigensolver, chunk by chunk until converged or `program.max_chunks`
-    (the first warm or cold from `start`, each later one continuing from the previous
-    chunk's Ritz vectors): (the last chunk's results with the products of all, or None when
-    a stop was requested between chunks; the products used)."""
-    vectors, noise, products = start, np.float32(hessian.DEFAULT_START_NOISE), 0
-    for chunk in range(program.max_chunks):
-        if chunk and stop_requested():
-            return None, products
-        solved = program.eigensolver_chunk(params, batch, key, np.int32(step), np.int32(chunk),
-                                           vectors, noise, np.float32(program.noise_floor))
-        products += int(solved["hessian_vector_products"])
-        vectors, noise = solved["ritz_vectors"], np.float32(0)
-        if bool(solved["converged"]):
-            break
-    return {**solved, "hessian_vector_products": products}, products
-
-
-def _effective_sharpness(program: Program, state: dict[str, PyTree], batch: PyTree,
-                         key: jax.Array, step: int, measured: dict[str, Any]) -> dict[str, PyTree]:
-    """Adds Adam's effective sharpness to `measured` (its products to the check's); returns
-    the state with its Ritz vectors for the next check's warm start."""
-    out = program.effective(state["params"], state["opt_state"], batch, key, np.int32(step),
-                            state["effective_ritz_vectors"], np.float32(measured["rho_eff"]))
-    measured["effective_sharpness"] = float(out["value"])
-    measured["hessian_vector_products"] = (int(measured["hessian_vector_products"])
-                                           + int(out["hessian_vector_products"]))
-    return {**state, "effective_ritz_vectors": out["ritz_vectors"]}
-
-
 def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
                 position: schedule.Position, recorder: Recorder, key: jax.Array,
                 stop_requested: Callable[[], bool]) -> tuple[dict[str, PyTree], str, float]:
@@ -499,23 +337,20 @@ def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
     raises gives a nan row and a note, and the next check starts cold."""
     started = time.perf_counter()
     measured: dict[str, Any] | Exception | None = None  # None: interrupted
-    solved, products, extra = None, 0, None
+    products, extra, checked = 0, None, state
     try:
         batch = program.check_batch(feed.arrays(), np.int32(feed.row()))
-        start = state["ritz_vectors"] if program.warm_start else program.cold_start
-        solved, products = _solve_in_chunks(program, state["params"], batch, key,
-                                            position.step, start, stop_requested)
-        if solved is not None:
-            measured = jax.device_get({
-                **program.measure(state["params"], batch, solved["ritz_vectors"]),
-                **{name: value for name, value in solved.items() if name != "ritz_vectors"}})
-            if program.effective is not None:
-                state = _effective_sharpness(program, state, batch, key, position.step,
-                                             measured)
-            extra = program.spectrum and program.spectrum.measure(
-                state["params"], batch, feed, key, position.step, position.rows_written)
+        measured, checked, products = program.check.take(state, batch, key, position.step,
+                                                         stop_requested)
+        if measured is not None and program.spectrum:
+            extra = program.spectrum.measure(
+                checked["params"], batch, feed, key, position.step, position.rows_written,
+                checked.get("sam_point_ritz_vectors"))
+            if extra.sam_point_vectors is not None:
+                checked = {**checked, "sam_point_ritz_vectors": extra.sam_point_vectors}
     except Exception as error:  # noqa: BLE001 - one failed check must not end the run
-        measured, solved, extra = error, None, None
+        measured, extra = error, None
+        checked = {**state, "ritz_vectors": program.check.cold_start}
     seconds = time.perf_counter() - started
     if measured is None:
         message = (f"check at step {position.step} interrupted mid-check after {products} "
@@ -530,13 +365,11 @@ def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
         return state, "measured", seconds
     position.rows_written += 1
     position.last_checked_step = position.step
-    vectors = program.cold_start if solved is None else solved["ritz_vectors"]
-    state = {**state, "ritz_vectors": vectors}
     if isinstance(measured, Exception) or np.isfinite(row["loss"]):
-        return state, "measured", seconds
+        return checked, "measured", seconds
     logging.error("Diverged: the loss is %s at step %d.", row["loss"], position.step)
     recorder.note(f"diverged at step {position.step}: loss {row['loss']}")
-    return state, "diverged", seconds
+    return checked, "diverged", seconds
 
 
 def _loop(program: Program, feed: Feed, state: dict[str, PyTree],

@@ -1,0 +1,228 @@
+"""The main Hessian check of a run, as one unit: its compiled parts, its chunk plan, the
+products' noise floor, and how one check is taken from the loop's state.
+
+A check is the eigensolver in bounded chunks (the loop reads its stop flag between them), then
+the measurements along the principal direction found, then, for Adam, the effective sharpness
+(`sam_eos.loop.steps`). The Ritz vectors each solve starts warm from live in the loop's state,
+which checkpoints save with the parameters (`initial_state` names them):
+
+- "ritz_vectors": the main check's, [k + 2 or fewer, num_params];
+- "effective_ritz_vectors": Adam's effective-sharpness solve's (Adam runs only);
+- "sam_point_ritz_vectors": the SAM point's (with `SpectrumOptions.sam_point_sharpness`).
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from sam_eos import hessian
+from sam_eos.loop import distributed, steps
+from sam_eos.loop.config import TrainConfig
+from sam_eos.loop.feed import Placement
+from sam_eos.types import LossFn, PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+    """How a check's eigensolver budget is split: `chunks` chunks of `matvecs` products."""
+
+    matvecs: int
+    chunks: int
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "ChunkPlan":
+        return cls(*steps.chunk_plan(config.eigensolver, config.eigensolver_max_iterations))
+
+
+def cold_ritz_block(params: PyTree, config: TrainConfig, plan: ChunkPlan) -> jax.Array:
+    """Zeros shaped like a check's Ritz block [rows, n]: k + 2 rows, fewer when a chunk's
+    Lanczos steps cannot hold them (a tiny model or --eigensolver_max_iterations)."""
+    k = config.num_principal_components
+    rows = hessian.warm_block_size(k)
+    if config.eigensolver == "lanczos":
+        num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
+        rows = min(rows, hessian.lanczos_iterations_allowed(num_params, plan.matvecs))
+    return hessian.cold_start_vectors(params, k, max(rows, k))
+
+
+def initial_state(params: PyTree, config: TrainConfig) -> dict[str, jax.Array]:
+    """The check's part of the loop's state before the first check: every warm start cold."""
+    state = {"ritz_vectors": cold_ritz_block(params, config, ChunkPlan.from_config(config))}
+    if config.optimizer == "adam":
+        state["effective_ritz_vectors"] = hessian.cold_start_vectors(params, 1)
+    if config.spectrum.sam_point_sharpness:
+        state["sam_point_ritz_vectors"] = hessian.cold_start_vectors(params, 1)
+    return state
+
+
+@dataclasses.dataclass
+class HessianCheck:
+    """A run's compiled check: `eigensolver_chunk(params, batch, key, step, chunk,
+    start_vectors, start_noise, noise_floor)` run up to `max_chunks` times, then
+    `measure(params, batch, ritz_vectors)`, then (Adam) `effective(params, opt_state, batch,
+    key, step, start_vectors, rho_eff)`. `cold_start`: the zero Ritz block; `noise_floor`: the
+    products' relative error (0 until measured)."""
+
+    eigensolver_chunk: Callable
+    measure: Callable
+    cold_start: jax.Array
+    max_chunks: int = 1
+    warm_start: bool = True
+    effective: Callable | None = None
+    noise_floor: float = 0.0
+
+    def solve(self, params: PyTree, batch: PyTree, key: jax.Array, step: int,
+              start: jax.Array, stop_requested: Callable[[], bool]
+              ) -> tuple[dict[str, Any] | None, int]:
+        """The eigensolver, chunk by chunk until converged or `max_chunks` (the first warm or
+        cold from `start`, each later one continuing from the previous chunk's Ritz vectors):
+        (the last chunk's results with the products of all, or None when a stop was requested
+        between chunks; the products used)."""
+        vectors, noise, products = start, np.float32(hessian.DEFAULT_START_NOISE), 0
+        for chunk in range(self.max_chunks):
+            if chunk and stop_requested():
+                return None, products
+            solved = self.eigensolver_chunk(params, batch, key, np.int32(step), np.int32(chunk),
+                                            vectors, noise, np.float32(self.noise_floor))
+            products += int(solved["hessian_vector_products"])
+            vectors, noise = solved["ritz_vectors"], np.float32(0)
+            if bool(solved["converged"]):
+                break
+        return {**solved, "hessian_vector_products": products}, products
+
+    def take(self, state: dict[str, PyTree], batch: PyTree, key: jax.Array, step: int,
+             stop_requested: Callable[[], bool]
+             ) -> tuple[dict[str, Any] | None, dict[str, PyTree], int]:
+        """One check at `state`: (its measurement on the host, or None when interrupted
+        between chunks; the state with this check's Ritz vectors; the products used)."""
+        start = state["ritz_vectors"] if self.warm_start else self.cold_start
+        solved, products = self.solve(state["params"], batch, key, step, start, stop_requested)
+        if solved is None:
+            return None, state, products
+        measured = jax.device_get({
+            **self.measure(state["params"], batch, solved["ritz_vectors"]),
+            **{name: value for name, value in solved.items() if name != "ritz_vectors"}})
+        state = {**state, "ritz_vectors": solved["ritz_vectors"]}
+        if self.effective is not None:
+            out = self.effective(state["params"], state["opt_state"], batch, key,
+                                 np.int32(step), state["effective_ritz_vectors"],
+                                 np.float32(measured["rho_eff"]))
+            measured["effective_sharpness"] = float(out["value"])
+            measured["hessian_vector_products"] = (int(measured["hessian_vector_products"])
+                                                   + int(out["hessian_vector_products"]))
+            state = {**state, "effective_ritz_vectors": out["ritz_vectors"]}
+        return measured, state, products
+
+    def measure_noise_floor(self, loss_fn: LossFn, config: TrainConfig,
+                            state: dict[str, PyTree], batch: PyTree, key: jax.Array,
+                            note: Callable[[str], None]) -> None:
+        """Sets `noise_floor`: the products' relative error at the default matmul precision
+        against "highest" (`hessian.product_noise_floor`; 0 unmeasured on a CPU), once per
+        run on the first check's batch along the restored top Ritz vector, or a random unit
+        vector. Logged; a tolerance below it is noted (`note`) in the log and the raw data:
+        the checks keep the default precision and report the floor in their error bound."""
+        try:
+            vector = _unit_or_random(state["ritz_vectors"][0], key)
+            floor = float(hessian.product_noise_floor(loss_fn, state["params"], batch, vector))
+        except Exception:  # noqa: BLE001 - without it, the bounds are the solver's own
+            logging.exception("Measuring the products' noise floor failed; taking it as 0.")
+            return
+        self.noise_floor = floor if math.isfinite(floor) else 0.0
+        if jax.default_backend() in hessian.EXACT_DEFAULT_PRECISION_BACKENDS:
+            logging.info("Hessian-vector products: full float32 precision on %s (noise floor "
+                         "%.2g).", jax.default_backend(), self.noise_floor)
+        else:
+            logging.info("Hessian-vector products: relative error %.2g at the default matmul "
+                         "precision (against 'highest'); every check's error bound includes "
+                         "it.", self.noise_floor)
+        tolerance = config.eigensolver_tolerance or hessian.DEFAULT_TOLERANCE["lanczos"]
+        if tolerance < self.noise_floor:
+            message = (f"the eigensolver tolerance {tolerance:.2g} is below the products' "
+                       f"noise floor {self.noise_floor:.2g} (default matmul precision): checks "
+                       "stop at the floor and report it as their error_bound; the tolerance "
+                       "cannot be met")
+            logging.warning(message[0].upper() + message[1:] + ".")
+            note(message)
+
+
+@jax.jit
+def _unit_or_random(vector: jax.Array, key: jax.Array) -> jax.Array:
+    """`vector` [n] scaled to unit length, or a unit random vector if it is zero."""
+    norm = jnp.linalg.norm(vector)
+    random = jax.random.normal(key, vector.shape, vector.dtype)
+    chosen = jnp.where(norm > 0, vector, random)
+    return chosen / jnp.linalg.norm(chosen)
+
+
+def make_check(loss_fn: LossFn, config: TrainConfig, plan: ChunkPlan,
+               place: Placement | None = None) -> tuple[Callable, Callable]:
+    """The jitted parts of a check with `config`'s settings: `(eigensolver_chunk, measure)`
+    (`sam_eos.loop.steps`); on a mesh (`place`) the chunk's outputs are replicated, as the
+    loop's state that holds its Ritz vectors."""
+    chunk = steps.make_eigensolver_chunk(
+        loss_fn, num_components=config.num_principal_components,
+        eigensolver=config.eigensolver, chunk_iterations=plan.matvecs,
+        tolerance=config.eigensolver_tolerance, out_sharding=_replicated(place))
+    threshold = None if config.is_default_method() else config.stability_threshold()
+    return chunk, steps.make_measure(loss_fn, rho=config.rho, step_size=config.step_size,
+                                     variant=config.sam_variant, optimizer=config.optimizer,
+                                     threshold=threshold)
+
+
+def _replicated(place: Placement | None):
+    return None if place is None or place.mesh is None else distributed.replicated_sharding(
+        place.mesh)
+
+
+def compile_check(loss_fn: LossFn, config: TrainConfig, state: dict[str, PyTree],
+                  batch: PyTree, key: jax.Array, place: Placement) -> HessianCheck:
+    """The check compiled for this run's shapes (one executable for warm and cold starts and
+    for every chunk). A part that cannot be compiled fails at every check instead (a nan row
+    and a note), as a check that raises does; training goes on."""
+    plan = ChunkPlan.from_config(config)
+    try:
+        chunk, measure = make_check(loss_fn, config, plan, place)
+        chunk = steps.compile_ahead(
+            "the Hessian check", chunk, state["params"], batch, key, np.int32(0), np.int32(0),
+            state["ritz_vectors"], np.float32(0), np.float32(0))
+        measure = steps.compile_ahead("the check's measurements", measure, state["params"],
+                                      batch, state["ritz_vectors"])
+    except Exception as error:  # noqa: BLE001 - reported at every check instead
+        logging.exception("Compiling the Hessian check failed.")
+        chunk = measure = steps.failing(error)
+    effective = None
+    if "effective_ritz_vectors" in state:
+        effective = _compile_effective(loss_fn, config, state, batch, key, place)
+    return HessianCheck(chunk, measure, cold_start=state["ritz_vectors"],
+                        max_chunks=plan.chunks, warm_start=config.eigensolver_warm_start,
+                        effective=effective)
+
+
+def not_compiled(cold_start: jax.Array, reason: str) -> HessianCheck:
+    """A check that fails whenever it is taken (none scheduled, or stopped while compiling)."""
+    fail = steps.failing(RuntimeError(reason))
+    return HessianCheck(fail, fail, cold_start=cold_start)
+
+
+def _compile_effective(loss_fn: LossFn, config: TrainConfig, state: dict[str, PyTree],
+                       batch: PyTree, key: jax.Array, place: Placement) -> Callable:
+    """Adam's effective-sharpness solve (`steps.make_effective_sharpness`), compiled."""
+    try:
+        effective = steps.make_effective_sharpness(
+            loss_fn, b2=config.adam_b2, eps=config.adam_eps,
+            num_matvecs=config.eigensolver_max_iterations
+            or hessian.DEFAULT_MAX_ITERATIONS["lanczos"],
+            tolerance=config.eigensolver_tolerance or hessian.DEFAULT_TOLERANCE["lanczos"],
+            perturbed=config.rho > 0, out_sharding=_replicated(place))
+        return steps.compile_ahead(
+            "the effective sharpness", effective, state["params"], state["opt_state"], batch,
+            key, np.int32(0), state["effective_ritz_vectors"], np.float32(0))
+    except Exception as error:  # noqa: BLE001 - reported at every check instead
+        logging.exception("Compiling the effective sharpness failed.")
+        return steps.failing(error)
