@@ -1,4 +1,4 @@
-"""The models, batches and machine description the benchmarks use.
+"""The models and batches the benchmarks use.
 
 Real data comes from `<data_dir>/tfds` (the TFDS MNIST stand-in) and
 `<data_dir>/tinyshakespeare/train.txt`; when either is missing, generated data of the same
@@ -7,10 +7,7 @@ shapes stands in, so the benchmarks run anywhere (the `source` strings say which
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
 import pathlib
-import platform
 
 import haiku as hk
 import jax
@@ -29,53 +26,6 @@ NUM_CLASSES = 10
 # The transformer program's defaults.
 TRANSFORMER_SIZES = dict(num_layers=6, num_heads=8, key_size=32, model_size=128)
 SEQUENCE_LENGTH = 64
-
-
-# ---------------------------------------------------------------------------------------------
-# Machine
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _total_ram_gib() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return float("nan")
-
-
-def data_description(data_dir: pathlib.Path) -> str:
-    """Which of the real data sets are present under `data_dir`."""
-    found = [name for name, path in [("MNIST", data_dir / "tfds" / "mnist"),
-                                     ("tiny Shakespeare", data_dir / "tinyshakespeare")]
-             if path.exists()]
-    return f"{data_dir.resolve()} ({', '.join(found) or 'missing: generated data used'})"
-
-
-def machine_description() -> list[str]:
-    """Lines describing the host, JAX and the device the benchmarks run on."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    device = jax.devices()[0]
-    return [
-        f"CPU: {_cpu_model()}, {os.cpu_count()} logical cores ({usable} usable by this process)",
-        f"RAM: {_total_ram_gib():.1f} GiB",
-        f"Python {platform.python_version()}, jax {jax.__version__}, "
-        f"jaxlib {importlib.metadata.version('jaxlib')}",
-        f"JAX backend: {jax.default_backend()}; device: {device.device_kind} ({device})",
-    ]
 
 
 # ---------------------------------------------------------------------------------------------

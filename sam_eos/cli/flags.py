@@ -29,6 +29,14 @@ from sam_eos.reports.raw_data import check_output_path
 
 FLAGS = flags.FLAGS
 
+# TrainConfig fields set from the flag of the same name.
+CONFIG_FLAGS = (
+    "step_size", "rho", "time_limit_in_hours", "hessian_check_gap", "hessian_check_every_steps",
+    "max_steps", "num_principal_components", "eigensolver", "eigensolver_max_iterations",
+    "eigensolver_tolerance", "eigensolver_warm_start", "seed", "checkpoint_dir",
+    "checkpoint_every_minutes", "plot_x", "progress_every_seconds", "optimizer", "momentum",
+    "adam_b1", "adam_b2", "adam_eps", "sam_variant",
+)
 OUTPUT_FLAGS = {  # TrainConfig.outputs field -> flag name
     "raw_data": "raw_data_output",
     "eigs_curve": "eigs_curve_output",
@@ -249,33 +257,9 @@ def train_config_from_flags(run_name: str,
     _refuse_aliases({**{f"--{OUTPUT_FLAGS[field]}": path for field, path in outputs.items()},
                      "--density_output": density},
                     {f"--{name}": path for name, path in (input_paths or {}).items()})
-    return TrainConfig(
-        step_size=FLAGS.step_size,
-        rho=FLAGS.rho,
-        time_limit_in_hours=FLAGS.time_limit_in_hours,
-        hessian_check_gap=FLAGS.hessian_check_gap,
-        hessian_check_every_steps=FLAGS.hessian_check_every_steps,
-        max_steps=FLAGS.max_steps,
-        num_principal_components=FLAGS.num_principal_components,
-        eigensolver=FLAGS.eigensolver,
-        eigensolver_max_iterations=FLAGS.eigensolver_max_iterations,
-        eigensolver_tolerance=FLAGS.eigensolver_tolerance,
-        eigensolver_warm_start=FLAGS.eigensolver_warm_start,
-        seed=FLAGS.seed,
-        outputs=Outputs(**outputs, density_curve=density),
-        run_name=run_name,
-        checkpoint_dir=FLAGS.checkpoint_dir,
-        checkpoint_every_minutes=FLAGS.checkpoint_every_minutes,
-        plot_x=FLAGS.plot_x,
-        progress_every_seconds=FLAGS.progress_every_seconds,
-        spectrum=spectrum,
-        optimizer=FLAGS.optimizer,
-        momentum=FLAGS.momentum,
-        adam_b1=FLAGS.adam_b1,
-        adam_b2=FLAGS.adam_b2,
-        adam_eps=FLAGS.adam_eps,
-        sam_variant=FLAGS.sam_variant,
-    )
+    return TrainConfig(**{name: FLAGS[name].value for name in CONFIG_FLAGS},
+                       outputs=Outputs(**outputs, density_curve=density), run_name=run_name,
+                       spectrum=spectrum)
 
 
 def output_paths_from_flags() -> dict[str, tuple[str, str]]:

@@ -21,7 +21,12 @@ from absl import app, flags
 from sam_eos.cli.parsing import parse_flags
 from sam_eos.loop.errors import EXIT_BAD_INPUT, InputError
 from sam_eos.reports.figures import X_AXES, RunData, draw_density, draw_runs
-from sam_eos.reports.paths import DENSITY_FILE_NAME, PLOT_FIELDS, output_paths
+from sam_eos.reports.paths import (
+    DENSITY_FILE_NAME,
+    OUTPUT_FILE_NAMES,
+    PLOT_FIELDS,
+    output_paths,
+)
 from sam_eos.reports.raw_data import (
     DENSITY_SUFFIX,
     check_output_path,
@@ -30,9 +35,6 @@ from sam_eos.reports.raw_data import (
     read_original_raw_data,
     read_raw_data,
 )
-
-PLOTS = (("eigs_curve", "eigs.pdf"), ("eigs_se_only", "eigs_se_only.pdf"),
-         ("alignment_curve", "alignment.pdf"), ("loss_curve", "loss.pdf"))
 
 
 def define_flags() -> None:
@@ -52,9 +54,9 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "density_output", None, f"The density plot's path (default: <output_dir>/<prefix>"
         f"{DENSITY_FILE_NAME}; empty: skip it).")
-    for field, name in PLOTS:
+    for field in PLOT_FIELDS:
         flags.DEFINE_string(f"{field}_output", None, f"This plot's path (default: "
-                            f"<output_dir>/<prefix>{name}; empty: skip it).")
+                            f"<output_dir>/<prefix>{OUTPUT_FILE_NAMES[field]}; empty: skip it).")
 
 
 def plot_paths(raw_paths: list[str], output_dir: str | None, prefix: str,
@@ -116,7 +118,7 @@ def main(argv: list[str]) -> None:
     try:
         if not raw_paths and not given:
             raise InputError("give raw-data files: python3 -m sam_eos.cli.replot RAW [RAW ...]")
-        overrides = {field: values[f"{field}_output"].value for field, _ in PLOTS}
+        overrides = {field: values[f"{field}_output"].value for field in PLOT_FIELDS}
         outputs = (plot_paths(raw_paths, values.output_dir, values.output_prefix, overrides)
                    if raw_paths else {})
         for field, path in outputs.items():

@@ -13,7 +13,7 @@ import optax
 from sam_eos import edge, hessian
 from sam_eos.loop.errors import InputError
 from sam_eos.loop.measurements import SpectrumOptions
-from sam_eos.reports.paths import X_AXES
+from sam_eos.reports.paths import PLOT_FIELDS, X_AXES
 
 OPTIMIZERS = edge.OPTIMIZERS  # "sgd", "momentum", "nesterov", "adam"
 SAM_VARIANTS = ("sam", "usam")
@@ -48,8 +48,7 @@ class Outputs:
 
     def plots(self) -> dict[str, str]:
         """The four plots' paths by field name (the density plot is drawn on its own)."""
-        return {field: getattr(self, field)
-                for field in ("eigs_curve", "eigs_se_only", "alignment_curve", "loss_curve")}
+        return {field: getattr(self, field) for field in PLOT_FIELDS}
 
 
 @dataclasses.dataclass(frozen=True)

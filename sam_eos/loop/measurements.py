@@ -120,8 +120,8 @@ def make_batch_sharpness_samples(loss_fn: LossFn, select: Callable):
     """A jitted `(params, arrays, rows int32 [C]) -> float [C]`: g^T H g / ||g||^2 of the
     minibatch `select(arrays, row)` of each row, gathered on the device."""
     def samples(params, arrays, rows):
-        return jax.lax.map(
-            lambda row: spectrum.gradient_curvature(loss_fn, params, select(arrays, row)), rows)
+        batches = jax.vmap(lambda row: select(arrays, row))(rows)  # [C, ...] minibatches
+        return spectrum.batch_sharpness_samples(loss_fn, params, batches)
     return jax.jit(samples)
 
 

@@ -28,7 +28,6 @@ from matplotlib.figure import Figure
 from sam_eos.loop.errors import InputError
 from sam_eos.reports.paths import X_AXES
 
-PLOT_NAMES = ("eigs_curve", "eigs_se_only", "alignment_curve", "loss_curve")
 OFF_SCALE_FACTOR = 2.0
 BELOW_AXIS_FRACTION = 0.25
 SHARPNESS_SERIES = (  # column, label, style; drawn when the column has a finite value
