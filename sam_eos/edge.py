@@ -88,10 +88,12 @@ def _fraction(name: str, value: float) -> float:
 
 
 def _module(*values):
-    """jax.numpy when any value is a jax array (usable under jit), else numpy in float64."""
-    if any(isinstance(x, jax.Array) for x in values):
-        return jnp, [jnp.asarray(x) for x in values]
-    return np, [np.asarray(x, np.float64) for x in values]
+    """jax.numpy when any value is a jax array (usable under jit), else numpy in float64;
+    None values stay None."""
+    convert = (lambda x: jnp.asarray(x)) if any(isinstance(x, jax.Array) for x in values) else (
+        lambda x: np.asarray(x, np.float64))
+    xp = jnp if any(isinstance(x, jax.Array) for x in values) else np
+    return xp, [None if x is None else convert(x) for x in values]
 
 
 def _quadratic_edge(xp, threshold, rho_eff):
@@ -121,8 +123,8 @@ def sam_edge(grad_norm, step_size, rho, threshold=None):
       The edge in curvature units, broadcast over the inputs: a jax array when any input is
       one (usable under jit), otherwise a numpy float64 value.
     """
-    xp, (grad_norm, step_size, rho) = _module(grad_norm, step_size, rho)
-    threshold = 2.0 / step_size if threshold is None else xp.asarray(threshold)
+    xp, (grad_norm, step_size, rho, threshold) = _module(grad_norm, step_size, rho, threshold)
+    threshold = 2.0 / step_size if threshold is None else threshold
     positive = grad_norm > 0
     safe = xp.where(positive, grad_norm, 1.0)
     # rho_eff = rho / ||g||: +inf at ||g|| = 0 for rho > 0 (edge 0), 0 for rho = 0.
@@ -141,6 +143,6 @@ def usam_edge(step_size, rho, threshold=None):
     Returns:
       The edge in curvature units; a jax array when any input is one, else numpy float64.
     """
-    xp, (step_size, rho) = _module(step_size, rho)
-    threshold = 2.0 / step_size if threshold is None else xp.asarray(threshold)
+    xp, (step_size, rho, threshold) = _module(step_size, rho, threshold)
+    threshold = 2.0 / step_size if threshold is None else threshold
     return _quadratic_edge(xp, threshold, rho)

@@ -238,7 +238,7 @@ def top_eigenvalues(
     """
     if method not in METHODS:
         raise ValueError(f"unknown eigensolver method {method!r}; choose one of {METHODS}")
-    num_matvecs = num_matvecs or DEFAULT_MAX_ITERATIONS[method]
+    num_matvecs = DEFAULT_MAX_ITERATIONS[method] if num_matvecs is None else num_matvecs
     tolerance = DEFAULT_TOLERANCE[method] if tolerance is None else tolerance
     if method == "power":
         given = [name for name, value in zip(LANCZOS_ONLY_OPTIONS, (

@@ -48,13 +48,17 @@ def perturbed_params(params: PyTree, gradient: PyTree, rho: float | jax.Array,
                               gradient)
 
 
-def sam_gradient(loss_fn: LossFn, params: PyTree, batch: PyTree, rho: float) -> PyTree:
-    """The SAM gradient: grad L at `params + rho * g / (||g|| + 1e-5)` with `g = grad L(params)`."""
-    return loss_gradient_and_sam_gradient(loss_fn, params, batch, rho)[2]
+def sam_gradient(loss_fn: LossFn, params: PyTree, batch: PyTree, rho: float,
+                 variant: str = "sam") -> PyTree:
+    """The SAM gradient: grad L at `perturbed_params(params, g, rho, variant)`, g = grad L
+    (for "sam", `params + rho * g / (||g|| + 1e-5)`)."""
+    return loss_gradient_and_sam_gradient(loss_fn, params, batch, rho, variant)[2]
 
 
 def sam_update(
-    loss_fn: LossFn, params: PyTree, batch: PyTree, step_size: float, rho: float
+    loss_fn: LossFn, params: PyTree, batch: PyTree, step_size: float, rho: float,
+    variant: str = "sam"
 ) -> PyTree:
     """One SAM step `params - step_size * sam_gradient`; gradient descent when `rho = 0`."""
-    return otu.tree_add_scale(params, -step_size, sam_gradient(loss_fn, params, batch, rho))
+    return otu.tree_add_scale(params, -step_size,
+                              sam_gradient(loss_fn, params, batch, rho, variant))

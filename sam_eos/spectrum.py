@@ -216,15 +216,17 @@ def enough_batches(
 # Sharpness at the SAM point
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn",))
-def sam_point(loss_fn: LossFn, params: PyTree, batch: PyTree, rho: float | jax.Array) -> PyTree:
-    """The point where SAM takes its gradient: w + rho g / (||g|| + 1e-5), g = grad L(w)."""
-    return sam.perturbed_params(params, jax.grad(loss_fn)(params, batch), rho)
+@functools.partial(jax.jit, static_argnames=("loss_fn", "variant"))
+def sam_point(loss_fn: LossFn, params: PyTree, batch: PyTree, rho: float | jax.Array,
+              variant: str = "sam") -> PyTree:
+    """The point where SAM takes its gradient: w + rho g / (||g|| + 1e-5) ("sam") or
+    w + rho g ("usam"), g = grad L(w)."""
+    return sam.perturbed_params(params, jax.grad(loss_fn)(params, batch), rho, variant)
 
 
 def sam_point_sharpness(
     loss_fn: LossFn, params: PyTree, batch: PyTree, rho: float | jax.Array, key: jax.Array,
-    **solver_options
+    variant: str = "sam", **solver_options
 ) -> tuple[jax.Array, EigenInfo]:
     """The top Hessian eigenvalue at the SAM point `sam_point(...)`: `(value, EigenInfo)`.
 
@@ -232,7 +234,7 @@ def sam_point_sharpness(
     num_matvecs, start_vectors for a warm start). Costs one gradient plus the solver's
     products. `loss_fn` is static: pass the same function object on every call.
     """
-    point = sam_point(loss_fn, params, batch, rho)
+    point = sam_point(loss_fn, params, batch, rho, variant)
     eigenvalues, _, info = hessian.top_eigenvalues(loss_fn, point, batch, key, 1,
                                                    **solver_options)
     return eigenvalues[0], info

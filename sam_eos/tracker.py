@@ -30,6 +30,7 @@ from jax.flatten_util import ravel_pytree
 
 from sam_eos import lanczos
 from sam_eos.effective_sharpness import effective_sharpness_operator, products_per_matvec
+from sam_eos.sam import is_static_zero
 from sam_eos.types import LossFn, PyTree
 
 DEFAULT_NUM_MATVECS = 100
@@ -106,6 +107,8 @@ class SharpnessTracker:
           `(SharpnessResult, the next state)`. Compiled once per shape and per choice of
           None / not None for `rho_eff` and `preconditioner`.
         """
+        if rho_eff is not None and is_static_zero(rho_eff):
+            rho_eff = None  # a Python 0: the Hessian itself, one HVP per product
         return self._update(state, params, batch, rho_eff, preconditioner)
 
     def _measure(self, state, params, batch, rho_eff, preconditioner):

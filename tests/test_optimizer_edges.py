@@ -4,11 +4,12 @@ sharpness against dense matrices, the composed SAM edge, the plots and the summa
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
 from sam_eos import adam_preconditioner, sam_edge, stability_threshold, usam_edge
-from sam_eos.loop import train
+from sam_eos.loop import measurements, train
 from sam_eos.reports import figures, summary
 from sam_eos.reports.raw_data import read_raw_data
 from tests.test_hessian import dense_hessian
@@ -104,3 +105,21 @@ def test_config_refuses_bad_hyperparameters_with_the_flags_messages():
         train.TrainConfig(step_size=0.1, rho=-1.0)
     with pytest.raises(train.errors.InputError, match="exceeds the eigensolver's budget"):
         train.TrainConfig(step_size=0.1, num_principal_components=101)
+
+
+def test_a_small_budget_keeps_every_warm_start_block_one_shape(tmp_path):
+    """Adam's effective sharpness and the SAM point solve within a 2-product budget: their
+    Ritz blocks keep the shape their compiled functions expect, check after check."""
+    changes = dict(optimizer="adam", rho=0.05, eigensolver_max_iterations=2,
+                   spectrum=measurements.SpectrumOptions(sam_point_sharpness=True))
+    result, _, _, _, rows, columns = run_case(tmp_path, changes, steps=12)
+    assert "failed" not in (tmp_path / "raw.txt").read_text()
+    for name in ("effective_sharpness", "sam_point_sharpness"):
+        assert np.all(np.isfinite(rows[1:, columns.index(name)])), name
+
+
+def test_an_explicit_optimizer_with_another_configured_one_is_an_error():
+    params, batch = mlp_problem()
+    config = train.TrainConfig(step_size=0.1, optimizer="adam", max_steps=1)
+    with pytest.raises(ValueError, match="not both"):
+        train.run(mlp_loss, params, train.FullBatch(batch), config, optimizer=optax.sgd(0.1))

@@ -110,3 +110,12 @@ def test_bad_hyperparameters_are_errors():
         stability_threshold("rmsprop", 0.1)
     with pytest.raises(ValueError, match="positive"):
         stability_threshold("sgd", 0.0)
+
+
+def test_edges_work_under_jit_with_a_traced_threshold():
+    composed = jax.jit(lambda t: sam_edge(1.0, 0.1, 0.1, threshold=t))(jnp.float32(4.0))
+    np.testing.assert_allclose(float(composed), sam_edge(1.0, 0.1, 0.1, threshold=4.0),
+                               rtol=1e-6)
+    unnormalised = jax.jit(lambda t: usam_edge(0.1, 0.1, threshold=t))(jnp.float32(4.0))
+    np.testing.assert_allclose(float(unnormalised), usam_edge(0.1, 0.1, threshold=4.0),
+                               rtol=1e-6)

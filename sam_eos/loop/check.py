@@ -55,10 +55,29 @@ def initial_state(params: PyTree, config: TrainConfig) -> dict[str, jax.Array]:
     """The check's part of the loop's state before the first check: every warm start cold."""
     state = {"ritz_vectors": cold_ritz_block(params, config, ChunkPlan.from_config(config))}
     if config.optimizer == "adam":
-        state["effective_ritz_vectors"] = hessian.cold_start_vectors(params, 1)
+        state["effective_ritz_vectors"] = _single_block(params, config)
     if config.spectrum.sam_point_sharpness:
-        state["sam_point_ritz_vectors"] = hessian.cold_start_vectors(params, 1)
+        state["sam_point_ritz_vectors"] = _single_block(params, config)
     return state
+
+
+def _single_block(params: PyTree, config: TrainConfig) -> jax.Array:
+    """Zeros shaped like the Ritz block of a one-eigenvalue Lanczos solve with the run's
+    budget (3 rows, fewer when its steps cannot hold them): the block it returns."""
+    budget = config.eigensolver_max_iterations or hessian.DEFAULT_MAX_ITERATIONS["lanczos"]
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
+    rows = min(hessian.warm_block_size(1), hessian.lanczos_iterations_allowed(num_params, budget))
+    return hessian.cold_start_vectors(params, 1, rows)
+
+
+def cold_like(vectors: jax.Array) -> jax.Array:
+    """Zeros shaped and placed as `vectors`: a cold start for the solve they warm-start."""
+    return jnp.zeros_like(vectors, device=vectors.sharding)
+
+
+def start_block(state: dict[str, PyTree], name: str, warm: bool) -> jax.Array:
+    """`state[name]`, or zeros shaped like it when not `warm` (--eigensolver_warm_start=false)."""
+    return state[name] if warm else cold_like(state[name])
 
 
 @dataclasses.dataclass
@@ -101,7 +120,7 @@ class HessianCheck:
              ) -> tuple[dict[str, Any] | None, dict[str, PyTree], int]:
         """One check at `state`: (its measurement on the host, or None when interrupted
         between chunks; the state with this check's Ritz vectors; the products used)."""
-        start = state["ritz_vectors"] if self.warm_start else self.cold_start
+        start = start_block(state, "ritz_vectors", self.warm_start)
         solved, products = self.solve(state["params"], batch, key, step, start, stop_requested)
         if solved is None:
             return None, state, products
@@ -111,8 +130,9 @@ class HessianCheck:
         state = {**state, "ritz_vectors": solved["ritz_vectors"]}
         if self.effective is not None:
             out = self.effective(state["params"], state["opt_state"], batch, key,
-                                 np.int32(step), state["effective_ritz_vectors"],
-                                 np.float32(measured["rho_eff"]))
+                                 np.int32(step),
+                                 start_block(state, "effective_ritz_vectors", self.warm_start),
+                                 np.float32(measured["rho_eff"]), np.float32(self.noise_floor))
             measured["effective_sharpness"] = float(out["value"])
             measured["hessian_vector_products"] = (int(measured["hessian_vector_products"])
                                                    + int(out["hessian_vector_products"]))
@@ -199,7 +219,7 @@ def compile_check(loss_fn: LossFn, config: TrainConfig, state: dict[str, PyTree]
     effective = None
     if "effective_ritz_vectors" in state:
         effective = _compile_effective(loss_fn, config, state, batch, key, place)
-    return HessianCheck(chunk, measure, cold_start=state["ritz_vectors"],
+    return HessianCheck(chunk, measure, cold_start=cold_like(state["ritz_vectors"]),
                         max_chunks=plan.chunks, warm_start=config.eigensolver_warm_start,
                         effective=effective)
 
@@ -222,7 +242,7 @@ def _compile_effective(loss_fn: LossFn, config: TrainConfig, state: dict[str, Py
             perturbed=config.rho > 0, out_sharding=_replicated(place))
         return steps.compile_ahead(
             "the effective sharpness", effective, state["params"], state["opt_state"], batch,
-            key, np.int32(0), state["effective_ritz_vectors"], np.float32(0))
+            key, np.int32(0), state["effective_ritz_vectors"], np.float32(0), np.float32(0))
     except Exception as error:  # noqa: BLE001 - reported at every check instead
         logging.exception("Compiling the effective sharpness failed.")
         return steps.failing(error)

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -126,15 +125,16 @@ def make_batch_sharpness_samples(loss_fn: LossFn, select: Callable):
 
 
 def make_sam_point_sharpness(loss_fn: LossFn, rho: float, max_iterations: int | None,
-                             tolerance: float | None):
+                             tolerance: float | None, variant: str = "sam"):
     """A jitted `(params, batch, key, step, start_vectors) -> dict`: the top eigenvalue at the
-    SAM point (nan unless converged), its products and Ritz vectors for the next warm start."""
+    SAM point (its last estimate when unconverged), its products and Ritz vectors for the next
+    warm start."""
     def sam_point_sharpness(params, batch, key, step, start_vectors):
         key = jax.random.fold_in(jax.random.fold_in(key, step), _SAM_POINT_SALT)
         value, info = spectrum.sam_point_sharpness(
-            loss_fn, params, batch, rho, key, num_matvecs=max_iterations, tolerance=tolerance,
-            start_vectors=start_vectors)
-        return {"value": jnp.where(info.converged, value, jnp.nan),
+            loss_fn, params, batch, rho, key, variant, num_matvecs=max_iterations,
+            tolerance=tolerance, start_vectors=start_vectors)
+        return {"value": value,  # unconverged: the last estimate, as the main check's
                 "products": info.hessian_vector_products, "ritz_vectors": info.ritz_vectors}
     return jax.jit(sam_point_sharpness)
 
@@ -223,7 +223,8 @@ class SpectrumChecks:
 def compile_spectrum_checks(loss_fn: LossFn, options: SpectrumOptions, *, rho: float,
                             max_iterations: int | None, tolerance: float | None, feed: Feed,
                             params: PyTree, batch: PyTree, key: jax.Array,
-                            sam_point_vectors: jax.Array | None = None) -> SpectrumChecks:
+                            sam_point_vectors: jax.Array | None = None,
+                            variant: str = "sam") -> SpectrumChecks:
     """Compiles the enabled measurements for this run's shapes (`steps.compile_ahead`, each
     logged). `batch` is an example of the check's batch; `sam_point_vectors` of the SAM
     point's warm start (with `sam_point_sharpness`)."""
@@ -247,6 +248,6 @@ def compile_spectrum_checks(loss_fn: LossFn, options: SpectrumOptions, *, rho: f
     if options.sam_point_sharpness:
         checks.sam_point = steps.compile_ahead(
             "the SAM-point sharpness",
-            make_sam_point_sharpness(loss_fn, rho, max_iterations, tolerance),
+            make_sam_point_sharpness(loss_fn, rho, max_iterations, tolerance, variant),
             params, batch, key, step, sam_point_vectors)
     return checks

@@ -176,7 +176,8 @@ def make_measure(loss_fn: LossFn, *, rho: float, step_size: float, variant: str 
 def make_effective_sharpness(loss_fn: LossFn, *, b2: float, eps: float, num_matvecs: int,
                              tolerance: float, perturbed: bool,
                              out_sharding: jax.sharding.Sharding | None = None):
-    """A jitted `(params, opt_state, batch, key, step, start_vectors, rho_eff) -> dict`: Adam's
+    """A jitted `(params, opt_state, batch, key, step, start_vectors, rho_eff, noise_floor) ->
+    dict`: Adam's
     effective sharpness, the top eigenvalue of P^-1/2 (H + rho_eff H^2) P^-1/2 with P read from
     `opt_state` (`sam_eos.adam_preconditioner`), by Lanczos warm-started from `start_vectors`
     [block, n]. Returns `value`, `hessian_vector_products` (int32), `error_bound`,
@@ -184,7 +185,7 @@ def make_effective_sharpness(loss_fn: LossFn, *, b2: float, eps: float, num_matv
     false, rho = 0) `rho_eff` is ignored and each product is one HVP instead of two."""
 
     @functools.partial(jax.jit, out_shardings=out_sharding)
-    def effective(params, opt_state, batch, key, step, start_vectors, rho_eff):
+    def effective(params, opt_state, batch, key, step, start_vectors, rho_eff, noise_floor):
         preconditioner = adam_preconditioner(opt_state, b2=b2, eps=eps)
         _, _, matvec = effective_sharpness_operator(
             loss_fn, params, batch, rho_eff=rho_eff if perturbed else 0.0,
@@ -192,11 +193,11 @@ def make_effective_sharpness(loss_fn: LossFn, *, b2: float, eps: float, num_matv
         dtype = start_vectors.dtype
         found = lanczos.solve(
             matvec, start_vectors, jax.random.fold_in(key, step), jnp.asarray(tolerance, dtype),
-            jnp.zeros((), dtype), jnp.asarray(hessian.DEFAULT_START_NOISE, dtype), k=1,
+            noise_floor.astype(dtype), jnp.asarray(hessian.DEFAULT_START_NOISE, dtype), k=1,
             max_steps=num_matvecs, block_size=start_vectors.shape[0])
         return {"value": found.top[0],
                 "hessian_vector_products": (2 if perturbed else 1) * found.steps,
-                "error_bound": found.bound, "converged": found.converged,
+                "error_bound": jnp.maximum(found.bound, noise_floor), "converged": found.converged,
                 "ritz_vectors": found.vectors}
 
     return effective

@@ -178,7 +178,8 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     else:
         check_batch = steps.compile_ahead("the check's batch", steps.make_batch_at(feed.select),
                                           arrays, row)
-    hessian_check = check.not_compiled(state["ritz_vectors"], "no checks are scheduled")
+    hessian_check = check.not_compiled(check.cold_like(state["ritz_vectors"]),
+                                       "no checks are scheduled")
     if with_checks and not stop_requested():
         hessian_check = check.compile_check(loss_fn, config, state, check_batch(arrays, row),
                                             key, place)
@@ -189,13 +190,13 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
             max_iterations=config.eigensolver_max_iterations,
             tolerance=config.eigensolver_tolerance, feed=feed, params=state["params"],
             batch=check_batch(arrays, row), key=key,
-            sam_point_vectors=state.get("sam_point_ritz_vectors"))
+            sam_point_vectors=state.get("sam_point_ritz_vectors"), variant=config.sam_variant)
     return Program(train_steps, check_batch, hessian_check, spectrum=extra)
 
 
 def _not_compiled(train_steps: Callable, cold_start: jax.Array) -> Program:
     """The program of a run stopped while compiling: no check can be taken."""
-    skipped = check.not_compiled(cold_start, "stopped while compiling")
+    skipped = check.not_compiled(check.cold_like(cold_start), "stopped while compiling")
     return Program(train_steps, skipped.measure, skipped)
 
 
@@ -248,8 +249,10 @@ def run(
         (host batches, for a training set too large for the device).
       config: loop settings, output paths and checkpointing.
       hessian_batch: measure every check on this fixed batch instead of the step's batch.
-      optimizer: the outer step; default `optax.sgd(config.step_size)`, which makes each step
-        exactly `sam_eos.sam.sam_update`.
+      optimizer: the outer step, any optax optimizer, with `config.optimizer` "sgd" (no method
+        columns are then written: the run's threshold is unknown); default
+        `config.make_optimizer()`, e.g. `optax.sgd(config.step_size)`, which makes each step
+        exactly `sam_eos.sam_update`.
       settings: extra settings to record in the raw-data header (e.g. the program's flags).
       mesh: shard every batch over this mesh's devices (`sam_eos.loop.distributed.make_mesh`),
         parameters replicated; None: the default device, or on several processes every
@@ -261,6 +264,10 @@ def run(
     if mesh is None and jax.process_count() > 1:
         mesh = distributed.make_mesh()  # one run over all processes, not one per process
     place = Placement(mesh)
+    if optimizer is not None and config.optimizer != "sgd":
+        raise ValueError(f"give either an optax optimizer or config.optimizer="
+                         f"{config.optimizer!r}, not both: the threshold and Adam's "
+                         "preconditioner follow config.optimizer")
     optimizer = optimizer or config.make_optimizer()
     outputs = config.outputs if distributed.is_main_process() else Outputs()
     recorder = Recorder(
@@ -345,7 +352,8 @@ def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
         if measured is not None and program.spectrum:
             extra = program.spectrum.measure(
                 checked["params"], batch, feed, key, position.step, position.rows_written,
-                checked.get("sam_point_ritz_vectors"))
+                check.start_block(checked, "sam_point_ritz_vectors", program.check.warm_start)
+                if "sam_point_ritz_vectors" in checked else None)
             if extra.sam_point_vectors is not None:
                 checked = {**checked, "sam_point_ritz_vectors": extra.sam_point_vectors}
     except Exception as error:  # noqa: BLE001 - one failed check must not end the run

@@ -226,7 +226,8 @@ class _Figure:
                     drawn.append((x, run.column(name)))
             edge, two_over_eta = run.column("sam_edge"), run.column("two_over_eta")
             edge_label = "SAM edge" if threshold is None else "composed edge (lambda units)"
-            if not with_two_over_eta or _differs(edge, two_over_eta):  # GD: the edge is 2/eta
+            differs = _differs(edge, two_over_eta if threshold is None else threshold)
+            if not with_two_over_eta or differs:  # GD: the edge is 2/eta; rho 0: it is T
                 if _draw(ax, x, edge, **self.style(i, "sam_edge", edge_label, linestyle="--")):
                     references.append(edge)
             if threshold is not None:

@@ -36,7 +36,9 @@ def measured_row(step: int, seconds: float, m: dict[str, Any], *, step_size: flo
     `error_bound` and `converged` 0; only a non-finite estimate is nan. With a non-default
     method's `stability_threshold` it adds the METHOD_COLUMNS: `effective_sharpness` is the
     measured one (Adam's) or, with P = I, max f(lambda) over lambda_max and lambda_min for
-    f(lambda) = lambda + rho_eff lambda^2 (H + rho_eff H^2 shares H's eigenvectors)."""
+    f(lambda) = lambda + rho_eff lambda^2 (H + rho_eff H^2 shares H's eigenvectors). With
+    `power`, whose lambda_max is a magnitude, that is f(|lambda|): an upper bound when the
+    eigenvalue of largest magnitude is negative."""
     eigenvalues = np.asarray(m["eigenvalues"], np.float64)
     lambda_min = float(m["lambda_min"])
     lambda_max = float(eigenvalues[0])
