@@ -91,13 +91,19 @@ def machine() -> dict[str, Any]:
     }
 
 
+# The code a result depends on: a change elsewhere (the results, the docs) does not count.
+CODE_PATHS = ("sam_eos", "benchmarks", ":!benchmarks/results", "image_classification",
+              "transformer", "pyproject.toml", "requirements.txt")
+
+
 def commit() -> str:
-    """The checked-out commit, with "+changes" when the tree differs from it."""
+    """The checked-out commit, with "+changes" when its code differs from it."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True,
                               text=True).stdout.strip()
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS)
+    return head + ("+changes" if changed else "")
 
 
 def write_result(name: str, result: dict[str, Any], context: Context,
