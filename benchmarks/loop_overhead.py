@@ -37,7 +37,7 @@ def run(context: Context) -> dict:
 
     timed(lambda: bare(params, batch, 10))
     probe, _ = timed(lambda: bare(params, batch, 20_000))
-    seconds = 0.5 if context.quick else 1.5
+    seconds = 2.0 if context.quick else 5.0  # the bare loop's length: differences need it
     long = int(np.clip(seconds / (probe / 20_000), 20_000, 5_000_000)) // 1024 * 1024
     short = long // 4
     samples: dict[str, list[float]] = {"bare": [], "short": [], "long": []}
