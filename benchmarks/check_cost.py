@@ -67,24 +67,30 @@ def measure_along(loss_fn, points, batch) -> dict[str, list[dict]]:
 
 
 def draw(runs: dict[str, dict[str, list[dict]]], every: int, title: str) -> None:
-    figure = Figure(figsize=(9, 5.6))
-    axes = figure.subplots(2, 2, sharex=True)
+    """Products, seconds and error per check, one column per run (GD, SAM)."""
+    figure = Figure(figsize=(9, 7.2))
+    axes = figure.subplots(3, 2, sharex=True)
+    panels = (("products", "products per check\n(HVPs; power: finite differences)", False),
+              ("seconds", "seconds per check", False),
+              ("error", "relative error of lambda_1", True))
     for column, (run, results) in enumerate(runs.items()):
         for j, method in enumerate(METHODS):
             steps = np.arange(len(results[method])) * every
             style = dict(color=f"C{j}", marker="o", markersize=3, label=method)
-            axes[0, column].plot(steps, [r["products"] for r in results[method]], **style)
-            axes[1, column].semilogy(steps, [max(r["error"], 1e-9) for r in results[method]],
-                                     **style)
+            for row, (key, _, log) in enumerate(panels):
+                values = [max(r[key], 1e-9) if log else r[key] for r in results[method]]
+                (axes[row, column].semilogy if log else axes[row, column].plot)(
+                    steps, values, **style)
         axes[0, column].set_title(run, fontsize=9)
-        axes[1, column].axhline(1e-4, color="0.3", linestyle=":", label="1e-4 asked of a check")
-        axes[1, column].set_xlabel("step")
-    axes[0, 0].set_ylabel("products per check\n(HVPs; power: finite differences)")
-    axes[1, 0].set_ylabel("relative error of lambda_1")
-    axes[1, 1].legend(fontsize=7)
+        axes[2, column].axhline(1e-4, color="0.3", linestyle=":", label="1e-4 asked of a check")
+        axes[2, column].set_xlabel("step")
+    for row, (_, label, _) in enumerate(panels):
+        axes[row, 0].set_ylabel(label, fontsize=8)
+    axes[2, 1].legend(fontsize=7)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(title + "\n(the first check of each run includes no compile: every solver "
+                    "was compiled before)", fontsize=9)
     figure.tight_layout()
     FIGURE.parent.mkdir(exist_ok=True)
     figure.savefig(FIGURE, dpi=100)
