@@ -31,6 +31,16 @@ if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
 if "SAM_EOS_TEST_CACHE_HOME" not in os.environ:
     os.environ["SAM_EOS_TEST_CACHE_HOME"] = tempfile.mkdtemp(prefix="sam_eos_test_cache_")
 os.environ["XDG_CACHE_HOME"] = os.environ["SAM_EOS_TEST_CACHE_HOME"]
+# The tests' own processes use that cache too, for every compile whatever its size or time:
+# many tests run `train.run` more than once on one model (a resume, a rerun), and each run
+# compiles fresh closures of the same programs.
+if os.environ.get("SAM_EOS_TEST_IN_PROCESS_CACHE", "1") == "1":
+    import jax  # noqa: E402 - after the XLA flags above
+
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(os.environ["SAM_EOS_TEST_CACHE_HOME"], "in_process"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
