@@ -28,15 +28,15 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import lanczos
-from sam_eos.effective_sharpness import effective_sharpness_operator, products_per_matvec
+from sam_eos import hessian, lanczos
+from sam_eos.effective_sharpness import solve_top
 from sam_eos.sam import is_static_zero
 from sam_eos.types import LossFn, PyTree
 
-DEFAULT_NUM_MATVECS = 100
-DEFAULT_TOLERANCE = 1e-5
-DEFAULT_EXTRA_VECTORS = 2
-DEFAULT_START_NOISE = 1e-2
+DEFAULT_NUM_MATVECS = hessian.DEFAULT_MAX_ITERATIONS["lanczos"]
+DEFAULT_TOLERANCE = hessian.DEFAULT_TOLERANCE["lanczos"]
+DEFAULT_EXTRA_VECTORS = hessian.DEFAULT_EXTRA_VECTORS
+DEFAULT_START_NOISE = hessian.DEFAULT_START_NOISE
 
 
 class TrackerState(NamedTuple):
@@ -113,18 +113,14 @@ class SharpnessTracker:
 
     def _measure(self, state, params, batch, rho_eff, preconditioner):
         key, next_key = jax.random.split(state.key)
-        _, unravel, matvec = effective_sharpness_operator(
-            self.loss_fn, params, batch, rho_eff=0.0 if rho_eff is None else rho_eff,
-            preconditioner=preconditioner, hvp_mode=self.hvp_mode)
-        start = state.ritz_vectors
-        dtype = start.dtype
-        found = lanczos.solve(
-            matvec, start, key, jnp.asarray(self.tolerance, dtype), jnp.zeros((), dtype),
-            jnp.asarray(self.start_noise, dtype), k=self.k, max_steps=self.num_matvecs,
-            block_size=self.block_size)
+        found, unravel, products = solve_top(
+            self.loss_fn, params, batch, key, state.ritz_vectors, k=self.k,
+            num_matvecs=self.num_matvecs, tolerance=self.tolerance, start_noise=self.start_noise,
+            rho_eff=0.0 if rho_eff is None else rho_eff, preconditioner=preconditioner,
+            hvp_mode=self.hvp_mode)
         result = SharpnessResult(
             eigenvalues=found.top,
-            hessian_vector_products=found.steps * products_per_matvec(rho_eff),
+            hessian_vector_products=products,
             error_bound=found.bound,
             converged=found.converged,
             direction=unravel(found.vectors[0]),

@@ -20,13 +20,9 @@ import optax.tree_utils as otu
 from absl import logging
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import hessian, lanczos, tree
+from sam_eos import hessian, tree
 from sam_eos.edge import sam_edge, usam_edge
-from sam_eos.effective_sharpness import (
-    adam_preconditioner,
-    effective_radius,
-    effective_sharpness_operator,
-)
+from sam_eos.effective_sharpness import adam_preconditioner, effective_radius, solve_top
 from sam_eos.loop.feed import Select
 from sam_eos.sam import loss_gradient_and_sam_gradient
 from sam_eos.types import LossFn
@@ -186,17 +182,12 @@ def make_effective_sharpness(loss_fn: LossFn, *, b2: float, eps: float, num_matv
 
     @functools.partial(jax.jit, out_shardings=out_sharding)
     def effective(params, opt_state, batch, key, step, start_vectors, rho_eff, noise_floor):
-        preconditioner = adam_preconditioner(opt_state, b2=b2, eps=eps)
-        _, _, matvec = effective_sharpness_operator(
-            loss_fn, params, batch, rho_eff=rho_eff if perturbed else 0.0,
-            preconditioner=preconditioner)
-        dtype = start_vectors.dtype
-        found = lanczos.solve(
-            matvec, start_vectors, jax.random.fold_in(key, step), jnp.asarray(tolerance, dtype),
-            noise_floor.astype(dtype), jnp.asarray(hessian.DEFAULT_START_NOISE, dtype), k=1,
-            max_steps=num_matvecs, block_size=start_vectors.shape[0])
-        return {"value": found.top[0],
-                "hessian_vector_products": (2 if perturbed else 1) * found.steps,
+        found, _, products = solve_top(
+            loss_fn, params, batch, jax.random.fold_in(key, step), start_vectors, k=1,
+            num_matvecs=num_matvecs, tolerance=tolerance, noise_floor=noise_floor,
+            rho_eff=rho_eff if perturbed else 0.0,
+            preconditioner=adam_preconditioner(opt_state, b2=b2, eps=eps))
+        return {"value": found.top[0], "hessian_vector_products": products,
                 "error_bound": jnp.maximum(found.bound, noise_floor), "converged": found.converged,
                 "ritz_vectors": found.vectors}
 
