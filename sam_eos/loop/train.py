@@ -54,7 +54,6 @@ from sam_eos.reports.raw_data import METHOD_COLUMNS
 from sam_eos.reports.recorder import Recorder
 from sam_eos.types import LossFn, PyTree
 
-SECONDS_PER_HOUR = schedule.SECONDS_PER_HOUR
 MAX_STEPS_PER_DISPATCH = 1024
 
 
@@ -288,7 +287,7 @@ def run(
     if restored is not None:
         state, position = restored
         logging.info("Resumed from the checkpoint at step %d (%.4f h of training).",
-                     position.step, position.training_seconds / SECONDS_PER_HOUR)
+                     position.step, position.training_seconds / schedule.SECONDS_PER_HOUR)
     recorder.open(position, resumed=restored is not None)
     feed = make_feed(data, place, position.batches_taken)
     if hessian_batch is not None:
@@ -321,7 +320,7 @@ def run(
     status = "interrupted" if status == "hard_stop" else status
     exit_code = _finish(status, signal_number, recorder.rows)
     logging.info("Stopped (%s) after %d steps and %.4f h of training.", status, position.step,
-                 position.training_seconds / SECONDS_PER_HOUR)
+                 position.training_seconds / schedule.SECONDS_PER_HOUR)
     plots = recorder.finish(state if consistent else None, position)
     seconds = {"compile": compile_seconds,
                "steps": position.training_seconds - started_seconds - check_seconds,
