@@ -120,8 +120,11 @@ def sam_edge(grad_norm, step_size, rho, threshold=None):
       threshold: the base optimizer's T (`stability_threshold`, in curvature units); None:
         2 / eta, plain gradient descent.
     Returns:
-      The edge in curvature units, broadcast over the inputs: a jax array when any input is
-      one (usable under jit), otherwise a numpy float64 value.
+      The edge in the units of `threshold`, broadcast over the inputs: a jax array when any
+      input is one (usable under jit), otherwise a numpy float64 value. With an Adam threshold
+      T bounds the preconditioned sharpness, so the edge is in P^-1 H units: compare it with
+      the top eigenvalue of `effective_sharpness_operator(..., preconditioner=P)`, never with
+      the raw Hessian's lambda_max (whose units differ by the preconditioner's scale).
     """
     xp, (grad_norm, step_size, rho, threshold) = _module(grad_norm, step_size, rho, threshold)
     threshold = 2.0 / step_size if threshold is None else threshold

@@ -207,7 +207,9 @@ def top_eigenvalues(
         solver: pass the same function object on every call (a new lambda compiles anew).
       params, batch: pytrees; the Hessian is taken with respect to `params`.
       key: PRNG key of the random start (component).
-      k: how many eigenvalues.
+      k: how many eigenvalues, a positive int; Lanczos finds at most
+        min(num_params, lanczos.MAX_BASIS_STEPS = 128) in one call (its basis holds that many
+        rows; a larger budget restarts, it does not widen the basis). Checked before compiling.
       method: "lanczos" (default; exact HVPs, full reorthogonalisation, stops when the
         estimated error of every top-k Ritz value, and of the bottom one when it may be the
         largest in magnitude, is below `max(tolerance, noise_floor) * ||H||`) or "power"
@@ -215,9 +217,10 @@ def top_eigenvalues(
         finite differences, stopping when successive product norms agree to `tolerance`
         relatively; it returns magnitudes, the norms of the last products, estimating the
         largest |eigenvalues|; block power with Gram-Schmidt for k > 1).
-      num_matvecs: the product budget: HVPs (Lanczos, over restarts every 128 steps) or power
-        iterations (each k finite-difference products); default 100. Static.
-      tolerance: default 1e-5 (Lanczos) or 1e-3 (power, as the original).
+      num_matvecs: the product budget, an int >= k: HVPs (Lanczos, restarting from its Ritz
+        vectors every 128 steps, so any budget is allowed) or power iterations (each k
+        finite-difference products); default 100. Static.
+      tolerance: >= 0; default 1e-5 (Lanczos) or 1e-3 (power, as the original).
       The rest are Lanczos's only; any of them with method="power" is a ValueError:
       start_vectors: float [warm_block_size(k, block_size), num_params] (flat,
         `ravel_pytree` order), the previous check's `info.ritz_vectors`; None, all zeros or
@@ -240,6 +243,8 @@ def top_eigenvalues(
         raise ValueError(f"unknown eigensolver method {method!r}; choose one of {METHODS}")
     num_matvecs = DEFAULT_MAX_ITERATIONS[method] if num_matvecs is None else num_matvecs
     tolerance = DEFAULT_TOLERANCE[method] if tolerance is None else tolerance
+    lanczos.check_options(k, num_matvecs, tolerance, cold_start_vectors(params, 1).shape[1],
+                          solver=method)
     if method == "power":
         given = [name for name, value in zip(LANCZOS_ONLY_OPTIONS, (
             start_vectors, block_size, start_noise, noise_floor, hvp_mode, precision,

@@ -46,6 +46,32 @@ class LanczosResult(NamedTuple):
     converged: jax.Array  # bool scalar, bound <= max(tolerance, noise_floor) or space exhausted
 
 
+def check_options(k, num_matvecs, tolerance, num_params: int, solver: str = "lanczos") -> None:
+    """ValueError, naming the argument, unless k and `num_matvecs` are positive ints,
+    `tolerance` >= 0 (a traced one is not checked), k <= num_params and, for Lanczos, k <= the
+    budget and the steps one cycle holds."""
+    for name, value in (("k", k), ("num_matvecs", num_matvecs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, not {value!r}")
+    try:
+        negative = not float(tolerance) >= 0
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        negative = False  # traced: checked by its caller, if at all
+    if negative:
+        raise ValueError(f"tolerance must be >= 0, not {tolerance!r}")
+    if k > num_params:
+        raise ValueError(f"k={k} is more eigenvalues than num_params={num_params}")
+    if solver != "lanczos":
+        return
+    if k > num_matvecs:
+        raise ValueError(f"k={k} eigenvalues need num_matvecs >= k, not {num_matvecs}")
+    allowed = basis_steps(num_params, num_matvecs)
+    if k > allowed:
+        raise ValueError(
+            f"k={k} is more than one Lanczos cycle holds: min(num_params={num_params}, "
+            f"MAX_BASIS_STEPS={MAX_BASIS_STEPS}) = {allowed}; ask for k <= {allowed}")
+
+
 def basis_steps(n: int, max_steps: int) -> int:
     """Steps one cycle holds: at most `n` (a Krylov space's dimension) and MAX_BASIS_STEPS."""
     return min(max_steps, n, MAX_BASIS_STEPS)

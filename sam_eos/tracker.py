@@ -39,6 +39,15 @@ DEFAULT_EXTRA_VECTORS = hessian.DEFAULT_EXTRA_VECTORS
 DEFAULT_START_NOISE = hessian.DEFAULT_START_NOISE
 
 
+def _is_prng_key(key) -> bool:
+    """A typed key (jax.random.key) or a raw uint32 [2] one (jax.random.PRNGKey)."""
+    if not hasattr(key, "dtype") or not hasattr(key, "shape"):
+        return False
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key.shape == ()
+    return key.dtype == jnp.uint32 and key.shape == (2,)
+
+
 class TrackerState(NamedTuple):
     """What one `update` leaves for the next: a pytree of arrays."""
 
@@ -76,9 +85,10 @@ class SharpnessTracker:
                  tolerance: float = DEFAULT_TOLERANCE,
                  extra_vectors: int = DEFAULT_EXTRA_VECTORS,
                  start_noise: float = DEFAULT_START_NOISE, hvp_mode: str = "auto"):
-        if k < 1 or num_matvecs < k or extra_vectors < 0:
-            raise ValueError(f"need 1 <= k <= num_matvecs and extra_vectors >= 0; got k={k}, "
-                             f"num_matvecs={num_matvecs}, extra_vectors={extra_vectors}")
+        lanczos.check_options(k, num_matvecs, tolerance, num_params=k)
+        if isinstance(extra_vectors, bool) or not isinstance(extra_vectors, int) or \
+                extra_vectors < 0:
+            raise ValueError(f"extra_vectors must be an int >= 0, not {extra_vectors!r}")
         self.loss_fn, self.k, self.num_matvecs = loss_fn, k, num_matvecs
         self.tolerance, self.start_noise, self.hvp_mode = tolerance, start_noise, hvp_mode
         self.block_size = k + extra_vectors
@@ -86,7 +96,11 @@ class SharpnessTracker:
 
     def init(self, params: PyTree, key: jax.Array) -> TrackerState:
         """The state before the first call: no Ritz vectors (a cold start) and `key`."""
+        if not _is_prng_key(key):
+            raise ValueError(f"key must be a PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)),"
+                             f" not {key!r}")
         flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)  # traced: nothing compiled
+        lanczos.check_options(self.k, self.num_matvecs, self.tolerance, flat.size)
         # Lanczos returns at most as many Ritz vectors as one cycle holds steps.
         rows = min(self.block_size, lanczos.basis_steps(flat.size, self.num_matvecs))
         return TrackerState(jnp.zeros((rows, flat.size), flat.dtype), key)
@@ -107,6 +121,12 @@ class SharpnessTracker:
           `(SharpnessResult, the next state)`. Compiled once per shape and per choice of
           None / not None for `rho_eff` and `preconditioner`.
         """
+        flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
+        rows = state.ritz_vectors.shape
+        if len(rows) != 2 or rows[1] != flat.size:
+            raise ValueError(
+                f"state holds Ritz vectors of shape {tuple(rows)}, for other params: these have "
+                f"{flat.size} entries; call tracker.init(params, key) for them")
         if rho_eff is not None and is_static_zero(rho_eff):
             rho_eff = None  # a Python 0: the Hessian itself, one HVP per product
         return self._update(state, params, batch, rho_eff, preconditioner)
