@@ -64,6 +64,21 @@ class SharpnessResult(NamedTuple):
     converged: jax.Array  # bool scalar: error_bound <= tolerance within num_matvecs
     direction: PyTree  # params-shaped unit eigenvector of the first eigenvalue
 
+    def scalars(self, prefix: str = "sharpness") -> dict[str, float]:
+        """A flat dict of Python scalars for any metric writer (CLU's `metric_writers`,
+        tensorboardX, W&B, a print), fetched from the device in one transfer:
+        `<prefix>/lambda_1` ... `<prefix>/lambda_k` (descending), `<prefix>/error_bound`,
+        `<prefix>/hessian_vector_products` and `<prefix>/converged` (1.0 or 0.0). Name an
+        effective-sharpness result's prefix for what it measures, e.g. "effective_sharpness".
+        """
+        eigenvalues, products, bound, converged = jax.device_get(
+            (self.eigenvalues, self.hessian_vector_products, self.error_bound, self.converged))
+        values = {f"{prefix}/lambda_{i + 1}": float(v) for i, v in enumerate(eigenvalues)}
+        values[f"{prefix}/error_bound"] = float(bound)
+        values[f"{prefix}/hessian_vector_products"] = float(products)
+        values[f"{prefix}/converged"] = float(converged)
+        return values
+
 
 class SharpnessTracker:
     """Tracks the top-k eigenvalues of the Hessian (or an effective-sharpness operator).

@@ -52,3 +52,26 @@ def pytest_sessionfinish(session):
     """The main process (not an xdist worker) removes the session's compilation cache."""
     if not hasattr(session.config, "workerinput"):
         shutil.rmtree(os.environ["SAM_EOS_TEST_CACHE_HOME"], ignore_errors=True)
+
+
+def assert_tensorboard_equals_raw_data(log_dir, raw_path) -> None:
+    """Every finite raw-data column is a TensorBoard scalar of the same name whose points are
+    the rows' (steps, values) to float32, each step once."""
+    import numpy as np
+
+    from sam_eos.reports.raw_data import read_raw_data
+    from sam_eos.reports.tensorboard_writer import read_scalars
+
+    _, columns, rows = read_raw_data(str(raw_path))
+    scalars = read_scalars(str(log_dir))
+    steps = rows[:, columns.index("step")]
+    for i, name in enumerate(columns):
+        if name == "step":
+            continue
+        finite = np.isfinite(rows[:, i])
+        assert name in scalars or not finite.any(), name
+        if finite.any():
+            written_steps, values = scalars[name]
+            np.testing.assert_array_equal(written_steps, steps[finite], err_msg=name)
+            np.testing.assert_array_equal(values, rows[finite, i].astype(np.float32),
+                                          err_msg=name)

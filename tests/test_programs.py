@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from sam_eos.loop import errors
-from sam_eos.reports.raw_data import read_raw_data, read_summary, untimed
+from sam_eos.reports.raw_data import read_raw_data
+from sam_eos.reports.tensorboard_writer import read_scalars
 from tests import processes as processes_
+from tests.conftest import assert_tensorboard_equals_raw_data, read_summary, untimed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PDFS = ("eigs.pdf", "eigs_se_only.pdf", "a.pdf", "ell.pdf")
@@ -82,10 +84,13 @@ def test_image_classification_with_adam_and_usam_writes_the_method_columns(tmp_p
     result = run(["tests/tfds_mock.py", "32", "--rho=0.01", "--mlp_width=8", "--max_steps=8",
                   "--optimizer=adam", "--adam_b1=0.8", "--sam_variant=usam", "--step_size=0.01",
                   "--hessian_check_every_steps=4", "--hessian_check_gap=none",
-                  *output_flags(tmp_path)])
+                  f"--tensorboard_dir={tmp_path / 'tb'}", *output_flags(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     settings, columns, rows = read_raw_data(str(tmp_path / "raw.txt"))
     assert (settings["optimizer"], settings["sam_variant"]) == ("adam", "usam")
+    assert_tensorboard_equals_raw_data(tmp_path / "tb", tmp_path / "raw.txt")
+    assert {"effective_sharpness", "stability_threshold", "sam_edge"} <= set(
+        read_scalars(str(tmp_path / "tb")))
     assert columns[-3:] == ["converged", "stability_threshold", "effective_sharpness"]
     np.testing.assert_allclose(rows[:, -2], 3.6 / (0.2 * 0.01))  # (2 + 2 b1) / ((1 - b1) eta)
     assert np.all(np.isfinite(rows[1:, -1])) and np.all(rows[1:, -1] > 0)
@@ -148,9 +153,11 @@ def test_image_classification_cnn_end_to_end_on_mock_cifar10(tmp_path):
 def test_transformer_learns_and_writes_everything(tmp_path, corpus):
     result = run(["-m", "transformer", f"--corpus={corpus}", "--test_lines=100", "--rho=0.05",
                   "--step_size=0.1", "--max_steps=60", "--hessian_check_every_steps=20",
-                  *TINY_TRANSFORMER, *output_flags(tmp_path)])
+                  *TINY_TRANSFORMER, f"--tensorboard_dir={tmp_path / 'tb'}",
+                  *output_flags(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Run 'Transformer (1 layer, width 32): rho=0.05" in result.stderr
+    assert_tensorboard_equals_raw_data(tmp_path / "tb", tmp_path / "raw.txt")
     test_loss = float(result.stdout.split("Test loss:")[1].split()[0])
     assert test_loss < 0.6 * math.log(128)
     rows = assert_outputs(tmp_path, 3)
@@ -352,7 +359,8 @@ def test_image_classification_on_two_hosts_resumed_writes_the_rows_of_one(tmp_pa
             "--hessian_check_every_steps=4", "--hessian_check_gap=none"]
     one = run_on([*args, "--max_steps=8", *output_flags(tmp_path / "one")],
                  processes=1, devices=1)
-    two = [*args, f"--checkpoint_dir={tmp_path / 'checkpoints'}", *output_flags(tmp_path / "two")]
+    two = [*args, f"--checkpoint_dir={tmp_path / 'checkpoints'}",
+           f"--tensorboard_dir={tmp_path / 'tb'}", *output_flags(tmp_path / "two")]
     first_half = run_on([*two, "--max_steps=4"], processes=2, devices=2)
     assert "Data parallel over 4 cpu devices over 2 processes" in first_half.stderr
     assert "this process holds 16 and 16" in first_half.stderr  # its half of 32 examples
@@ -362,6 +370,9 @@ def test_image_classification_on_two_hosts_resumed_writes_the_rows_of_one(tmp_pa
     _, columns, rows = read_raw_data(str(tmp_path / "two" / "raw.txt"))
     np.testing.assert_array_equal(rows[:, columns.index("step")], [0, 4, 8])
     assert_rows_of_one(tables, [one, resumed], "error")
+    # Only process 0 writes event files (one per run), and the resume repeats no point.
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 2
+    assert_tensorboard_equals_raw_data(tmp_path / "tb", tmp_path / "two" / "raw.txt")
 
 
 def test_the_transformer_on_two_hosts_writes_the_rows_of_one(tmp_path, corpus):

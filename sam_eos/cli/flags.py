@@ -22,10 +22,12 @@ from sam_eos.loop.config import (
     require,
     require_positive_int,
 )
+from sam_eos.loop.errors import InputError
 from sam_eos.loop.measurements import TRACE_MIN_MATVECS, SpectrumOptions
 from sam_eos.reports.figures import X_AXES, check_plot_format
 from sam_eos.reports.paths import DENSITY_FILE_NAME, output_paths
 from sam_eos.reports.raw_data import check_output_path
+from sam_eos.reports.tensorboard_writer import MISSING_WRITER, writer_available
 
 FLAGS = flags.FLAGS
 
@@ -133,6 +135,11 @@ def define_shared_flags(
     for name, (default, what) in defaults.items():
         flags.DEFINE_string(name, default, f"Where to write the {what} (empty: skip; "
                             "default: inside --output_dir when set, else this /tmp path).")
+    flags.DEFINE_string(
+        "tensorboard_dir", "", "Also write TensorBoard event files here while the run goes: "
+        "one scalar per raw-data column at x = the step, flushed after every check, and the "
+        "settings as text (needs tensorboardX; empty: off)."
+    )
     flags.DEFINE_string(
         "output_dir", None, "Write the five outputs under standard names in this folder "
         "(raw.txt, eigs.pdf, eigs_se_only.pdf, alignment.pdf, loss.pdf); an explicit "
@@ -250,6 +257,7 @@ def train_config_from_flags(run_name: str,
         if path and field != "raw_data":
             check_plot_format(path, name)
         outputs[field] = path
+    outputs["tensorboard_dir"] = tensorboard_dir_from_flags()
     density = density_output_from_flags(spectrum)
     check_output_path(density, "density_output")
     if density:
@@ -260,6 +268,16 @@ def train_config_from_flags(run_name: str,
     return TrainConfig(**{name: FLAGS[name].value for name in CONFIG_FLAGS},
                        outputs=Outputs(**outputs, density_curve=density), run_name=run_name,
                        spectrum=spectrum)
+
+
+def tensorboard_dir_from_flags() -> str:
+    """--tensorboard_dir, checked writable, with tensorboardX there to write it."""
+    directory = FLAGS.tensorboard_dir
+    if directory:
+        if not writer_available():
+            raise InputError(MISSING_WRITER)
+        check_output_path(os.path.join(directory, "probe"), "tensorboard_dir")
+    return directory
 
 
 def output_paths_from_flags() -> dict[str, tuple[str, str]]:

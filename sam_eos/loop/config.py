@@ -45,6 +45,7 @@ class Outputs:
     alignment_curve: str = ""
     loss_curve: str = ""
     density_curve: str = ""  # drawn only with TrainConfig.spectrum's densities
+    tensorboard_dir: str = ""  # TensorBoard event files, one scalar per raw-data column
 
     def plots(self) -> dict[str, str]:
         """The four plots' paths by field name (the density plot is drawn on its own)."""

@@ -276,7 +276,7 @@ def run(
         eigensolver=config.eigensolver, run_name=config.run_name, x_axis=config.plot_x,
         extra_columns=method_column_names(config) + extra_column_names(config.spectrum),
         with_density=bool(config.spectrum.spectral_density_every_checks),
-        density_plot=outputs.density_curve,
+        density_plot=outputs.density_curve, tensorboard_dir=outputs.tensorboard_dir,
     )
     # The loop's state: what a checkpoint holds. "ritz_vectors" [block, n]: the last check's
     # top Ritz vectors, the next check's warm start (zeros: cold), replicated like the params.

@@ -25,6 +25,7 @@ from sam_eos.reports.raw_data import (
     keep_first_rows,
     read_raw_data,
 )
+from sam_eos.reports.tensorboard_writer import TensorBoardWriter
 from sam_eos.types import PyTree
 
 
@@ -145,6 +146,13 @@ def _match_position_to_rows(position: schedule.Position, rows: list[dict[str, fl
         position.last_checked_step = -1
 
 
+def _purge_step(position: schedule.Position, rows: list[dict[str, float]]) -> int:
+    """A resumed run's first step not on record: after its last row (or its last check when
+    there is no raw data), so TensorBoard hides the earlier run's points from there on."""
+    last = int(rows[-1]["step"]) if rows else position.last_checked_step
+    return max(last + 1, 0)
+
+
 class Recorder:
     """Rows (in memory and in the raw-data file), notes, checkpoints and the final plots.
 
@@ -159,7 +167,7 @@ class Recorder:
                  settings: dict[str, Any], num_components: int, step_size: float,
                  eigensolver: str, run_name: str, x_axis: str = "steps",
                  extra_columns: Sequence[str] = (), with_density: bool = False,
-                 density_plot: str = ""):
+                 density_plot: str = "", tensorboard_dir: str = ""):
         self.columns = column_names(num_components, extra_columns)
         self._with_density, self._density_plot = with_density, density_plot
         self.densities: DensityWriter | None = None
@@ -171,6 +179,8 @@ class Recorder:
         self._checkpointer = (checkpoint.Checkpointer(checkpoint_dir, settings)
                               if checkpoint_dir else None)
         self._writer: RawDataWriter | None = None
+        self._tensorboard_dir = tensorboard_dir
+        self._tensorboard: TensorBoardWriter | None = None
         self.output_failed = False  # a raw-data write failed: the run should stop
 
     def restore(self, template: PyTree) -> tuple[PyTree, schedule.Position] | None:
@@ -193,6 +203,10 @@ class Recorder:
                 _match_position_to_rows(position, self.rows)
             self._writer = RawDataWriter(self._raw_data, self.columns, self._settings,
                                          append=rows is not None)
+            if self._tensorboard_dir:
+                self._tensorboard = TensorBoardWriter(
+                    self._tensorboard_dir, self._settings, _purge_step(position, self.rows)
+                    if resumed else None)
             if self._with_density:
                 last = int(self.rows[-1]["step"]) if self.rows else None
                 self.densities = DensityWriter(density_data_path(self._raw_data), last)
@@ -229,6 +243,8 @@ class Recorder:
             self._add_extra(row, extra)
         self.rows.append(row)
         self._write(self._writer.row, row)
+        if self._tensorboard is not None:
+            self._tensorboard.write_row(row)
         if not isinstance(measured, BaseException):
             log_row(row, seconds_taken)
         return row
@@ -270,6 +286,9 @@ class Recorder:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
     def finish(self, state: PyTree | None, position: schedule.Position) -> list[str]:
         """Saves a last checkpoint (when `state` is consistent, else None), then draws; the
