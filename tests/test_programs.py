@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from sam_eos.loop import errors
-from sam_eos.reports.raw_data import read_raw_data
+from sam_eos.reports.raw_data import read_raw_data, read_summary, untimed
 from sam_eos.reports.tensorboard_writer import read_scalars
 from tests import processes as processes_
-from tests.conftest import assert_tensorboard_equals_raw_data, read_summary, untimed
+from tests.conftest import assert_tensorboard_equals_raw_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PDFS = ("eigs.pdf", "eigs_se_only.pdf", "a.pdf", "ell.pdf")
@@ -89,7 +89,7 @@ def test_image_classification_with_adam_and_usam_writes_the_method_columns(tmp_p
     settings, columns, rows = read_raw_data(str(tmp_path / "raw.txt"))
     assert (settings["optimizer"], settings["sam_variant"]) == ("adam", "usam")
     assert_tensorboard_equals_raw_data(tmp_path / "tb", tmp_path / "raw.txt")
-    assert {"effective_sharpness", "stability_threshold", "sam_edge"} <= set(
+    assert {"effective_sharpness", "stability_threshold", "lambda_max"} <= set(
         read_scalars(str(tmp_path / "tb")))
     assert columns[-3:] == ["converged", "stability_threshold", "effective_sharpness"]
     np.testing.assert_allclose(rows[:, -2], 3.6 / (0.2 * 0.01))  # (2 + 2 b1) / ((1 - b1) eta)

@@ -257,7 +257,6 @@ def train_config_from_flags(run_name: str,
         if path and field != "raw_data":
             check_plot_format(path, name)
         outputs[field] = path
-    outputs["tensorboard_dir"] = tensorboard_dir_from_flags()
     density = density_output_from_flags(spectrum)
     check_output_path(density, "density_output")
     if density:
@@ -266,7 +265,9 @@ def train_config_from_flags(run_name: str,
                      "--density_output": density},
                     {f"--{name}": path for name, path in (input_paths or {}).items()})
     return TrainConfig(**{name: FLAGS[name].value for name in CONFIG_FLAGS},
-                       outputs=Outputs(**outputs, density_curve=density), run_name=run_name,
+                       outputs=Outputs(**outputs, density_curve=density,
+                                       tensorboard_dir=tensorboard_dir_from_flags()),
+                       run_name=run_name,
                        spectrum=spectrum)
 
 
