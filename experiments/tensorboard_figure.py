@@ -1,7 +1,8 @@
 """Draws a run's TensorBoard scalars from its event files, as TensorBoard's scalar panels do.
 
     ./run.sh --tensorboard_dir=/tmp/sam_eos_tb
-    python3 -m experiments.tensorboard_figure --log_dir=/tmp/sam_eos_tb --figure=docs/tensorboard.png
+    python3 -m experiments.tensorboard_figure --log_dir=/tmp/sam_eos_tb \
+        --figure=docs/tensorboard.png
 
 Reads the points with `sam_eos.reports.tensorboard_writer.read_scalars` (what TensorBoard
 shows after a resume's purge) and draws, over the step, the sharpness beside its edges

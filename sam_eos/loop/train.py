@@ -327,8 +327,8 @@ def run(
                "checks": check_seconds}
     densities = recorder.densities.path if recorder.densities is not None else ""
     densities = densities if os.path.exists(densities) else ""
-    files = [path for path in (outputs.raw_data, densities, *plots, config.checkpoint_dir)
-             if path]
+    files = [path for path in (outputs.raw_data, densities, *plots, config.checkpoint_dir,
+                               outputs.tensorboard_dir) if path]
     return RunResult(state["params"], state["opt_state"], position.step,
                      position.training_seconds, status, exit_code, recorder.rows,
                      seconds=seconds, raw_data=outputs.raw_data, files=files)
