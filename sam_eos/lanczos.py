@@ -48,21 +48,22 @@ class LanczosResult(NamedTuple):
 
 def check_options(k, num_matvecs, tolerance, num_params: int, solver: str = "lanczos") -> None:
     """ValueError, naming the argument, unless k and `num_matvecs` are positive ints,
-    `tolerance` >= 0 (a traced one is not checked), k <= num_params and, for Lanczos, k <= the
-    budget and the steps one cycle holds."""
+    k <= num_params and, for Lanczos, `tolerance` >= 0 (a traced one is not checked) and k <=
+    the budget and the steps one cycle holds. Power iteration takes a negative tolerance: only
+    its budget then stops it, as in the original."""
     for name, value in (("k", k), ("num_matvecs", num_matvecs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, not {value!r}")
+    if k > num_params:
+        raise ValueError(f"k={k} is more eigenvalues than num_params={num_params}")
+    if solver != "lanczos":
+        return
     try:
         negative = not float(tolerance) >= 0
     except (TypeError, jax.errors.ConcretizationTypeError):
         negative = False  # traced: checked by its caller, if at all
     if negative:
         raise ValueError(f"tolerance must be >= 0, not {tolerance!r}")
-    if k > num_params:
-        raise ValueError(f"k={k} is more eigenvalues than num_params={num_params}")
-    if solver != "lanczos":
-        return
     if k > num_matvecs:
         raise ValueError(f"k={k} eigenvalues need num_matvecs >= k, not {num_matvecs}")
     allowed = basis_steps(num_params, num_matvecs)
