@@ -69,7 +69,11 @@ class EigenInfo(NamedTuple):
     # each of which costs two gradient evaluations.
     hessian_vector_products: jax.Array
     # Estimated error of the top eigenvalues relative to ||H||: for Lanczos, the larger of its
-    # own estimate and the `noise_floor` it was given.
+    # own estimate and the `noise_floor` it was given. What it promises: each of the k Ritz
+    # values is within it of *an* eigenvalue (a residual bound, the larger of its values at the
+    # last two steps, sharpened by the gap to the next Ritz value). It cannot promise that no
+    # eigenvalue lies above the top one: a direction the Krylov space has barely seen (the new
+    # top of a near-degenerate cluster, orthogonal to a warm start's block) can stay unseen.
     error_bound: jax.Array
     converged: jax.Array  # bool: met max(tolerance, noise_floor) before max_iterations
     # float [block_size, num_params]: the top unit Ritz vectors, flat in `ravel_pytree(params)`

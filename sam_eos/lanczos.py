@@ -232,6 +232,7 @@ class _Cycle(NamedTuple):
     estimates: "_Estimates"  # after the last step
     previous_breakdown: jax.Array
     norm_bound: jax.Array  # a cheap bound on ||T||, the scale of the breakdown test
+    previous_bound: jax.Array  # the error estimate of the step before (inf before step 2)
 
 
 def _run_cycle(matvec, basis, start, limit, key, stop_bound, *, k, block, sizes) -> _Cycle:
@@ -272,15 +273,22 @@ def _run_cycle(matvec, basis, start, limit, key, stop_bound, *, k, block, sizes)
         following = jax.lax.cond(breakdown, fresh_direction, next_lanczos_vector, j, basis, w, b)
         basis = basis.at[j + 1].set(following)
         estimates = _estimates(alpha, beta, j, k=k, block=block, sizes=sizes, rows=rows)
-        bound = estimates.bound
+        # The estimate must hold at two successive steps: within a turning cluster the top
+        # Ritz vector can mix two eigenvectors, and its residual then dips for one step below
+        # the tolerance (seen along SAM on MNIST: a bound of 5e-6, a true error of 6e-4). The
+        # larger of the two is reported. A first step alone keeps its own estimate.
+        bound = jnp.where(j > 0, jnp.maximum(estimates.bound, state.previous_bound),
+                          estimates.bound)
         # At least `block` steps: a warm start sums `block` Ritz vectors, and when their
         # eigenvalues are close that sum is itself nearly an eigenvector, with a small residual
         # (seen: 2 steps, a bound below 1e-4 and a true error of 4e-2). A second breakdown in
         # a row means the rest of the space is flat: stop.
         converged = (
-            (j + 1 >= block) & (bound <= stop_bound) & (~breakdown | state.previous_breakdown)
+            (j + 1 >= max(block, 2)) & (bound <= stop_bound)
+            & (~breakdown | state.previous_breakdown)
         )
-        return _Cycle(j + 1, basis, alpha, beta, converged, estimates, breakdown, norm_bound)
+        return _Cycle(j + 1, basis, alpha, beta, converged, estimates._replace(bound=bound),
+                      breakdown, norm_bound, estimates.bound)
 
     def cond(state: _Cycle):
         # A nan or inf operator (a diverged run) stops at once, unconverged.
@@ -290,7 +298,7 @@ def _run_cycle(matvec, basis, start, limit, key, stop_bound, *, k, block, sizes)
     zeros = jnp.zeros((rows,), dtype)
     no = jnp.bool_(False)
     initial = _Cycle(jnp.int32(0), basis, zeros, zeros, no, _no_estimates(block, rows, dtype),
-                     no, zeros[0])
+                     no, zeros[0], jnp.asarray(jnp.inf, dtype))
     return jax.lax.while_loop(cond, body, initial)
 
 

@@ -60,7 +60,9 @@ class SharpnessResult(NamedTuple):
 
     eigenvalues: jax.Array  # float [k], the algebraically largest, descending (curvature units)
     hessian_vector_products: jax.Array  # int32 scalar: HVPs this call used
-    error_bound: jax.Array  # float scalar: estimated error of `eigenvalues`, relative to ||A||
+    # float scalar: estimated error of `eigenvalues`, relative to ||A||, with the promise of
+    # `hessian.EigenInfo.error_bound`: near *an* eigenvalue each, not proof that none lies above.
+    error_bound: jax.Array
     converged: jax.Array  # bool scalar: error_bound <= tolerance within num_matvecs
     direction: PyTree  # params-shaped unit eigenvector of the first eigenvalue
 
