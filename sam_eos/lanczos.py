@@ -274,9 +274,9 @@ def _run_cycle(matvec, basis, start, limit, key, stop_bound, *, k, block, sizes)
         basis = basis.at[j + 1].set(following)
         estimates = _estimates(alpha, beta, j, k=k, block=block, sizes=sizes, rows=rows)
         # The estimate must hold at two successive steps: within a turning cluster the top
-        # Ritz vector can mix two eigenvectors, and its residual then dips for one step below
-        # the tolerance (seen along SAM on MNIST: a bound of 5e-6, a true error of 6e-4). The
-        # larger of the two is reported. A first step alone keeps its own estimate.
+        # Ritz vector can mix two eigenvectors, and its residual then dips below the tolerance
+        # for one step while the true error stays 100x the estimate. The larger of the two is
+        # reported; a cycle's first step keeps its own (and cannot stop alone).
         bound = jnp.where(j > 0, jnp.maximum(estimates.bound, state.previous_bound),
                           estimates.bound)
         # At least `block` steps: a warm start sums `block` Ritz vectors, and when their
