@@ -7,6 +7,8 @@ The functional core, re-exported here, is pure functions over parameter pytrees:
 - `effective_sharpness`: the operator P^-1/2 (H + rho_eff H^2) P^-1/2 whose top eigenvalue
   meets that threshold at the edge;
 - `hessian`, `lanczos`, `power_iteration`: Hessian-vector products and the top eigenvalues;
+- `layers`: which layer is at the edge: each layer's block sharpness and its share of a
+  direction;
 - `tracker`: `SharpnessTracker`, warm-started tracking inside any training loop;
 - `spectrum`: trace, spectral density, batch sharpness, sharpness at the SAM point.
 
@@ -22,6 +24,7 @@ from sam_eos.effective_sharpness import (
     effective_sharpness_operator,
 )
 from sam_eos.hessian import EigenInfo, hessian_operator, hvp, product_noise_floor, top_eigenvalues
+from sam_eos.layers import layer_shares, layer_sharpness
 from sam_eos.sam import loss_gradient_and_sam_gradient, sam_gradient, sam_update
 from sam_eos.spectrum import (
     batch_sharpness,
@@ -47,6 +50,8 @@ __all__ = [
     "hessian_operator",
     "hessian_trace",
     "hvp",
+    "layer_shares",
+    "layer_sharpness",
     "loss_gradient_and_sam_gradient",
     "product_noise_floor",
     "sam_edge",

@@ -1,0 +1,139 @@
+"""Which layer is at the edge: the sharpness of each layer's diagonal Hessian block, and the
+share of a direction (the top eigenvector) that lies in each layer.
+
+A *group* is a set of parameter leaves. By default the groups are the first level of the
+params pytree: the Haiku module names of a Haiku model (`{"mlp/~/linear_0": {"w", "b"}, ...}`),
+a dict's keys, a list's or tuple's indices (as strings). `group` overrides this: a function
+from a leaf's key path (`jax.tree_util.keystr` form, e.g. `"['mlp/~/linear_0']['w']"`) to its
+group's name, or None to leave the leaf out.
+
+`layer_sharpness` gives, for each group G, the top eigenvalue of H_GG, the block of the Hessian
+whose rows and columns are G's parameters, with every other parameter held fixed. It runs the
+same Lanczos as `sam_eos.top_eigenvalues` (`sam_eos.lanczos.solve`: the same stopping rule and
+error bound) on exact block products: a tangent that is zero outside G, one Hessian-vector
+product of the whole network, read back on G. The gradient is linearised once and every
+group's solve reuses it.
+
+Cost: one Lanczos solve per group, one after another inside one compiled function (the blocks
+have different sizes, so they cannot be batched into one vmap); each product costs one full
+Hessian-vector product. Compiled once per (params, batch) shape and grouping.
+"""
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from sam_eos import hessian, lanczos
+from sam_eos.types import LossFn, PyTree
+
+# `keystr(path) -> group name or None` for each parameter leaf.
+Grouping = Callable[[str], str | None]
+
+
+def _first_level_name(path: tuple) -> str:
+    key = path[0]
+    for attribute in ("key", "idx", "name"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return jax.tree_util.keystr((key,))
+
+
+def group_indices(params: PyTree, group: Grouping | None = None) -> dict[str, np.ndarray]:
+    """Each group's positions in `ravel_pytree(params)[0]`: name -> int64 [n_group], in the
+    order the groups first appear among the leaves.
+
+    Raises ValueError (before anything is compiled) for params with no first level to split (a
+    single array) or a grouping that names no parameter."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not leaves:
+        raise ValueError("params hold no arrays: there is no layer to measure")
+    if group is None and any(len(path) == 0 for path, _ in leaves):
+        raise ValueError("params are a single array, with no first level to split into layers;"
+                         " pass a pytree (e.g. a dict of layers) or a `group` function")
+    indices: dict[str, list[np.ndarray]] = {}
+    offset = 0
+    for path, leaf in leaves:
+        size = int(np.size(leaf))
+        name = _first_level_name(path) if group is None else group(jax.tree_util.keystr(path))
+        if name is not None and size:
+            indices.setdefault(str(name), []).append(np.arange(offset, offset + size))
+        offset += size
+    if not indices:
+        raise ValueError("the grouping names no parameter: every leaf was left out (None)")
+    return {name: np.concatenate(parts) for name, parts in indices.items()}
+
+
+def layer_shares(direction: PyTree, group: Grouping | None = None) -> dict[str, jax.Array]:
+    """Each group's share ||v_G||^2 / ||v||^2 of `direction` (a params-shaped pytree, e.g. the
+    top eigenvector `info.direction`): name -> float scalar. Over the default grouping, or any
+    grouping that keeps every leaf, the shares sum to 1."""
+    flat = ravel_pytree(direction)[0]
+    total = jnp.vdot(flat, flat)
+    return {name: jnp.vdot(flat[index], flat[index]) / total
+            for name, index in group_indices(direction, group).items()}
+
+
+def layer_sharpness(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    key: jax.Array,
+    *,
+    group: Grouping | None = None,
+    num_matvecs: int = hessian.DEFAULT_MAX_ITERATIONS["lanczos"],
+    tolerance: float = hessian.DEFAULT_TOLERANCE["lanczos"],
+    hvp_mode: str = "auto",
+) -> tuple[dict[str, jax.Array], dict[str, hessian.EigenInfo]]:
+    """The top eigenvalue of each group's diagonal Hessian block H_GG (curvature units).
+
+    Args:
+      loss_fn: `loss_fn(params, batch) -> scalar`, static (pass the same object each call).
+      params, batch: the point and the data.
+      key: PRNG key of the random starts (one per group, folded in by the group's position).
+      group: the grouping (module docstring); default the first level of `params`.
+      num_matvecs, tolerance: per group, as `sam_eos.top_eigenvalues` (Lanczos).
+      hvp_mode: as `sam_eos.hessian.hessian_operator`.
+    Returns:
+      `(sharpness, info)`: name -> float scalar, and name -> `EigenInfo` (its error bound,
+      relative to ||H_GG||, promises what `top_eigenvalues`' does; `ritz_vectors` hold the
+      group's own coordinates, [block, n_group]).
+    """
+    indices = group_indices(params, group)
+    for index in indices.values():
+        lanczos.check_options(1, num_matvecs, tolerance, index.size)
+    blocks = tuple(jnp.asarray(index, jnp.int32) for index in indices.values())
+    found = _layer_sharpness(loss_fn, params, batch, key, jnp.float32(tolerance), blocks,
+                             names=tuple(indices), num_matvecs=num_matvecs,
+                             hvp_mode=hessian.resolve_hvp_mode(hvp_mode))
+    return ({name: value for name, (value, _) in found.items()},
+            {name: info for name, (_, info) in found.items()})
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "names", "num_matvecs", "hvp_mode"))
+def _layer_sharpness(loss_fn, params, batch, key, tolerance, blocks, *, names, num_matvecs,
+                     hvp_mode):
+    """Every group's Lanczos solve on its block of the Hessian (`blocks`: int32 [n_group]
+    positions in the flat parameters, traced, so only their sizes are compiled in), on one
+    linearisation."""
+    flat_params, _, matvec = hessian.hessian_operator(loss_fn, params, batch, hvp_mode)
+    dtype = flat_params.dtype
+    found = {}
+    for position, (name, index) in enumerate(zip(names, blocks, strict=True)):
+        def block_matvec(v, index=index):
+            tangent = jnp.zeros_like(flat_params).at[index].set(v)
+            return matvec(tangent)[index]
+
+        rows = min(hessian.warm_block_size(1), lanczos.basis_steps(index.size, num_matvecs))
+        start = jnp.zeros((rows, index.size), dtype)
+        result = lanczos.solve(
+            block_matvec, start, jax.random.fold_in(key, position), tolerance,
+            jnp.zeros((), dtype), jnp.zeros((), dtype), k=1, max_steps=num_matvecs,
+            block_size=rows)
+        found[name] = (result.top[0], hessian.EigenInfo(
+            bottom_eigenvalue=result.bottom, hessian_vector_products=result.steps,
+            error_bound=result.bound, converged=result.converged, ritz_vectors=result.vectors))
+    return found

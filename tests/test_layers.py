@@ -1,0 +1,107 @@
+"""layer_sharpness and layer_shares against the dense Hessian of a small MLP."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import sam_eos
+from sam_eos.layers import group_indices
+
+KEY = jax.random.key(0)
+LAYERS = ("mlp/~/linear_0", "mlp/~/linear_1", "mlp/~/linear_2")
+
+
+def tanh_mlp_loss(params, batch):
+    """A Haiku-shaped MLP: params keyed by module name, each {"w", "b"}."""
+    x, y = batch
+    h = x
+    for name in LAYERS[:-1]:
+        h = jnp.tanh(h @ params[name]["w"] + params[name]["b"])
+    out = h @ params[LAYERS[-1]]["w"] + params[LAYERS[-1]]["b"]
+    return jnp.mean((out - y) ** 2)
+
+
+def make_problem(sizes=(6, 12, 8, 3), num_examples=40, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes) + 1)
+    params = {name: {"w": jax.random.normal(keys[i], (m, n)) / np.sqrt(m),
+                     "b": jnp.full((n,), 0.1)}
+              for i, (name, m, n) in enumerate(zip(LAYERS, sizes[:-1], sizes[1:], strict=False))}
+    x = jax.random.normal(keys[-2], (num_examples, sizes[0]))
+    y = jax.random.normal(keys[-1], (num_examples, sizes[-1]))
+    return params, (x, y)
+
+
+def dense_hessian(loss_fn, params, batch):
+    flat, unravel = ravel_pytree(params)
+    return np.asarray(jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat), np.float64)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    params, batch = make_problem()
+    return params, batch, dense_hessian(tanh_mlp_loss, params, batch)
+
+
+def test_each_layer_matches_its_dense_diagonal_block(problem):
+    params, batch, hessian = problem
+    sharpness, info = sam_eos.layer_sharpness(tanh_mlp_loss, params, batch, KEY,
+                                              tolerance=1e-7, num_matvecs=300)
+    assert list(sharpness) == list(LAYERS)
+    for name, index in group_indices(params).items():
+        block = hessian[np.ix_(index, index)]
+        expected = np.linalg.eigvalsh(block)[-1]
+        assert float(sharpness[name]) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        assert bool(info[name].converged)
+        assert info[name].ritz_vectors.shape[1] == index.size
+    # The blocks differ: the measurement is per layer, not the whole network's sharpness.
+    values = [float(v) for v in sharpness.values()]
+    assert max(values) - min(values) > 1e-2 * max(values)
+
+
+def test_shares_of_the_top_eigenvector_match_the_dense_one_and_sum_to_one(problem):
+    params, batch, hessian = problem
+    info = sam_eos.top_eigenvalues(tanh_mlp_loss, params, batch, KEY, 1, tolerance=1e-7,
+                                   num_matvecs=300)
+    shares = sam_eos.layer_shares(info[1])
+    top = np.linalg.eigh(hessian)[1][:, -1]
+    for name, index in group_indices(params).items():
+        assert float(shares[name]) == pytest.approx(np.sum(top[index] ** 2), abs=1e-4)
+    assert sum(float(v) for v in shares.values()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_one_layer_model_equals_top_eigenvalues():
+    params, (x, y) = make_problem(sizes=(5, 4))
+    params = {"linear": params[LAYERS[0]]}
+
+    def linear_loss(p, batch):
+        x, y = batch
+        return jnp.mean((x @ p["linear"]["w"] + p["linear"]["b"] - y) ** 2)
+
+    sharpness, _ = sam_eos.layer_sharpness(linear_loss, params, (x, y), KEY, tolerance=1e-7)
+    eigenvalues, _, _ = sam_eos.top_eigenvalues(linear_loss, params, (x, y), KEY, 1,
+                                                tolerance=1e-7)
+    assert float(sharpness["linear"]) == pytest.approx(float(eigenvalues[0]), rel=1e-5)
+    assert float(sam_eos.layer_shares(params)["linear"]) == pytest.approx(1.0)
+
+
+def test_a_grouping_splits_weights_from_biases(problem):
+    params, batch, hessian = problem
+    by_kind = lambda path: path.split("'")[-2]  # noqa: E731 - "['mlp/~/linear_0']['w']" -> "w"
+    sharpness, _ = sam_eos.layer_sharpness(tanh_mlp_loss, params, batch, KEY, group=by_kind,
+                                           tolerance=1e-7, num_matvecs=300)
+    assert sorted(sharpness) == ["b", "w"]
+    for name, index in group_indices(params, by_kind).items():
+        expected = np.linalg.eigvalsh(hessian[np.ix_(index, index)])[-1]
+        assert float(sharpness[name]) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_bad_groupings_fail_before_compiling(problem):
+    params, batch, _ = problem
+    with pytest.raises(ValueError, match="single array"):
+        sam_eos.layer_sharpness(lambda p, b: jnp.sum(p ** 2), jnp.ones(3), batch, KEY)
+    with pytest.raises(ValueError, match="names no parameter"):
+        sam_eos.layer_sharpness(tanh_mlp_loss, params, batch, KEY, group=lambda path: None)
+    with pytest.raises(ValueError, match="single array"):
+        sam_eos.layer_shares(jnp.ones(3))
