@@ -67,6 +67,18 @@ def group_indices(params: PyTree, group: Grouping | None = None) -> dict[str, np
     return {name: np.concatenate(parts) for name, parts in indices.items()}
 
 
+def cold_start_vectors(params: PyTree, group: Grouping | None = None,
+                       num_matvecs: int = hessian.DEFAULT_MAX_ITERATIONS["lanczos"]
+                       ) -> dict[str, jax.Array]:
+    """name -> float zeros [block, n_group]: `layer_sharpness`' `start_vectors` for a cold
+    start, shaped like the Ritz vectors it returns (3 rows, fewer for a tiny group)."""
+    dtype = ravel_pytree(params)[0].dtype
+    return {name: jnp.zeros((min(hessian.warm_block_size(1),
+                                 lanczos.basis_steps(index.size, num_matvecs)), index.size),
+                            dtype)
+            for name, index in group_indices(params, group).items()}
+
+
 def layer_shares(direction: PyTree, group: Grouping | None = None) -> dict[str, jax.Array]:
     """Each group's share ||v_G||^2 / ||v||^2 of `direction` (a params-shaped pytree, e.g. the
     top eigenvector `info.direction`): name -> float scalar. Over the default grouping, or any
@@ -87,6 +99,8 @@ def layer_sharpness(
     num_matvecs: int = hessian.DEFAULT_MAX_ITERATIONS["lanczos"],
     tolerance: float = hessian.DEFAULT_TOLERANCE["lanczos"],
     hvp_mode: str = "auto",
+    start_vectors: dict[str, jax.Array] | None = None,
+    start_noise: float | jax.Array = hessian.DEFAULT_START_NOISE,
 ) -> tuple[dict[str, jax.Array], dict[str, hessian.EigenInfo]]:
     """The top eigenvalue of each group's diagonal Hessian block H_GG (curvature units).
 
@@ -97,6 +111,9 @@ def layer_sharpness(
       group: the grouping (module docstring); default the first level of `params`.
       num_matvecs, tolerance: per group, as `sam_eos.top_eigenvalues` (Lanczos).
       hvp_mode: as `sam_eos.hessian.hessian_operator`.
+      start_vectors: name -> float [block, n_group], the previous call's
+        `info[name].ritz_vectors` (a warm start, as `top_eigenvalues`'); None: cold.
+      start_noise: weight of the unit random vector added to each warm start.
     Returns:
       `(sharpness, info)`: name -> float scalar, and name -> `EigenInfo` (its error bound,
       relative to ||H_GG||, promises what `top_eigenvalues`' does; `ritz_vectors` hold the
@@ -106,7 +123,10 @@ def layer_sharpness(
     for index in indices.values():
         lanczos.check_options(1, num_matvecs, tolerance, index.size)
     blocks = tuple(jnp.asarray(index, jnp.int32) for index in indices.values())
-    found = _layer_sharpness(loss_fn, params, batch, key, jnp.float32(tolerance), blocks,
+    starts = cold_start_vectors(params, group, num_matvecs) if start_vectors is None else {
+        name: start_vectors[name] for name in indices}
+    found = _layer_sharpness(loss_fn, params, batch, key, jnp.float32(tolerance),
+                             jnp.float32(start_noise), blocks, tuple(starts.values()),
                              names=tuple(indices), num_matvecs=num_matvecs,
                              hvp_mode=hessian.resolve_hvp_mode(hvp_mode))
     return ({name: value for name, (value, _) in found.items()},
@@ -114,25 +134,23 @@ def layer_sharpness(
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "names", "num_matvecs", "hvp_mode"))
-def _layer_sharpness(loss_fn, params, batch, key, tolerance, blocks, *, names, num_matvecs,
-                     hvp_mode):
+def _layer_sharpness(loss_fn, params, batch, key, tolerance, start_noise, blocks, starts, *,
+                     names, num_matvecs, hvp_mode):
     """Every group's Lanczos solve on its block of the Hessian (`blocks`: int32 [n_group]
     positions in the flat parameters, traced, so only their sizes are compiled in), on one
     linearisation."""
     flat_params, _, matvec = hessian.hessian_operator(loss_fn, params, batch, hvp_mode)
     dtype = flat_params.dtype
     found = {}
-    for position, (name, index) in enumerate(zip(names, blocks, strict=True)):
+    for position, (name, index, start) in enumerate(zip(names, blocks, starts, strict=True)):
         def block_matvec(v, index=index):
             tangent = jnp.zeros_like(flat_params).at[index].set(v)
             return matvec(tangent)[index]
 
-        rows = min(hessian.warm_block_size(1), lanczos.basis_steps(index.size, num_matvecs))
-        start = jnp.zeros((rows, index.size), dtype)
         result = lanczos.solve(
-            block_matvec, start, jax.random.fold_in(key, position), tolerance,
-            jnp.zeros((), dtype), jnp.zeros((), dtype), k=1, max_steps=num_matvecs,
-            block_size=rows)
+            block_matvec, start.astype(dtype), jax.random.fold_in(key, position), tolerance,
+            jnp.zeros((), dtype), start_noise.astype(dtype), k=1, max_steps=num_matvecs,
+            block_size=start.shape[0])
         found[name] = (result.top[0], hessian.EigenInfo(
             bottom_eigenvalue=result.bottom, hessian_vector_products=result.steps,
             error_bound=result.bound, converged=result.converged, ritz_vectors=result.vectors))

@@ -105,3 +105,17 @@ def test_bad_groupings_fail_before_compiling(problem):
         sam_eos.layer_sharpness(tanh_mlp_loss, params, batch, KEY, group=lambda path: None)
     with pytest.raises(ValueError, match="single array"):
         sam_eos.layer_shares(jnp.ones(3))
+
+
+def test_a_warm_start_from_the_last_ritz_vectors_needs_fewer_products(problem):
+    params, batch, _ = problem
+    _, first = sam_eos.layer_sharpness(tanh_mlp_loss, params, batch, KEY, tolerance=1e-6)
+    moved = jax.tree.map(lambda p: p * 1.001, params)
+    cold, cold_info = sam_eos.layer_sharpness(tanh_mlp_loss, moved, batch, KEY, tolerance=1e-6)
+    warm, warm_info = sam_eos.layer_sharpness(
+        tanh_mlp_loss, moved, batch, KEY, tolerance=1e-6,
+        start_vectors={name: info.ritz_vectors for name, info in first.items()})
+    for name in LAYERS:
+        assert float(warm[name]) == pytest.approx(float(cold[name]), rel=1e-4)
+    assert (sum(int(i.hessian_vector_products) for i in warm_info.values())
+            < sum(int(i.hessian_vector_products) for i in cold_info.values()))
