@@ -19,7 +19,6 @@ have different sizes, so they cannot be batched into one vmap); each product cos
 Hessian-vector product. Compiled once per (params, batch) shape and grouping.
 """
 
-import functools
 from collections.abc import Callable
 
 import jax
@@ -83,10 +82,9 @@ def layer_shares(direction: PyTree, group: Grouping | None = None) -> dict[str, 
     """Each group's share ||v_G||^2 / ||v||^2 of `direction` (a params-shaped pytree, e.g. the
     top eigenvector `info.direction`): name -> float scalar. Over the default grouping, or any
     grouping that keeps every leaf, the shares sum to 1."""
-    flat = ravel_pytree(direction)[0]
-    total = jnp.vdot(flat, flat)
-    return {name: jnp.vdot(flat[index], flat[index]) / total
-            for name, index in group_indices(direction, group).items()}
+    indices = group_indices(direction, group)
+    shares = block_shares(ravel_pytree(direction)[0], block_arrays(indices))
+    return dict(zip(indices, shares, strict=True))
 
 
 def layer_sharpness(
@@ -122,27 +120,36 @@ def layer_sharpness(
     indices = group_indices(params, group)
     for index in indices.values():
         lanczos.check_options(1, num_matvecs, tolerance, index.size)
-    blocks = tuple(jnp.asarray(index, jnp.int32) for index in indices.values())
     starts = cold_start_vectors(params, group, num_matvecs) if start_vectors is None else {
         name: start_vectors[name] for name in indices}
     found = _layer_sharpness(loss_fn, params, batch, key, jnp.float32(tolerance),
-                             jnp.float32(start_noise), blocks, tuple(starts.values()),
-                             names=tuple(indices), num_matvecs=num_matvecs,
+                             jnp.float32(start_noise), block_arrays(indices),
+                             tuple(starts.values()), num_matvecs=num_matvecs,
                              hvp_mode=hessian.resolve_hvp_mode(hvp_mode))
-    return ({name: value for name, (value, _) in found.items()},
-            {name: info for name, (_, info) in found.items()})
+    return ({name: value for name, (value, _) in zip(indices, found, strict=True)},
+            {name: info for name, (_, info) in zip(indices, found, strict=True)})
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "names", "num_matvecs", "hvp_mode"))
-def _layer_sharpness(loss_fn, params, batch, key, tolerance, start_noise, blocks, starts, *,
-                     names, num_matvecs, hvp_mode):
-    """Every group's Lanczos solve on its block of the Hessian (`blocks`: int32 [n_group]
-    positions in the flat parameters, traced, so only their sizes are compiled in), on one
-    linearisation."""
+def block_arrays(indices: dict[str, np.ndarray]) -> tuple[jax.Array, ...]:
+    """`group_indices`' positions as int32 device arrays, in the groups' order: `solve_blocks`'
+    `blocks` (passed as arguments, so a compiled solve holds only their sizes)."""
+    return tuple(jnp.asarray(index, jnp.int32) for index in indices.values())
+
+
+def solve_blocks(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array,
+                 tolerance: jax.Array, start_noise: jax.Array, blocks: tuple[jax.Array, ...],
+                 starts: tuple[jax.Array, ...], *, num_matvecs: int, hvp_mode: str
+                 ) -> tuple[tuple[jax.Array, hessian.EigenInfo], ...]:
+    """Pure (jit it, or call it inside a jitted function): each block's (top eigenvalue,
+    `EigenInfo`), in `blocks`' order, on one linearisation of the gradient.
+
+    `blocks`: int32 [n_group] positions in the flat parameters per group (`block_arrays`);
+    `starts`: float [rows, n_group] per group, zeros for a cold start; `hvp_mode` resolved
+    (`hessian.resolve_hvp_mode`). The random start of group i comes from `fold_in(key, i)`."""
     flat_params, _, matvec = hessian.hessian_operator(loss_fn, params, batch, hvp_mode)
     dtype = flat_params.dtype
-    found = {}
-    for position, (name, index, start) in enumerate(zip(names, blocks, starts, strict=True)):
+    found = []
+    for position, (index, start) in enumerate(zip(blocks, starts, strict=True)):
         def block_matvec(v, index=index):
             tangent = jnp.zeros_like(flat_params).at[index].set(v)
             return matvec(tangent)[index]
@@ -151,7 +158,20 @@ def _layer_sharpness(loss_fn, params, batch, key, tolerance, start_noise, blocks
             block_matvec, start.astype(dtype), jax.random.fold_in(key, position), tolerance,
             jnp.zeros((), dtype), start_noise.astype(dtype), k=1, max_steps=num_matvecs,
             block_size=start.shape[0])
-        found[name] = (result.top[0], hessian.EigenInfo(
+        found.append((result.top[0], hessian.EigenInfo(
             bottom_eigenvalue=result.bottom, hessian_vector_products=result.steps,
-            error_bound=result.bound, converged=result.converged, ritz_vectors=result.vectors))
-    return found
+            error_bound=result.bound, converged=result.converged,
+            ritz_vectors=result.vectors.astype(start.dtype))))
+    return tuple(found)
+
+
+def block_shares(flat_direction: jax.Array, blocks: tuple[jax.Array, ...]
+                 ) -> tuple[jax.Array, ...]:
+    """Pure: each block's share ||v_G||^2 / ||v||^2 of a flat direction [n], in `blocks`'
+    order (`layer_shares` for flat vectors, e.g. a Ritz vector)."""
+    total = jnp.vdot(flat_direction, flat_direction)
+    return tuple(jnp.vdot(flat_direction[index], flat_direction[index]) / total
+                 for index in blocks)
+
+
+_layer_sharpness = jax.jit(solve_blocks, static_argnames=("loss_fn", "num_matvecs", "hvp_mode"))

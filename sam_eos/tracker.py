@@ -20,6 +20,10 @@ them into a pytree and a static part and close `loss_fn` over the static part, e
 `graphdef, params = nnx.split(model)` with `loss_fn = lambda p, b: loss(nnx.merge(graphdef, p),
 b)`, or `params, static = eqx.partition(model, eqx.is_inexact_array)` with
 `loss_fn = lambda p, b: loss(eqx.combine(p, static), b)`. Pass the pytree part as `params`.
+
+With `per_layer=True` each `update` also measures every layer's sharpness, the top eigenvalue
+of its diagonal Hessian block (`sam_eos.layer_sharpness`, each layer warm-started from its own
+previous Ritz vectors), and the top eigenvector's share per layer (`sam_eos.layer_shares`).
 """
 
 from typing import NamedTuple
@@ -28,8 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import hessian, lanczos
+from sam_eos import hessian, lanczos, layers
 from sam_eos.effective_sharpness import solve_top
+from sam_eos.layers import Grouping
 from sam_eos.sam import is_static_zero
 from sam_eos.types import LossFn, PyTree
 
@@ -37,6 +42,7 @@ DEFAULT_NUM_MATVECS = hessian.DEFAULT_MAX_ITERATIONS["lanczos"]
 DEFAULT_TOLERANCE = hessian.DEFAULT_TOLERANCE["lanczos"]
 DEFAULT_EXTRA_VECTORS = hessian.DEFAULT_EXTRA_VECTORS
 DEFAULT_START_NOISE = hessian.DEFAULT_START_NOISE
+_LAYER_SALT = 1  # folded into the check's key for the per-layer starts
 
 
 def _is_prng_key(key) -> bool:
@@ -53,6 +59,8 @@ class TrackerState(NamedTuple):
 
     ritz_vectors: jax.Array  # float [k + extra_vectors, num_params]; zeros: a cold start
     key: jax.Array  # PRNG key of the next call's random start component
+    # per_layer: each layer's Ritz vectors, float [rows, n_layer], in the layers' order; else ()
+    layer_ritz_vectors: tuple[jax.Array, ...] = ()
 
 
 class SharpnessResult(NamedTuple):
@@ -65,6 +73,13 @@ class SharpnessResult(NamedTuple):
     error_bound: jax.Array
     converged: jax.Array  # bool scalar: error_bound <= tolerance within num_matvecs
     direction: PyTree  # params-shaped unit eigenvector of the first eigenvalue
+    # per_layer: layer name -> float scalar, the top eigenvalue of that layer's diagonal
+    # Hessian block H_GG (curvature units, whatever `rho_eff` and `preconditioner`); else None
+    layer_sharpness: dict[str, jax.Array] | None = None
+    # per_layer: layer name -> float scalar, ||v_G||^2 of `direction` (they sum to 1); else None
+    layer_shares: dict[str, jax.Array] | None = None
+    # per_layer: layer name -> its solve's `hessian.EigenInfo` (bound relative to ||H_GG||)
+    layer_info: dict[str, hessian.EigenInfo] | None = None
 
     def scalars(self, prefix: str = "sharpness") -> dict[str, float]:
         """A flat dict of Python scalars for any metric writer (CLU's `metric_writers`,
@@ -72,13 +87,19 @@ class SharpnessResult(NamedTuple):
         `<prefix>/lambda_1` ... `<prefix>/lambda_k` (descending), `<prefix>/error_bound`,
         `<prefix>/hessian_vector_products` and `<prefix>/converged` (1.0 or 0.0). Name an
         effective-sharpness result's prefix for what it measures, e.g. "effective_sharpness".
+        A per-layer result adds `<prefix>/layer_sharpness/<layer>` and
+        `<prefix>/layer_share/<layer>`.
         """
-        eigenvalues, products, bound, converged = jax.device_get(
-            (self.eigenvalues, self.hessian_vector_products, self.error_bound, self.converged))
+        eigenvalues, products, bound, converged, per_layer, shares = jax.device_get(
+            (self.eigenvalues, self.hessian_vector_products, self.error_bound, self.converged,
+             self.layer_sharpness or {}, self.layer_shares or {}))
         values = {f"{prefix}/lambda_{i + 1}": float(v) for i, v in enumerate(eigenvalues)}
         values[f"{prefix}/error_bound"] = float(bound)
         values[f"{prefix}/hessian_vector_products"] = float(products)
         values[f"{prefix}/converged"] = float(converged)
+        values.update({f"{prefix}/layer_sharpness/{name}": float(v)
+                       for name, v in per_layer.items()})
+        values.update({f"{prefix}/layer_share/{name}": float(v) for name, v in shares.items()})
         return values
 
 
@@ -96,12 +117,17 @@ class SharpnessTracker:
       start_noise: weight of the unit random vector added to each warm start, so that a
         direction that became the top one since the last call is still found.
       hvp_mode: "auto", "linearize" or "forward_over_reverse" (`sam_eos.hessian`).
+      per_layer: False; True to also measure each layer (the first level of params, as
+        `sam_eos.layer_sharpness`); or a grouping function `keystr(path) -> name | None` for
+        other splits. Each layer costs one more Lanczos solve per `update`, with the same
+        `num_matvecs` and `tolerance`; its products count in `hessian_vector_products`.
     """
 
     def __init__(self, loss_fn: LossFn, k: int = 1, *, num_matvecs: int = DEFAULT_NUM_MATVECS,
                  tolerance: float = DEFAULT_TOLERANCE,
                  extra_vectors: int = DEFAULT_EXTRA_VECTORS,
-                 start_noise: float = DEFAULT_START_NOISE, hvp_mode: str = "auto"):
+                 start_noise: float = DEFAULT_START_NOISE, hvp_mode: str = "auto",
+                 per_layer: bool | Grouping = False):
         lanczos.check_options(k, num_matvecs, tolerance, num_params=k)
         if isinstance(extra_vectors, bool) or not isinstance(extra_vectors, int) or \
                 extra_vectors < 0:
@@ -109,6 +135,11 @@ class SharpnessTracker:
         self.loss_fn, self.k, self.num_matvecs = loss_fn, k, num_matvecs
         self.tolerance, self.start_noise, self.hvp_mode = tolerance, start_noise, hvp_mode
         self.block_size = k + extra_vectors
+        if not (isinstance(per_layer, bool) or callable(per_layer)):
+            raise ValueError(f"per_layer must be a bool or a grouping function, not "
+                             f"{per_layer!r}")
+        self.per_layer = per_layer is not False
+        self.grouping = per_layer if callable(per_layer) else None
         self._update = jax.jit(self._measure)
 
     def init(self, params: PyTree, key: jax.Array) -> TrackerState:
@@ -120,7 +151,11 @@ class SharpnessTracker:
         lanczos.check_options(self.k, self.num_matvecs, self.tolerance, flat.size)
         # Lanczos returns at most as many Ritz vectors as one cycle holds steps.
         rows = min(self.block_size, lanczos.basis_steps(flat.size, self.num_matvecs))
-        return TrackerState(jnp.zeros((rows, flat.size), flat.dtype), key)
+        layer_vectors = ()
+        if self.per_layer:
+            layer_vectors = tuple(layers.cold_start_vectors(
+                params, self.grouping, self.num_matvecs).values())
+        return TrackerState(jnp.zeros((rows, flat.size), flat.dtype), key, layer_vectors)
 
     def update(self, state: TrackerState, params: PyTree, batch: PyTree, *,
                rho_eff: float | jax.Array | None = None,
@@ -146,9 +181,33 @@ class SharpnessTracker:
                 f"{flat.size} entries; call tracker.init(params, key) for them")
         if rho_eff is not None and is_static_zero(rho_eff):
             rho_eff = None  # a Python 0: the Hessian itself, one HVP per product
-        return self._update(state, params, batch, rho_eff, preconditioner)
+        names, blocks = self._layers(params, state)
+        result, state = self._update(state, params, batch, rho_eff, preconditioner, blocks)
+        if not self.per_layer:
+            return result, state
+        values, shares, infos = result.layer_sharpness, result.layer_shares, result.layer_info
+        return result._replace(layer_sharpness=dict(zip(names, values, strict=True)),
+                               layer_shares=dict(zip(names, shares, strict=True)),
+                               layer_info=dict(zip(names, infos, strict=True))), state
 
-    def _measure(self, state, params, batch, rho_eff, preconditioner):
+    def _layers(self, params: PyTree, state: TrackerState
+                ) -> tuple[tuple[str, ...], tuple[jax.Array, ...]]:
+        """The layers' names and positions (`layers.block_arrays`), checked against the
+        state's per-layer Ritz vectors; ((), ()) without per_layer."""
+        if not self.per_layer:
+            return (), ()
+        indices = layers.group_indices(params, self.grouping)
+        shapes = [tuple(v.shape) for v in state.layer_ritz_vectors]
+        if len(shapes) != len(indices) or any(
+                len(shape) != 2 or shape[1] != index.size
+                for shape, index in zip(shapes, indices.values(), strict=False)):
+            raise ValueError(
+                f"state holds per-layer Ritz vectors of shapes {shapes}, for other params: "
+                f"these have layers of {[int(i.size) for i in indices.values()]} entries; call"
+                " tracker.init(params, key) for them")
+        return tuple(indices), layers.block_arrays(indices)
+
+    def _measure(self, state, params, batch, rho_eff, preconditioner, blocks):
         key, next_key = jax.random.split(state.key)
         found, unravel, products = solve_top(
             self.loss_fn, params, batch, key, state.ritz_vectors, k=self.k,
@@ -162,4 +221,18 @@ class SharpnessTracker:
             converged=found.converged,
             direction=unravel(found.vectors[0]),
         )
-        return result, TrackerState(found.vectors, next_key)
+        if not blocks:
+            return result, TrackerState(found.vectors, next_key)
+        solved = layers.solve_blocks(
+            self.loss_fn, params, batch, jax.random.fold_in(key, _LAYER_SALT),
+            jnp.float32(self.tolerance), jnp.float32(self.start_noise), blocks,
+            state.layer_ritz_vectors, num_matvecs=self.num_matvecs,
+            hvp_mode=hessian.resolve_hvp_mode(self.hvp_mode))
+        result = result._replace(
+            hessian_vector_products=products + sum(info.hessian_vector_products
+                                                   for _, info in solved),
+            layer_sharpness=tuple(value for value, _ in solved),
+            layer_shares=layers.block_shares(found.vectors[0], blocks),
+            layer_info=tuple(info for _, info in solved))
+        return result, TrackerState(found.vectors, next_key,
+                                    tuple(info.ritz_vectors for _, info in solved))

@@ -119,3 +119,52 @@ def test_a_warm_start_from_the_last_ritz_vectors_needs_fewer_products(problem):
         assert float(warm[name]) == pytest.approx(float(cold[name]), rel=1e-4)
     assert (sum(int(i.hessian_vector_products) for i in warm_info.values())
             < sum(int(i.hessian_vector_products) for i in cold_info.values()))
+
+
+def test_the_tracker_per_layer_matches_the_dense_blocks_and_starts_warm(problem):
+    params, batch, hessian = problem
+    tracker = sam_eos.SharpnessTracker(tanh_mlp_loss, num_matvecs=300, tolerance=1e-7,
+                                       per_layer=True)
+    state = tracker.init(params, jax.random.key(1))
+    assert [v.shape[1] for v in state.layer_ritz_vectors] == [
+        i.size for i in group_indices(params).values()]
+    first, state = tracker.update(state, params, batch)
+    assert list(first.layer_sharpness) == list(LAYERS)
+    top = np.linalg.eigh(hessian)[1][:, -1]
+    layer_products = 0
+    for name, index in group_indices(params).items():
+        expected = np.linalg.eigvalsh(hessian[np.ix_(index, index)])[-1]
+        assert float(first.layer_sharpness[name]) == pytest.approx(expected, rel=1e-4)
+        assert float(first.layer_shares[name]) == pytest.approx(np.sum(top[index] ** 2),
+                                                                abs=1e-4)
+        assert bool(first.layer_info[name].converged)
+        layer_products += int(first.layer_info[name].hessian_vector_products)
+    assert sum(float(v) for v in first.layer_shares.values()) == pytest.approx(1.0, abs=1e-6)
+    # The whole network's solve and every layer's count in the products.
+    assert int(first.hessian_vector_products) > layer_products > 0
+    scalars = first.scalars()
+    assert scalars[f"sharpness/layer_sharpness/{LAYERS[0]}"] == pytest.approx(
+        float(first.layer_sharpness[LAYERS[0]]))
+    assert f"sharpness/layer_share/{LAYERS[2]}" in scalars
+    # Warm: the same point again needs fewer products for the layers.
+    second, _ = tracker.update(state, params, batch)
+    assert sum(int(second.layer_info[n].hessian_vector_products) for n in LAYERS) < \
+        layer_products
+    for name in LAYERS:
+        assert float(second.layer_sharpness[name]) == pytest.approx(
+            float(first.layer_sharpness[name]), rel=1e-5)
+
+
+def test_the_tracker_refuses_a_state_from_other_layers_and_a_bad_per_layer(problem):
+    params, batch, _ = problem
+    tracker = sam_eos.SharpnessTracker(tanh_mlp_loss, per_layer=True)
+    other = sam_eos.SharpnessTracker(
+        tanh_mlp_loss, per_layer=lambda path: "weights" if "'w'" in path else "biases")
+    state = other.init(params, jax.random.key(0))
+    with pytest.raises(ValueError, match="per-layer Ritz vectors"):
+        tracker.update(state, params, batch)
+    with pytest.raises(ValueError, match="per_layer"):
+        sam_eos.SharpnessTracker(tanh_mlp_loss, per_layer="yes")
+    plain = sam_eos.SharpnessTracker(tanh_mlp_loss)
+    result, state = plain.update(plain.init(params, jax.random.key(0)), params, batch)
+    assert result.layer_sharpness is None and state.layer_ritz_vectors == ()
