@@ -71,10 +71,11 @@ def cold_start_vectors(params: PyTree, group: Grouping | None = None,
                        ) -> dict[str, jax.Array]:
     """name -> float zeros [block, n_group]: `layer_sharpness`' `start_vectors` for a cold
     start, shaped like the Ritz vectors it returns (3 rows, fewer for a tiny group)."""
-    dtype = ravel_pytree(params)[0].dtype
-    return {name: jnp.zeros((min(hessian.warm_block_size(1),
-                                 lanczos.basis_steps(index.size, num_matvecs)), index.size),
-                            dtype)
+    dtype = jax.eval_shape(lambda p: ravel_pytree(p)[0], params).dtype
+    # Built on the host and put on the device: no compile per layer shape.
+    return {name: jax.device_put(np.zeros((min(hessian.warm_block_size(1),
+                                               lanczos.basis_steps(index.size, num_matvecs)),
+                                           index.size), dtype))
             for name, index in group_indices(params, group).items()}
 
 
@@ -133,19 +134,21 @@ def layer_sharpness(
 def block_arrays(indices: dict[str, np.ndarray]) -> tuple[jax.Array, ...]:
     """`group_indices`' positions as int32 device arrays, in the groups' order: `solve_blocks`'
     `blocks` (passed as arguments, so a compiled solve holds only their sizes)."""
-    return tuple(jnp.asarray(index, jnp.int32) for index in indices.values())
+    return tuple(jax.device_put(np.asarray(index, np.int32)) for index in indices.values())
 
 
 def solve_blocks(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array,
                  tolerance: jax.Array, start_noise: jax.Array, blocks: tuple[jax.Array, ...],
-                 starts: tuple[jax.Array, ...], *, num_matvecs: int, hvp_mode: str
+                 starts: tuple[jax.Array, ...], *, num_matvecs: int, hvp_mode: str,
+                 noise_floor: float | jax.Array = 0.0
                  ) -> tuple[tuple[jax.Array, hessian.EigenInfo], ...]:
     """Pure (jit it, or call it inside a jitted function): each block's (top eigenvalue,
     `EigenInfo`), in `blocks`' order, on one linearisation of the gradient.
 
     `blocks`: int32 [n_group] positions in the flat parameters per group (`block_arrays`);
     `starts`: float [rows, n_group] per group, zeros for a cold start; `hvp_mode` resolved
-    (`hessian.resolve_hvp_mode`). The random start of group i comes from `fold_in(key, i)`."""
+    (`hessian.resolve_hvp_mode`); `noise_floor`: the products' relative error, as
+    `top_eigenvalues`'. The random start of group i comes from `fold_in(key, i)`."""
     flat_params, _, matvec = hessian.hessian_operator(loss_fn, params, batch, hvp_mode)
     dtype = flat_params.dtype
     found = []
@@ -156,7 +159,8 @@ def solve_blocks(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array,
 
         result = lanczos.solve(
             block_matvec, start.astype(dtype), jax.random.fold_in(key, position), tolerance,
-            jnp.zeros((), dtype), start_noise.astype(dtype), k=1, max_steps=num_matvecs,
+            jnp.asarray(noise_floor, dtype), start_noise.astype(dtype), k=1,
+            max_steps=num_matvecs,
             block_size=start.shape[0])
         found.append((result.top[0], hessian.EigenInfo(
             bottom_eigenvalue=result.bottom, hessian_vector_products=result.steps,

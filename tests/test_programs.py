@@ -246,6 +246,9 @@ BAD_TRANSFORMER_INPUTS = [
      "plots can be written as"),
     (["--spectral_density_every_checks=1", "--density_output=/tmp/same_d.pdf",
       "--loss_curve_output=/tmp/same_d.pdf"], "are the same file"),
+    (["--layer_sharpness", "--layers_output=/tmp/sam_eos_l.xyz"], "plots can be written as"),
+    (["--layer_sharpness", "--layers_output=/tmp/same_l.pdf",
+      "--eigs_curve_output=/tmp/same_l.pdf"], "are the same file"),
 ]
 
 

@@ -25,7 +25,7 @@ from sam_eos.loop.config import (
 from sam_eos.loop.errors import InputError
 from sam_eos.loop.measurements import TRACE_MIN_MATVECS, SpectrumOptions
 from sam_eos.reports.figures import X_AXES, check_plot_format
-from sam_eos.reports.paths import DENSITY_FILE_NAME, output_paths
+from sam_eos.reports.paths import DENSITY_FILE_NAME, LAYERS_FILE_NAME, output_paths
 from sam_eos.reports.raw_data import check_output_path
 from sam_eos.reports.tensorboard_writer import MISSING_WRITER, writer_available
 
@@ -172,6 +172,15 @@ def _define_spectrum_flags() -> None:
     flags.DEFINE_bool(
         "sam_point_sharpness", False, "Column sam_point_sharpness: the top Hessian eigenvalue "
         "at the SAM point w + rho g/||g|| (Lanczos, warm-started from the previous check).")
+    flags.DEFINE_bool(
+        "layer_sharpness", False, "Columns layer_sharpness/<layer> and layer_share/<layer> for "
+        "each layer (the first level of the params: Haiku's module names): the top eigenvalue "
+        "of the layer's diagonal Hessian block (Lanczos, warm-started per layer) and the share "
+        "of the check's top eigenvector in the layer; drawn into --layers_output.")
+    flags.DEFINE_string(
+        "layers_output", "/tmp/layers.pdf", "Where to draw the layers' sharpness and shares "
+        f"(with --layer_sharpness; default: {LAYERS_FILE_NAME} inside --output_dir when set, "
+        "else this /tmp path; empty: skip).")
     flags.DEFINE_string(
         "density_output", "/tmp/density.pdf", "Where to draw the spectral densities (with "
         f"--spectral_density_every_checks; default: {DENSITY_FILE_NAME} inside --output_dir "
@@ -211,17 +220,18 @@ def spectrum_options_from_flags() -> SpectrumOptions:
     return SpectrumOptions(hessian_trace_matvecs=FLAGS.hessian_trace_matvecs,
                            spectral_density_every_checks=FLAGS.spectral_density_every_checks,
                            batch_sharpness=FLAGS.batch_sharpness,
-                           sam_point_sharpness=FLAGS.sam_point_sharpness)
+                           sam_point_sharpness=FLAGS.sam_point_sharpness,
+                           layer_sharpness=FLAGS.layer_sharpness)
 
 
-def density_output_from_flags(options: SpectrumOptions) -> str:
-    """The density plot's path: --density_output when given, else density.pdf inside
-    --output_dir when set, else its default; '' when the densities are off."""
-    if not options.spectral_density_every_checks:
+def optional_plot_from_flags(flag_name: str, file_name: str, enabled: bool) -> str:
+    """An optional plot's path: --<flag_name> when given, else `file_name` inside
+    --output_dir when set, else the flag's default; '' when its measurement is off."""
+    if not enabled:
         return ""
-    if FLAGS["density_output"].using_default_value and FLAGS.output_dir:
-        return os.path.join(FLAGS.output_dir, DENSITY_FILE_NAME)
-    return FLAGS.density_output
+    if FLAGS[flag_name].using_default_value and FLAGS.output_dir:
+        return os.path.join(FLAGS.output_dir, file_name)
+    return FLAGS[flag_name].value
 
 
 def default_compilation_cache_dir() -> str:
@@ -257,15 +267,19 @@ def train_config_from_flags(run_name: str,
         if path and field != "raw_data":
             check_plot_format(path, name)
         outputs[field] = path
-    density = density_output_from_flags(spectrum)
-    check_output_path(density, "density_output")
-    if density:
-        check_plot_format(density, "density_output")
+    density = optional_plot_from_flags("density_output", DENSITY_FILE_NAME,
+                                       bool(spectrum.spectral_density_every_checks))
+    layers = optional_plot_from_flags("layers_output", LAYERS_FILE_NAME,
+                                      spectrum.layer_sharpness)
+    for name, path in (("density_output", density), ("layers_output", layers)):
+        check_output_path(path, name)
+        if path:
+            check_plot_format(path, name)
     _refuse_aliases({**{f"--{OUTPUT_FLAGS[field]}": path for field, path in outputs.items()},
-                     "--density_output": density},
+                     "--density_output": density, "--layers_output": layers},
                     {f"--{name}": path for name, path in (input_paths or {}).items()})
     return TrainConfig(**{name: FLAGS[name].value for name in CONFIG_FLAGS},
-                       outputs=Outputs(**outputs, density_curve=density,
+                       outputs=Outputs(**outputs, density_curve=density, layers_curve=layers,
                                        tensorboard_dir=tensorboard_dir_from_flags()),
                        run_name=run_name,
                        spectrum=spectrum)

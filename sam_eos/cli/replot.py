@@ -10,7 +10,9 @@ eigs_se_only.pdf, alignment.pdf, loss.pdf) in `--output_dir`, after `--output_pr
 draws next to itself by default; several need `--output_dir`. `--<plot>_output` flags name one
 plot's path (empty: skip it). The density plot (density.pdf) is drawn when one raw-data file
 has its densities file beside it, or from a densities file given as an argument or with
-`--density_data` (alone or with raw data); `--density_output` names its path.
+`--density_data` (alone or with raw data); `--density_output` names its path. The layers plot
+(layers.pdf) is drawn when a run has layer columns (`--layer_sharpness`), one column of panels
+per such run; `--layers_output` names its path.
 """
 
 import os
@@ -20,9 +22,17 @@ from absl import app, flags
 
 from sam_eos.cli.parsing import parse_flags
 from sam_eos.loop.errors import EXIT_BAD_INPUT, InputError
-from sam_eos.reports.figures import X_AXES, RunData, draw_density, draw_runs
+from sam_eos.reports.figures import (
+    X_AXES,
+    RunData,
+    draw_density,
+    draw_layers,
+    draw_runs,
+    layer_names_of,
+)
 from sam_eos.reports.paths import (
     DENSITY_FILE_NAME,
+    LAYERS_FILE_NAME,
     OUTPUT_FILE_NAMES,
     PLOT_FIELDS,
     output_paths,
@@ -54,6 +64,9 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "density_output", None, f"The density plot's path (default: <output_dir>/<prefix>"
         f"{DENSITY_FILE_NAME}; empty: skip it).")
+    flags.DEFINE_string(
+        "layers_output", None, f"The layers plot's path, drawn when a run has layer columns "
+        f"(default: <output_dir>/<prefix>{LAYERS_FILE_NAME}; empty: skip it).")
     for field in PLOT_FIELDS:
         flags.DEFINE_string(f"{field}_output", None, f"This plot's path (default: "
                             f"<output_dir>/<prefix>{OUTPUT_FILE_NAMES[field]}; empty: skip it).")
@@ -109,6 +122,19 @@ def density_plot_path(source: str, output_dir: str | None, prefix: str,
     return os.path.join(directory, prefix + DENSITY_FILE_NAME)
 
 
+def layers_plot_path(runs: list[RunData], raw_paths: list[str], output_dir: str | None,
+                     prefix: str, override: str | None) -> str:
+    """The layers plot's path: '' when no run has layer columns, else `override` when
+    given, else LAYERS_FILE_NAME after `prefix` in `output_dir` (default: the only raw-data
+    file's directory)."""
+    if not any(layer_names_of(run) for run in runs):
+        return ""
+    if override is not None:
+        return override
+    directory = output_dir or os.path.dirname(os.path.abspath(raw_paths[0]))
+    return os.path.join(directory, prefix + LAYERS_FILE_NAME)
+
+
 def main(argv: list[str]) -> None:
     values = flags.FLAGS
     arguments = ([values.raw_data] if values.raw_data else []) + list(argv[1:])
@@ -129,11 +155,16 @@ def main(argv: list[str]) -> None:
                                           values.density_output) if source else "")
         check_output_path(density_path, "density_output")
         densities = _read_densities(source) if density_path else {}
+        layers_path = layers_plot_path(runs, raw_paths, values.output_dir,
+                                       values.output_prefix, values.layers_output)
+        check_output_path(layers_path, "layers_output")
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     for path in draw_runs(runs, outputs, values.plot_x) if runs else []:
         print(f"wrote {path}")
+    if draw_layers(runs, layers_path, values.plot_x):
+        print(f"wrote {layers_path}")
     title = str(runs[0].settings.get("run_name", "")) if len(runs) == 1 else ""
     if draw_density(densities, density_path, title):
         print(f"wrote {density_path}")

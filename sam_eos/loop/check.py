@@ -8,7 +8,9 @@ which checkpoints save with the parameters (`initial_state` names them):
 
 - "ritz_vectors": the main check's, [k + 2 or fewer, num_params];
 - "effective_ritz_vectors": Adam's effective-sharpness solve's (Adam runs only);
-- "sam_point_ritz_vectors": the SAM point's (with `SpectrumOptions.sam_point_sharpness`).
+- "sam_point_ritz_vectors": the SAM point's (with `SpectrumOptions.sam_point_sharpness`);
+- "layer_ritz_vectors": a tuple of each layer's, [3 or fewer, n_layer], in the layers' order
+  (with `SpectrumOptions.layer_sharpness`).
 """
 
 import dataclasses
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sam_eos import hessian
+from sam_eos import hessian, layers
 from sam_eos.loop import distributed, steps
 from sam_eos.loop.config import TrainConfig
 from sam_eos.loop.feed import Placement
@@ -58,6 +60,10 @@ def initial_state(params: PyTree, config: TrainConfig) -> dict[str, jax.Array]:
         state["effective_ritz_vectors"] = _single_block(params, config)
     if config.spectrum.sam_point_sharpness:
         state["sam_point_ritz_vectors"] = _single_block(params, config)
+    if config.spectrum.layer_sharpness:
+        state["layer_ritz_vectors"] = tuple(layers.cold_start_vectors(
+            params, num_matvecs=config.eigensolver_max_iterations
+            or hessian.DEFAULT_MAX_ITERATIONS["lanczos"]).values())
     return state
 
 
@@ -70,12 +76,13 @@ def _single_block(params: PyTree, config: TrainConfig) -> jax.Array:
     return hessian.cold_start_vectors(params, 1, rows)
 
 
-def cold_like(vectors: jax.Array) -> jax.Array:
-    """Zeros shaped and placed as `vectors`: a cold start for the solve they warm-start."""
-    return jnp.zeros_like(vectors, device=vectors.sharding)
+def cold_like(vectors: PyTree) -> PyTree:
+    """Zeros shaped and placed as `vectors` (an array, or a tuple of them): a cold start for
+    the solve they warm-start."""
+    return jax.tree.map(lambda v: jnp.zeros_like(v, device=v.sharding), vectors)
 
 
-def start_block(state: dict[str, PyTree], name: str, warm: bool) -> jax.Array:
+def start_block(state: dict[str, PyTree], name: str, warm: bool) -> PyTree:
     """`state[name]`, or zeros shaped like it when not `warm` (--eigensolver_warm_start=false)."""
     return state[name] if warm else cold_like(state[name])
 

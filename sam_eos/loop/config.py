@@ -45,10 +45,12 @@ class Outputs:
     alignment_curve: str = ""
     loss_curve: str = ""
     density_curve: str = ""  # drawn only with TrainConfig.spectrum's densities
+    layers_curve: str = ""  # drawn only with TrainConfig.spectrum's layer_sharpness
     tensorboard_dir: str = ""  # TensorBoard event files, one scalar per raw-data column
 
     def plots(self) -> dict[str, str]:
-        """The four plots' paths by field name (the density plot is drawn on its own)."""
+        """The four plots' paths by field name (the density and layers plots are drawn on
+        their own)."""
         return {field: getattr(self, field) for field in PLOT_FIELDS}
 
 

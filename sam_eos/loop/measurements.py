@@ -14,11 +14,16 @@ of time once per run (`compile_spectrum_checks`) from `sam_eos.spectrum`'s pure 
   `batch_sharpness_standard_error`, `batch_sharpness_batches`;
 - the top eigenvalue at the SAM point on the check's batch (Lanczos, warm-started from the
   previous check's own Ritz vectors): columns `sam_point_sharpness`,
-  `sam_point_hessian_vector_products`.
+  `sam_point_hessian_vector_products`;
+- each layer's sharpness (`sam_eos.layer_sharpness`: the top eigenvalue of its diagonal Hessian
+  block, Lanczos warm-started per layer) on the check's batch, and the share of the check's top
+  eigenvector in each layer: columns `layer_sharpness/<layer>`, `layer_share/<layer>` per layer
+  (`layer_column_names`), then `layer_hessian_vector_products` and `layer_error_bound` (the
+  largest of the layers' bounds).
 
-The SAM point's Ritz vectors are the only state carried between checks: they live in the
-loop's state ("sam_point_ritz_vectors", `sam_eos.loop.check.initial_state`), so checkpoints
-keep them and a resumed run starts warm.
+The SAM point's and the layers' Ritz vectors are the state carried between checks: they live
+in the loop's state ("sam_point_ritz_vectors", "layer_ritz_vectors",
+`sam_eos.loop.check.initial_state`), so checkpoints keep them and a resumed run starts warm.
 """
 
 import dataclasses
@@ -30,7 +35,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from sam_eos import spectrum
+from sam_eos import hessian, layers, spectrum
 from sam_eos.loop import steps
 from sam_eos.loop.errors import InputError
 from sam_eos.loop.feed import Feed
@@ -42,7 +47,7 @@ BATCH_SHARPNESS_CHUNK = 8  # minibatches per compiled call
 MAX_BATCHES = 64  # the Monte-Carlo cap per check
 TRACE_MIN_MATVECS = 4  # XTrace needs two probes of two products
 # Salts folded into the check's key so the measurements draw independent randomness.
-_TRACE_SALT, _DENSITY_SALT, _SAM_POINT_SALT = 1, 2, 3
+_TRACE_SALT, _DENSITY_SALT, _SAM_POINT_SALT, _LAYER_SALT = 1, 2, 3, 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +58,7 @@ class SpectrumOptions:
     spectral_density_every_checks: int = 0  # 0: off
     batch_sharpness: bool = False
     sam_point_sharpness: bool = False
+    layer_sharpness: bool = False
 
     def __post_init__(self):
         matvecs, every = self.hessian_trace_matvecs, self.spectral_density_every_checks
@@ -66,11 +72,27 @@ class SpectrumOptions:
 
     def enabled(self) -> bool:
         return bool(self.hessian_trace_matvecs or self.spectral_density_every_checks
-                    or self.batch_sharpness or self.sam_point_sharpness)
+                    or self.batch_sharpness or self.sam_point_sharpness
+                    or self.layer_sharpness)
 
 
-def extra_column_names(options: SpectrumOptions) -> list[str]:
-    """The raw-data columns the enabled measurements add (none by default)."""
+def layer_names(params: PyTree) -> list[str]:
+    """The layers of `params` as the raw data names them: the first level's names
+    (`sam_eos.layers.group_indices`), blanks replaced by "_" (columns are blank-separated)."""
+    return ["_".join(name.split()) for name in layers.group_indices(params)]
+
+
+def layer_column_names(names: list[str]) -> list[str]:
+    """`layer_sharpness/<layer>` for each layer, then `layer_share/<layer>` for each, then
+    the layers' products and largest error bound."""
+    return ([f"layer_sharpness/{name}" for name in names]
+            + [f"layer_share/{name}" for name in names]
+            + ["layer_hessian_vector_products", "layer_error_bound"])
+
+
+def extra_column_names(options: SpectrumOptions, layers_named: list[str] = ()) -> list[str]:
+    """The raw-data columns the enabled measurements add (none by default); `layers_named`:
+    the layers' names (`layer_names`), for `layer_sharpness`."""
     names = []
     if options.hessian_trace_matvecs:
         names += ["trace", "trace_standard_error"]
@@ -78,6 +100,8 @@ def extra_column_names(options: SpectrumOptions) -> list[str]:
         names += ["batch_sharpness", "batch_sharpness_standard_error", "batch_sharpness_batches"]
     if options.sam_point_sharpness:
         names += ["sam_point_sharpness", "sam_point_hessian_vector_products"]
+    if options.layer_sharpness:
+        names += layer_column_names(list(layers_named))
     return names
 
 
@@ -91,6 +115,7 @@ class SpectrumResult:
     density: tuple[np.ndarray, np.ndarray] | None = None
     error: str | None = None
     sam_point_vectors: jax.Array | None = None
+    layer_vectors: tuple[jax.Array, ...] | None = None  # the layers' Ritz vectors, likewise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +164,33 @@ def make_sam_point_sharpness(loss_fn: LossFn, rho: float, max_iterations: int | 
     return jax.jit(sam_point_sharpness)
 
 
+def make_layer_sharpness(loss_fn: LossFn, max_iterations: int | None,
+                         tolerance: float | None):
+    """A jitted `(params, batch, key, step, blocks, start_vectors, direction, noise_floor) ->
+    dict`: each layer's sharpness (`sam_eos.layers.solve_blocks`, `blocks` its int32
+    positions, `start_vectors` its Ritz vectors, each a tuple in the layers' order), the
+    shares of the flat unit `direction` [n] (the check's top Ritz vector), the products
+    of all layers, the largest error bound and the Ritz vectors for the next warm start."""
+    num_matvecs = max_iterations or hessian.DEFAULT_MAX_ITERATIONS["lanczos"]
+    tolerance = tolerance or hessian.DEFAULT_TOLERANCE["lanczos"]
+
+    def layer_sharpness(params, batch, key, step, blocks, start_vectors, direction,
+                        noise_floor):
+        key = jax.random.fold_in(jax.random.fold_in(key, step), _LAYER_SALT)
+        solved = layers.solve_blocks(
+            loss_fn, params, batch, key, jax.numpy.float32(tolerance),
+            jax.numpy.float32(hessian.DEFAULT_START_NOISE), blocks, start_vectors,
+            num_matvecs=num_matvecs, hvp_mode=hessian.resolve_hvp_mode("auto"),
+            noise_floor=noise_floor)
+        return {"values": tuple(value for value, _ in solved),
+                "shares": layers.block_shares(direction, blocks),
+                "products": sum(info.hessian_vector_products for _, info in solved),
+                "error_bound": jax.numpy.max(jax.numpy.stack(
+                    [jax.numpy.maximum(info.error_bound, noise_floor) for _, info in solved])),
+                "ritz_vectors": tuple(info.ritz_vectors for _, info in solved)}
+    return jax.jit(layer_sharpness)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop side
 
@@ -158,26 +210,33 @@ class SpectrumChecks:
     density: Callable | None = None
     batch_samples: Callable | None = None
     sam_point: Callable | None = None
+    layers: Callable | None = None
+    layer_names: tuple[str, ...] = ()
+    layer_blocks: tuple[jax.Array, ...] = ()  # int32 positions per layer, on the device
     chunk: int = 1
+    noise_floor: float = 0.0  # the products' relative error (the main check's)
 
     def measure(self, params: PyTree, batch: PyTree, feed: Feed, key: jax.Array, step: int,
-                check_index: int, sam_point_vectors: jax.Array | None = None) -> SpectrumResult:
+                check_index: int, sam_point_vectors: jax.Array | None = None,
+                layer_vectors: tuple[jax.Array, ...] | None = None,
+                direction: jax.Array | None = None) -> SpectrumResult:
         """The enabled measurements at this check (the run's `check_index`-th, from 0), the
-        SAM point's warm-started from `sam_point_vectors`; a measurement that raises gives nan
-        columns and an error message, never an exception."""
-        names = extra_column_names(self.options)
+        SAM point's warm-started from `sam_point_vectors`, the layers' from `layer_vectors`
+        with the shares of `direction` (flat [n], the check's top Ritz vector); a measurement
+        that raises gives nan columns and an error message, never an exception."""
+        names = extra_column_names(self.options, list(self.layer_names))
         try:
             return self._measure(params, batch, feed, key, np.int32(step), check_index,
-                                 sam_point_vectors)
+                                 sam_point_vectors, layer_vectors, direction)
         except Exception as error:  # noqa: BLE001 - an extra must not fail the check
             logging.exception("The spectrum measurements at step %d failed.", step)
             return SpectrumResult(dict.fromkeys(names, math.nan),
                                   error=f"{type(error).__name__}: {error}")
 
-    def _measure(self, params, batch, feed, key, step, check_index,
-                 sam_point_vectors) -> SpectrumResult:
+    def _measure(self, params, batch, feed, key, step, check_index, sam_point_vectors,
+                 layer_vectors, direction) -> SpectrumResult:
         columns: dict[str, float] = {}
-        density, vectors = None, None
+        density, vectors, next_layer_vectors = None, None, None
         seconds = {}  # measurement -> wall-clock seconds, logged
         started = time.perf_counter()
         if self.trace is not None:
@@ -194,6 +253,15 @@ class SpectrumChecks:
             columns.update(sam_point_sharpness=float(out["value"]),
                            sam_point_hessian_vector_products=float(out["products"]))
             seconds["SAM point"], started = time.perf_counter() - started, time.perf_counter()
+        if self.layers is not None:
+            out = self.layers(params, batch, key, step, self.layer_blocks, layer_vectors,
+                              direction, np.float32(self.noise_floor))
+            next_layer_vectors = tuple(
+                jax.device_put(new, old.sharding)
+                for new, old in zip(out["ritz_vectors"], layer_vectors, strict=True))
+            columns.update(self._layer_columns(jax.device_get(
+                {name: value for name, value in out.items() if name != "ritz_vectors"})))
+            seconds["layers"], started = time.perf_counter() - started, time.perf_counter()
         every = self.options.spectral_density_every_checks
         if self.density is not None and check_index % every == 0:
             nodes, weights = jax.device_get(self.density(params, batch, key, step))
@@ -202,7 +270,17 @@ class SpectrumChecks:
         logging.info("spectrum at step %d: %s | %s", step,
                      ", ".join(f"{name} {value:.6g}" for name, value in columns.items()),
                      ", ".join(f"{name} {value:.2f} s" for name, value in seconds.items()))
-        return SpectrumResult(columns, density, sam_point_vectors=vectors)
+        return SpectrumResult(columns, density, sam_point_vectors=vectors,
+                              layer_vectors=next_layer_vectors)
+
+    def _layer_columns(self, out: dict) -> dict[str, float]:
+        columns = {f"layer_sharpness/{name}": float(value)
+                   for name, value in zip(self.layer_names, out["values"], strict=True)}
+        columns.update({f"layer_share/{name}": float(value)
+                        for name, value in zip(self.layer_names, out["shares"], strict=True)})
+        columns["layer_hessian_vector_products"] = float(out["products"])
+        columns["layer_error_bound"] = float(out["error_bound"])
+        return columns
 
     def _batch_sharpness(self, params: PyTree, feed: Feed) -> dict[str, float]:
         """Batch sharpness over the feed's current minibatches, chunk by chunk until the
@@ -224,10 +302,13 @@ def compile_spectrum_checks(loss_fn: LossFn, options: SpectrumOptions, *, rho: f
                             max_iterations: int | None, tolerance: float | None, feed: Feed,
                             params: PyTree, batch: PyTree, key: jax.Array,
                             sam_point_vectors: jax.Array | None = None,
+                            layer_vectors: tuple[jax.Array, ...] | None = None,
+                            direction: jax.Array | None = None,
                             variant: str = "sam") -> SpectrumChecks:
     """Compiles the enabled measurements for this run's shapes (`steps.compile_ahead`, each
     logged). `batch` is an example of the check's batch; `sam_point_vectors` of the SAM
-    point's warm start (with `sam_point_sharpness`)."""
+    point's warm start (with `sam_point_sharpness`); `layer_vectors` of the layers' and
+    `direction` of a flat top Ritz vector [n] (with `layer_sharpness`)."""
     checks = SpectrumChecks(options)
     step = np.int32(0)
     if options.hessian_trace_matvecs:
@@ -250,4 +331,11 @@ def compile_spectrum_checks(loss_fn: LossFn, options: SpectrumOptions, *, rho: f
             "the SAM-point sharpness",
             make_sam_point_sharpness(loss_fn, rho, max_iterations, tolerance, variant),
             params, batch, key, step, sam_point_vectors)
+    if options.layer_sharpness:
+        checks.layer_names = tuple(layer_names(params))
+        checks.layer_blocks = layers.block_arrays(layers.group_indices(params))
+        checks.layers = steps.compile_ahead(
+            "the layers' sharpness", make_layer_sharpness(loss_fn, max_iterations, tolerance),
+            params, batch, key, step, checks.layer_blocks, layer_vectors, direction,
+            np.float32(0))
     return checks

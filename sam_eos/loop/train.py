@@ -48,7 +48,7 @@ from sam_eos.loop.feed import (  # noqa: F401 - the data kinds, re-exported for 
     Placement,
     make_feed,
 )
-from sam_eos.loop.measurements import compile_spectrum_checks, extra_column_names
+from sam_eos.loop.measurements import compile_spectrum_checks, extra_column_names, layer_names
 from sam_eos.loop.progress import Progress
 from sam_eos.reports.raw_data import METHOD_COLUMNS
 from sam_eos.reports.recorder import Recorder
@@ -189,7 +189,9 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
             max_iterations=config.eigensolver_max_iterations,
             tolerance=config.eigensolver_tolerance, feed=feed, params=state["params"],
             batch=check_batch(arrays, row), key=key,
-            sam_point_vectors=state.get("sam_point_ritz_vectors"), variant=config.sam_variant)
+            sam_point_vectors=state.get("sam_point_ritz_vectors"),
+            layer_vectors=state.get("layer_ritz_vectors"), direction=state["ritz_vectors"][0],
+            variant=config.sam_variant)
     return Program(train_steps, check_batch, hessian_check, spectrum=extra)
 
 
@@ -274,9 +276,11 @@ def run(
         checkpoint_dir=config.checkpoint_dir, settings=settings_record(config, settings or {}),
         num_components=config.num_principal_components, step_size=config.step_size,
         eigensolver=config.eigensolver, run_name=config.run_name, x_axis=config.plot_x,
-        extra_columns=method_column_names(config) + extra_column_names(config.spectrum),
+        extra_columns=method_column_names(config) + extra_column_names(
+            config.spectrum, layer_names(params) if config.spectrum.layer_sharpness else []),
         with_density=bool(config.spectrum.spectral_density_every_checks),
         density_plot=outputs.density_curve, tensorboard_dir=outputs.tensorboard_dir,
+        layers_plot=outputs.layers_curve,
     )
     # The loop's state: what a checkpoint holds. "ritz_vectors" [block, n]: the last check's
     # top Ritz vectors, the next check's warm start (zeros: cold), replicated like the params.
@@ -309,6 +313,8 @@ def run(
             program.check.measure_noise_floor(
                 loss_fn, config, state, program.check_batch(feed.arrays(), np.int32(feed.row())),
                 key, recorder.note)
+            if program.spectrum is not None:
+                program.spectrum.noise_floor = program.check.noise_floor
         compile_seconds = time.perf_counter() - compile_started
         progress = Progress(every_seconds=config.progress_every_seconds,
                             time_limit_seconds=plan.time_limit_seconds,
@@ -351,10 +357,14 @@ def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
         if measured is not None and program.spectrum:
             extra = program.spectrum.measure(
                 checked["params"], batch, feed, key, position.step, position.rows_written,
-                check.start_block(checked, "sam_point_ritz_vectors", program.check.warm_start)
-                if "sam_point_ritz_vectors" in checked else None)
+                *(check.start_block(checked, name, program.check.warm_start)
+                  if name in checked else None
+                  for name in ("sam_point_ritz_vectors", "layer_ritz_vectors")),
+                direction=checked["ritz_vectors"][0])
             if extra.sam_point_vectors is not None:
                 checked = {**checked, "sam_point_ritz_vectors": extra.sam_point_vectors}
+            if extra.layer_vectors is not None:
+                checked = {**checked, "layer_ritz_vectors": extra.layer_vectors}
     except Exception as error:  # noqa: BLE001 - one failed check must not end the run
         measured, extra = error, None
         checked = {**state, "ritz_vectors": program.check.cold_start}

@@ -483,3 +483,82 @@ def draw_density(checks: dict[int, dict[str, np.ndarray]], path: str, title: str
         return False
     _save(make_density_figure(checks, title), path)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The layers plot: each layer's sharpness, and the top eigenvector's share per layer
+
+LAYER_SHARPNESS_PREFIX, LAYER_SHARE_PREFIX = "layer_sharpness/", "layer_share/"
+
+
+def layer_names_of(run: RunData) -> list[str]:
+    """The layers a run's raw data measured (its `layer_sharpness/<layer>` columns), in order."""
+    return [name[len(LAYER_SHARPNESS_PREFIX):] for name in run.columns
+            if name.startswith(LAYER_SHARPNESS_PREFIX)]
+
+
+def make_layers_figure(runs: Sequence[RunData], x_axis: str = "steps"):
+    """The Figure of the layers plot: one column per run that measured layers; on top each
+    layer's sharpness (top eigenvalue of its diagonal Hessian block) with the whole network's
+    lambda_max, the SAM edge and 2/eta; below, the shares of the top eigenvector per layer as
+    a stacked area (they sum to 1). Raises ValueError when no run has layer columns."""
+    runs = [run for run in runs if layer_names_of(run)]
+    if not runs:
+        raise ValueError("no run has layer_sharpness columns (run with --layer_sharpness)")
+    xs, x_label, _ = _x_data(runs, x_axis)
+    figure = Figure(figsize=(4.6 * len(runs) + 1.8, 6.4))
+    axes = figure.subplots(2, len(runs), squeeze=False, sharex="col", sharey="row")
+    for column, (run, x) in enumerate(zip(runs, xs, strict=True)):
+        top, bottom = axes[0, column], axes[1, column]
+        _layer_sharpness_panel(top, run, x)
+        _layer_shares_panel(bottom, run, x)
+        top.set_title(run_label(run.settings) if len(runs) > 1 else "", fontsize=9)
+        bottom.set_xlabel(x_label)
+    axes[0, 0].set_ylabel("top eigenvalue of the layer's block")
+    axes[1, 0].set_ylabel("top eigenvector's share")
+    figure.suptitle(_common_title(runs), fontsize=9)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[1, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figure.tight_layout()
+    return figure
+
+
+def _layer_sharpness_panel(ax, run: RunData, x: np.ndarray) -> None:
+    drawn, references = [], []
+    for j, name in enumerate(layer_names_of(run)):
+        values = run.column(LAYER_SHARPNESS_PREFIX + name)
+        if _draw(ax, x, values, color=f"C{j % 10}", marker=".", markersize=3, label=name):
+            drawn.append(values)
+    whole = run.column("lambda_max")
+    if _draw(ax, x, whole, color="0.4", linewidth=0.8, label=r"whole network $\lambda_{\max}$"):
+        drawn.append(whole)
+    edge, two_over_eta = run.column("sam_edge"), run.column("two_over_eta")
+    if _differs(edge, two_over_eta) and _draw(ax, x, edge, color="k", linestyle="--",
+                                              linewidth=1, label="SAM edge"):
+        references.append(edge)
+    if _draw(ax, x, two_over_eta, color="k", linestyle=":", linewidth=1, label=r"$2/\eta$"):
+        references.append(two_over_eta)
+    limits = eigenvalue_limits(drawn, references)
+    if limits is not None:
+        ax.set_ylim(*limits)
+
+
+def _layer_shares_panel(ax, run: RunData, x: np.ndarray) -> None:
+    names = layer_names_of(run)
+    shares = np.array([run.column(LAYER_SHARE_PREFIX + name) for name in names])
+    keep = np.isfinite(x) & np.all(np.isfinite(shares), axis=0)
+    if np.any(keep):
+        ax.stackplot(x[keep], shares[:, keep], labels=names,
+                     colors=[f"C{j % 10}" for j in range(len(names))], alpha=0.8)
+    ax.set_ylim(0, 1)
+
+
+def draw_layers(runs: Sequence[RunData], path: str, x_axis: str = "steps") -> bool:
+    """Draws the layers plot into `path`; False (nothing written) with no path, or when no
+    run measured layers."""
+    if not path or not any(layer_names_of(run) for run in runs):
+        return False
+    _save(make_layers_figure(runs, x_axis), path)
+    return True

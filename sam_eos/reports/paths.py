@@ -16,7 +16,8 @@ OUTPUT_FILE_NAMES = {  # TrainConfig.outputs field -> file name inside --output_
     "alignment_curve": "alignment.pdf",
     "loss_curve": "loss.pdf",
 }
-DENSITY_FILE_NAME = "density.pdf"  # the fifth plot, drawn only with the spectral densities
+DENSITY_FILE_NAME = "density.pdf"  # drawn only with the spectral densities
+LAYERS_FILE_NAME = "layers.pdf"  # drawn only with the layers' sharpness
 PLOT_FIELDS = ("eigs_curve", "eigs_se_only", "alignment_curve", "loss_curve")
 
 

@@ -40,7 +40,8 @@ ORIGINAL_COLUMNS = (
     "sg_alignment",  # the same for the SAM gradient
 )
 INTEGER_COLUMNS = frozenset({"step", "hessian_vector_products", "batch_sharpness_batches",
-                             "sam_point_hessian_vector_products"})  # written without a ".0"
+                             "sam_point_hessian_vector_products",
+                             "layer_hessian_vector_products"})  # written without a ".0"
 TITLE = "# sam_eos raw data: one row per Hessian check; the first line names the columns\n"
 SETTINGS_PREFIX = "# settings: "
 COLUMNS_PREFIX = "# columns: "  # files written before the names line (still read)

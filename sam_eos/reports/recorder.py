@@ -15,7 +15,7 @@ from absl import logging
 from sam_eos.loop import checkpoint, distributed, errors, schedule
 from sam_eos.loop.schedule import SECONDS_PER_HOUR
 from sam_eos.reports import paths
-from sam_eos.reports.figures import draw_density, draw_plots
+from sam_eos.reports.figures import RunData, draw_density, draw_layers, draw_plots
 from sam_eos.reports.raw_data import (
     DensityWriter,
     RawDataWriter,
@@ -160,16 +160,18 @@ class Recorder:
     the plots'. `checkpoint_dir` '' means no checkpoints. `x_axis`: the plots' ("steps" or
     "hours"). `extra_columns`: those of the optional measurements; `with_density`: keep the
     spectral densities (in `<raw stem>_density.npz` when there is raw data) and draw them into
-    `density_plot` ('' skips it).
+    `density_plot` ('' skips it). `layers_plot`: where to draw the layers' columns, when the
+    run has them ('' skips it).
     """
 
     def __init__(self, *, raw_data: str, plot_paths: dict[str, str], checkpoint_dir: str,
                  settings: dict[str, Any], num_components: int, step_size: float,
                  eigensolver: str, run_name: str, x_axis: str = "steps",
                  extra_columns: Sequence[str] = (), with_density: bool = False,
-                 density_plot: str = "", tensorboard_dir: str = ""):
+                 density_plot: str = "", tensorboard_dir: str = "", layers_plot: str = ""):
         self.columns = column_names(num_components, extra_columns)
         self._with_density, self._density_plot = with_density, density_plot
+        self._layers_plot = layers_plot
         self.densities: DensityWriter | None = None
         self.rows: list[dict[str, float]] = []
         self._raw_data, self._plot_paths, self._settings = raw_data, plot_paths, settings
@@ -308,13 +310,23 @@ class Recorder:
             logging.warning("No checks were recorded: no plots drawn.")
             return []
         table = np.array([[r[name] for name in columns] for r in rows])
+        settings = {**self._settings, "run_name": self._run_name}
         try:
-            written = draw_plots(table, columns, {**self._settings, "run_name": self._run_name},
-                                 self._plot_paths, self._x_axis)
+            written = draw_plots(table, columns, settings, self._plot_paths, self._x_axis)
         except Exception as error:  # noqa: BLE001 - a plot must not hide the run's result
             logging.error("%s; the raw data is complete.", checkpoint.first_line(error))
             return []
-        return written + self._draw_density()
+        return written + self._draw_layers(RunData(settings, columns, table)) + \
+            self._draw_density()
+
+    def _draw_layers(self, run: RunData) -> list[str]:
+        """The layers plot (when asked for and measured): [its path], or []."""
+        try:
+            drawn = draw_layers([run], self._layers_plot, self._x_axis)
+        except Exception:  # noqa: BLE001 - drawing must not hide the run's result
+            logging.exception("Drawing the layers plot failed; its data is complete.")
+            return []
+        return [self._layers_plot] if drawn else []
 
     def _draw_density(self) -> list[str]:
         """The density plot (when kept and asked for): [its path], or []."""
