@@ -6,7 +6,7 @@ from typing import Any
 from benchmarks import harness
 
 REPORT = harness.REPO_ROOT / "BENCHMARKS.md"
-ORDER = ("sam_step", "check_cost", "loop_overhead", "compile_time", "memory")
+ORDER = ("sam_step", "check_cost", "layer_cost", "loop_overhead", "compile_time", "memory")
 
 INTRO = """# Benchmarks
 

@@ -175,3 +175,25 @@ def test_the_image_program_writes_layer_columns_and_layers_pdf_into_its_output_d
     listed = result.stderr.split("Files written:")[1]
     assert str(run_dir / "layers.pdf") in listed
     assert (run_dir / "layers.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_the_mnist_layers_experiment_reports_every_layer_and_draws_both_runs(tmp_path):
+    from tests.test_programs import ROOT, run
+
+    figure = ROOT / "docs" / "mnist_layers.png"
+    before = figure.read_bytes()
+    result = run(["tests/tfds_mock.py", "64", "--program=experiments.mnist_layers",
+                  "--num_examples=64", "--mlp_width=8", "--steps=10", "--check_every=5",
+                  "--progress_every_seconds=0", f"--output_dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for run_name in ("GD ", "SAM"):
+        report = result.stdout.split(f"{run_name}: whole network")[1].splitlines()
+        assert [line.split()[0] for line in report[1:5]] == [
+            "hidden_0", "hidden_1", "hidden_2", "output"]
+        shares = [float(line.split()[2]) for line in report[1:5]]
+        assert 0 < sum(shares) <= 1 + 1e-3  # medians of shares that sum to 1
+    listed = result.stdout.split("files written:")[1].split()
+    assert listed == [str(tmp_path / name) for name in ("raw_gd.txt", "raw_sam.txt",
+                                                        "mnist_layers.png")]
+    assert (tmp_path / "mnist_layers.png").read_bytes().startswith(b"\x89PNG")
+    assert figure.read_bytes() == before  # the README's figure only when asked
