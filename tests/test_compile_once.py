@@ -26,8 +26,7 @@ def compiles(args: list[str]) -> tuple[collections.Counter, str]:
 
 
 SPECTRUM_FLAGS = ["--hessian_trace_matvecs=8", "--spectral_density_every_checks=4",
-                  "--batch_sharpness", "--sam_point_sharpness", "--density_output=",
-                  "--layer_sharpness", "--layers_output="]
+                  "--batch_sharpness", "--sam_point_sharpness", "--density_output="]
 
 
 def assert_step_and_check_compile_once(counts: collections.Counter, log: str) -> None:
@@ -50,10 +49,10 @@ def test_a_600_step_transformer_run_with_spectrum_measurements_compiles_each_onc
                             "--key_size=8", "--sequence_length=16", "--batch_size=8",
                             *SPECTRUM_FLAGS])
     assert_step_and_check_compile_once(counts, log)
-    for name in ("trace", "density", "samples", "sam_point_sharpness", "layer_sharpness"):
+    for name in ("trace", "density", "samples", "sam_point_sharpness"):
         assert counts[f"jit({name})"] == 1, (name, counts)  # 7 checks, one compile each
     for what in ("the Hessian trace", "the spectral density", "the batch sharpness",
-                 "the SAM-point sharpness", "the layers' sharpness"):
+                 "the SAM-point sharpness"):
         assert len(re.findall(rf"Compiled {what} in \d+\.\d+ s\.", log)) == 1
     assert len(re.findall(r"spectrum at step \d+: trace", log)) == 7
 

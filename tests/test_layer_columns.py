@@ -156,13 +156,24 @@ def test_replot_draws_the_layers_plot_for_runs_that_have_layer_columns(layer_run
 
 
 def test_the_image_program_writes_layer_columns_and_layers_pdf_into_its_output_dir(tmp_path):
-    from tests.test_programs import run
+    import re
+    import subprocess
+    import sys
+
+    from tests.test_programs import ROOT, environment
 
     run_dir = tmp_path / "run"
-    result = run(["tests/tfds_mock.py", "64", "--rho=0.1", "--mlp_width=16", "--max_steps=8",
-                  "--hessian_check_every_steps=4", "--hessian_check_gap=none",
-                  "--layer_sharpness", f"--output_dir={run_dir}"])
+    result = subprocess.run(
+        [sys.executable, "tests/tfds_mock.py", "64", "--rho=0.1", "--mlp_width=16",
+         "--max_steps=8", "--hessian_check_every_steps=4", "--hessian_check_gap=none",
+         "--layer_sharpness", f"--output_dir={run_dir}", "--compilation_cache_dir="],
+        cwd=ROOT, env=dict(environment(), JAX_LOG_COMPILES="1"), text=True,
+        capture_output=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
+    # Three checks, one compile of the layers' solve (ahead of time, logged).
+    compiled = re.findall(r"Finished XLA compilation of (\S+) in", result.stderr)
+    assert compiled.count("jit(layer_sharpness)") == 1, compiled
+    assert len(re.findall(r"Compiled the layers' sharpness in \d+\.\d+ s\.", result.stderr)) == 1
     _, columns, rows = raw_data.read_raw_data(str(run_dir / "raw.txt"))
     names = [c[len("layer_sharpness/"):] for c in columns if c.startswith("layer_sharpness/")]
     assert names == ["hidden_0", "hidden_1", "hidden_2", "output"]  # the Haiku module names
@@ -177,23 +188,23 @@ def test_the_image_program_writes_layer_columns_and_layers_pdf_into_its_output_d
     assert (run_dir / "layers.pdf").read_bytes().startswith(b"%PDF")
 
 
-def test_the_mnist_layers_experiment_reports_every_layer_and_draws_both_runs(tmp_path):
-    from tests.test_programs import ROOT, run
+def test_the_mnist_layers_experiment_reports_each_layer_at_the_edge(layer_run, capsys,
+                                                                    tmp_path):
+    from experiments import mnist_layers
 
-    figure = ROOT / "docs" / "mnist_layers.png"
-    before = figure.read_bytes()
-    result = run(["tests/tfds_mock.py", "64", "--program=experiments.mnist_layers",
-                  "--num_examples=64", "--mlp_width=8", "--steps=10", "--check_every=5",
-                  "--progress_every_seconds=0", f"--output_dir={tmp_path}"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    for run_name in ("GD ", "SAM"):
-        report = result.stdout.split(f"{run_name}: whole network")[1].splitlines()
-        assert [line.split()[0] for line in report[1:5]] == [
-            "hidden_0", "hidden_1", "hidden_2", "output"]
-        shares = [float(line.split()[2]) for line in report[1:5]]
-        assert 0 < sum(shares) <= 1 + 1e-3  # medians of shares that sum to 1
-    listed = result.stdout.split("files written:")[1].split()
-    assert listed == [str(tmp_path / name) for name in ("raw_gd.txt", "raw_sam.txt",
-                                                        "mnist_layers.png")]
-    assert (tmp_path / "mnist_layers.png").read_bytes().startswith(b"\x89PNG")
-    assert figure.read_bytes() == before  # the README's figure only when asked
+    _, _, _, result = layer_run
+    run = figures.RunData(*raw_data.read_raw_data(result.raw_data))
+    edge = mnist_layers.at_the_edge(run)
+    half = slice(len(run.rows) // 2, None)
+    for name in LAYERS:
+        assert edge[name]["share"] == pytest.approx(
+            np.median(run.column(f"layer_share/{name}")[half]))
+        assert edge[name]["sharpness / edge"] == pytest.approx(np.median(
+            run.column(f"layer_sharpness/{name}")[half] / run.column("sam_edge")[half]))
+    mnist_layers.report("SAM", run)
+    printed = capsys.readouterr().out.splitlines()
+    carrier = max(LAYERS, key=lambda name: edge[name]["share"])
+    assert printed[0].endswith(f"the top eigenvector lies mostly in {carrier}")
+    assert [line.split()[0] for line in printed[1:]] == list(LAYERS)
+    mnist_layers.figures.make_layers_figure([run, run]).savefig(tmp_path / "both.png")
+    assert (tmp_path / "both.png").read_bytes().startswith(b"\x89PNG")

@@ -64,7 +64,8 @@ def test_stops_at_max_steps_with_rows_header_and_pdfs(tmp_path):
     assert columns[:9] == ["time_hours", "hessian_norm", "two_over_eta", "sam_edge",
                            "grad_norm", "loss", "g_alignment", "sg_alignment", "step"]
     assert columns[9:] == ["eig_2", "lambda_max", "lambda_min", "hessian_vector_products",
-                           "check_seconds", "error_bound", "converged"]  # a default run's
+                           "check_seconds", "error_bound", "audit_error",
+                           "converged"]  # a default run's
     np.testing.assert_array_equal(rows[:, columns.index("converged")], 1)
     assert rows.shape == (3, len(columns))
     np.testing.assert_array_equal(rows[:, columns.index("step")], [0, 10, 20])

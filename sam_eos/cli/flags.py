@@ -35,7 +35,8 @@ FLAGS = flags.FLAGS
 CONFIG_FLAGS = (
     "step_size", "rho", "time_limit_in_hours", "hessian_check_gap", "hessian_check_every_steps",
     "max_steps", "num_principal_components", "eigensolver", "eigensolver_max_iterations",
-    "eigensolver_tolerance", "eigensolver_warm_start", "seed", "checkpoint_dir",
+    "eigensolver_tolerance", "eigensolver_warm_start", "eigensolver_audit_every", "seed",
+    "checkpoint_dir",
     "checkpoint_every_minutes", "plot_x", "progress_every_seconds", "optimizer", "momentum",
     "adam_b1", "adam_b2", "adam_eps", "sam_variant",
 )
@@ -108,6 +109,13 @@ def define_shared_flags(
         "eigensolver_warm_start", True,
         "Start each Lanczos check from the previous check's Ritz vectors (kept in checkpoints); "
         "false: every check starts cold, from a random vector.",
+    )
+    flags.DEFINE_integer(
+        "eigensolver_audit_every", 10,
+        "Every this many checks (warm Lanczos), also solve the check cold from a fresh random "
+        "vector: a warm start can converge on the second eigenvalue of a turning cluster. The "
+        "row keeps the larger top eigenvalue (Ritz values never exceed lambda_max) and column "
+        "audit_error says how much larger the cold solve's was, relative (0: no audits).",
     )
     flags.DEFINE_integer(
         "num_devices", None, "Split each batch over this many devices (data parallel; unset: "

@@ -87,13 +87,17 @@ def start_block(state: dict[str, PyTree], name: str, warm: bool) -> PyTree:
     return state[name] if warm else cold_like(state[name])
 
 
+AUDIT_SALT = 7  # folded into the check's key for the audit's random start
+
+
 @dataclasses.dataclass
 class HessianCheck:
     """A run's compiled check: `eigensolver_chunk(params, batch, key, step, chunk,
     start_vectors, start_noise, noise_floor)` run up to `max_chunks` times, then
     `measure(params, batch, ritz_vectors)`, then (Adam) `effective(params, opt_state, batch,
     key, step, start_vectors, rho_eff)`. `cold_start`: the zero Ritz block; `noise_floor`: the
-    products' relative error (0 until measured)."""
+    products' relative error (0 until measured); `audit_every`: every this many checks (from
+    the run's `audit_every`-th) the warm solve is audited (`audit`)."""
 
     eigensolver_chunk: Callable
     measure: Callable
@@ -102,6 +106,7 @@ class HessianCheck:
     warm_start: bool = True
     effective: Callable | None = None
     noise_floor: float = 0.0
+    audit_every: int = 0  # audit every this many checks (0: never)
 
     def solve(self, params: PyTree, batch: PyTree, key: jax.Array, step: int,
               start: jax.Array, stop_requested: Callable[[], bool]
@@ -122,13 +127,52 @@ class HessianCheck:
                 break
         return {**solved, "hessian_vector_products": products}, products
 
+    def audit(self, solved: dict[str, Any], params: PyTree, batch: PyTree, key: jax.Array,
+              step: int, stop_requested: Callable[[], bool]
+              ) -> tuple[dict[str, Any] | None, int]:
+        """The warm solve `solved` checked against a cold one from a fresh random vector (its
+        key folded with AUDIT_SALT): (the one with the larger top eigenvalue, since a Ritz value
+        never exceeds lambda_max, with the products of both and `audit_error` = (cold top - warm
+        top) / |larger top|, > 0 when the warm solve missed; None when interrupted; the audit's
+        products).
+
+        Two solves that disagree by more than 3 x their error bounds show that a bound was
+        broken (a residual bound cannot see an eigenvalue its Krylov space barely holds): the
+        row's `error_bound` is then at least the disagreement and `converged` is false, so the
+        miss is reported, not hidden. It is logged."""
+        cold, products = self.solve(params, batch, jax.random.fold_in(key, AUDIT_SALT), step,
+                                    self.cold_start, stop_requested)
+        if cold is None:
+            return None, products
+        warm_top, cold_top = (float(np.asarray(s["eigenvalues"])[0]) for s in (solved, cold))
+        larger = max(warm_top, cold_top)
+        error = (cold_top - warm_top) / abs(larger) if larger else 0.0
+        chosen = cold if cold_top > warm_top else solved
+        bounds = max(float(solved["error_bound"]), float(cold["error_bound"]))
+        bound, converged = chosen["error_bound"], chosen["converged"]
+        if abs(error) > 3 * bounds:
+            logging.warning("Audit at step %d: the warm check found %.6g, a cold solve %.6g "
+                            "(%.2g relative, beyond their error bounds %.2g); the row keeps "
+                            "%.6g, with the disagreement as its bound and converged 0.", step,
+                            warm_top, cold_top, error, bounds, max(warm_top, cold_top))
+            bound, converged = np.maximum(bound, abs(error)), np.bool_(False)
+        return {**chosen, "audit_error": error, "error_bound": bound, "converged": converged,
+                "hessian_vector_products": solved["hessian_vector_products"] + products}, \
+            products
+
     def take(self, state: dict[str, PyTree], batch: PyTree, key: jax.Array, step: int,
-             stop_requested: Callable[[], bool]
+             stop_requested: Callable[[], bool], check_index: int = 0
              ) -> tuple[dict[str, Any] | None, dict[str, PyTree], int]:
-        """One check at `state`: (its measurement on the host, or None when interrupted
-        between chunks; the state with this check's Ritz vectors; the products used)."""
+        """One check at `state`, the run's `check_index`-th (from 0): (its measurement on the
+        host, or None when interrupted between chunks; the state with this check's Ritz
+        vectors; the products used)."""
         start = start_block(state, "ritz_vectors", self.warm_start)
         solved, products = self.solve(state["params"], batch, key, step, start, stop_requested)
+        if solved is not None and self.audit_every and check_index \
+                and check_index % self.audit_every == 0:
+            solved, audited = self.audit(solved, state["params"], batch, key, step,
+                                         stop_requested)
+            products += audited
         if solved is None:
             return None, state, products
         measured = jax.device_get({
@@ -228,7 +272,8 @@ def compile_check(loss_fn: LossFn, config: TrainConfig, state: dict[str, PyTree]
         effective = _compile_effective(loss_fn, config, state, batch, key, place)
     return HessianCheck(chunk, measure, cold_start=cold_like(state["ritz_vectors"]),
                         max_chunks=plan.chunks, warm_start=config.eigensolver_warm_start,
-                        effective=effective)
+                        effective=effective,
+                        audit_every=config.eigensolver_audit_every if config.audits() else 0)
 
 
 def not_compiled(cold_start: jax.Array, reason: str) -> HessianCheck:

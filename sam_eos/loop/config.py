@@ -69,6 +69,10 @@ class TrainConfig:
     eigensolver_max_iterations: int | None = None
     eigensolver_tolerance: float | None = None
     eigensolver_warm_start: bool = True  # start each check from the previous one's Ritz vectors
+    # Every this many checks (after the first), a warm check is also solved cold from a fresh
+    # random vector, and the row keeps the larger top eigenvalue and says how far apart the two
+    # were (column audit_error); 0: no audits.
+    eigensolver_audit_every: int = 10
     seed: int = 0
     outputs: Outputs = Outputs()
     run_name: str = "sam_eos run"
@@ -121,6 +125,10 @@ class TrainConfig:
         require(tolerance is None or (math.isfinite(tolerance) and tolerance > 0),
                 f"--eigensolver_tolerance must be > 0 (got {tolerance})")
         require_positive_int("num_principal_components", self.num_principal_components)
+        audit = self.eigensolver_audit_every
+        require(isinstance(audit, int) and not isinstance(audit, bool) and audit >= 0,
+                f"--eigensolver_audit_every must be an integer >= 0 (got {audit}); 0 turns the "
+                "audits off")
         budget = self.eigensolver_max_iterations or hessian.DEFAULT_MAX_ITERATIONS[
             self.eigensolver]
         require(self.num_principal_components <= budget,
@@ -139,6 +147,11 @@ class TrainConfig:
         require_fraction("adam_b2", self.adam_b2)
         require(math.isfinite(self.adam_eps) and self.adam_eps > 0,
                 f"--adam_eps must be > 0 (got {self.adam_eps})")
+
+    def audits(self) -> bool:
+        """Whether checks are audited: warm Lanczos checks with eigensolver_audit_every > 0."""
+        return (self.eigensolver == "lanczos" and self.eigensolver_warm_start
+                and self.eigensolver_audit_every > 0)
 
     def is_default_method(self) -> bool:
         """Plain SGD with the paper's SAM: the run writes today's columns, at today's cost."""

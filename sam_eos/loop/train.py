@@ -276,6 +276,7 @@ def run(
         checkpoint_dir=config.checkpoint_dir, settings=settings_record(config, settings or {}),
         num_components=config.num_principal_components, step_size=config.step_size,
         eigensolver=config.eigensolver, run_name=config.run_name, x_axis=config.plot_x,
+        audits=config.audits(),
         extra_columns=method_column_names(config) + extra_column_names(
             config.spectrum, layer_names(params) if config.spectrum.layer_sharpness else []),
         with_density=bool(config.spectrum.spectral_density_every_checks),
@@ -353,7 +354,7 @@ def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
     try:
         batch = program.check_batch(feed.arrays(), np.int32(feed.row()))
         measured, checked, products = program.check.take(state, batch, key, position.step,
-                                                         stop_requested)
+                                                         stop_requested, position.rows_written)
         if measured is not None and program.spectrum:
             extra = program.spectrum.measure(
                 checked["params"], batch, feed, key, position.step, position.rows_written,

@@ -49,10 +49,11 @@ NOTE_PREFIX = "# note: "
 SUMMARY_PREFIX = "# summary: "
 
 
-def column_names(num_principal_components: int, extra: Sequence[str] = ()) -> list[str]:
-    """All columns for a run measuring k eigenvalues (eig_2 .. eig_k appear when k > 1), then
-    the `extra` columns: a non-default method's METHOD_COLUMNS and the optional
-    measurements' (`sam_eos.loop.measurements`)."""
+def column_names(num_principal_components: int, extra: Sequence[str] = (),
+                 audits: bool = True) -> list[str]:
+    """All columns for a run measuring k eigenvalues (eig_2 .. eig_k appear when k > 1), with
+    `audit_error` when its checks are audited, then the `extra` columns: a non-default method's
+    METHOD_COLUMNS and the optional measurements' (`sam_eos.loop.measurements`)."""
     further = [f"eig_{i}" for i in range(2, num_principal_components + 1)]
     return [
         *ORIGINAL_COLUMNS,
@@ -63,6 +64,8 @@ def column_names(num_principal_components: int, extra: Sequence[str] = ()) -> li
         "hessian_vector_products",
         "check_seconds",  # wall-clock seconds the check took
         "error_bound",  # the eigensolver's error bound relative to ||H||, noise floor included
+        # audited checks: (cold top - warm top) / |larger|, > 0 when the warm one missed; else nan
+        *(["audit_error"] if audits else []),
         "converged",  # 1: the eigensolver met its tolerance; 0: its last estimate, unconverged
         *extra,
     ]

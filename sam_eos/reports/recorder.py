@@ -63,6 +63,8 @@ def measured_row(step: int, seconds: float, m: dict[str, Any], *, step_size: flo
         "error_bound": float(m["error_bound"]),
         "converged": float(bool(m["converged"])),
     }
+    if "audit_error" in m:
+        row["audit_error"] = float(m["audit_error"])
     for i in range(1, len(eigenvalues)):
         row[f"eig_{i + 1}"] = float(eigenvalues[i])
     if "stability_threshold" in m:
@@ -158,7 +160,8 @@ class Recorder:
 
     `outputs` maps `raw_data` and the plot names to paths ('' skips one); `plot_paths` are
     the plots'. `checkpoint_dir` '' means no checkpoints. `x_axis`: the plots' ("steps" or
-    "hours"). `extra_columns`: those of the optional measurements; `with_density`: keep the
+    "hours"). `extra_columns`: those of the optional measurements; `audits`: the run's checks
+    are audited (column `audit_error`); `with_density`: keep the
     spectral densities (in `<raw stem>_density.npz` when there is raw data) and draw them into
     `density_plot` ('' skips it). `layers_plot`: where to draw the layers' columns, when the
     run has them ('' skips it).
@@ -167,9 +170,10 @@ class Recorder:
     def __init__(self, *, raw_data: str, plot_paths: dict[str, str], checkpoint_dir: str,
                  settings: dict[str, Any], num_components: int, step_size: float,
                  eigensolver: str, run_name: str, x_axis: str = "steps",
-                 extra_columns: Sequence[str] = (), with_density: bool = False,
+                 extra_columns: Sequence[str] = (), audits: bool = False,
+                 with_density: bool = False,
                  density_plot: str = "", tensorboard_dir: str = "", layers_plot: str = ""):
-        self.columns = column_names(num_components, extra_columns)
+        self.columns = column_names(num_components, extra_columns, audits)
         self._with_density, self._density_plot = with_density, density_plot
         self._layers_plot = layers_plot
         self.densities: DensityWriter | None = None

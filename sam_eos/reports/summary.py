@@ -46,7 +46,8 @@ def summarize(
       {"checks", "steps", "median_sharpness_over_two_over_eta",
       "median_sharpness_over_sam_edge" (both over the second half of the checks, the last
       ceil(n / 2), ignoring failed checks; None without one), with another method's rows
-      also "median_effective_sharpness_over_threshold" (1 at its edge), "final_loss",
+      also "median_effective_sharpness_over_threshold" (1 at its edge), with audited checks
+      "audits" (how many) and "worst_audit_error" (the largest audit_error), "final_loss",
       "test": {"name", "value"}, "seconds": {part: seconds}}.
     """
     later = rows[len(rows) // 2:]
@@ -65,6 +66,10 @@ def summarize(
         summary["median_effective_sharpness_over_threshold"] = _median(
             [_ratio(row.get("effective_sharpness", math.nan),
                     row.get("stability_threshold", math.nan)) for row in later])
+    audits = [row["audit_error"] for row in rows
+              if math.isfinite(row.get("audit_error", math.nan))]
+    if audits:
+        summary["audits"], summary["worst_audit_error"] = len(audits), max(audits)
     return {
         **summary,
         "final_loss": final_loss,
@@ -100,6 +105,9 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
            f"{'s' if later != 1 else ''}: "
            f"{_number(summary['median_effective_sharpness_over_threshold'])} x the threshold."]
           if "median_effective_sharpness_over_threshold" in summary else []),
+        *([f"Audits: {summary['audits']} check{'s' if summary['audits'] != 1 else ''} also "
+           f"solved cold; worst audit error {summary['worst_audit_error']:.2g}."]
+          if "audits" in summary else []),
         f"Final training loss {_number(summary['final_loss'])}; test {test['name']} "
         f"{_number(test['value'])}.",
         f"Time: {times} (total {sum(seconds[part] for part in TIME_PARTS):.1f} s).",
