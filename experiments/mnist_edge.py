@@ -24,20 +24,23 @@ from image_classification import dataset, model
 from sam_eos.loop import train
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(description: str = __doc__, name: str = "mnist_edge", *, mlp_width: int = 200,
+               step_size: float = 1.0, check_every: int = 100) -> argparse.Namespace:
+    """The MNIST experiments' arguments (this one's defaults, or another experiment's: its
+    docstring, its `name` for the output folder and figure, and its defaults)."""
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
     parser.add_argument("--data_dir", default=None, help="TFDS data directory with mnist.")
     parser.add_argument("--num_examples", type=int, default=2000)
-    parser.add_argument("--mlp_width", type=int, default=200)
-    parser.add_argument("--step_size", type=float, default=1.0)
+    parser.add_argument("--mlp_width", type=int, default=mlp_width)
+    parser.add_argument("--step_size", type=float, default=step_size)
     parser.add_argument("--rho", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--check_every", type=int, default=100)
+    parser.add_argument("--check_every", type=int, default=check_every)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", default=os.path.join("out", "mnist_edge"),
+    parser.add_argument("--output_dir", default=os.path.join("out", name),
                         help="Folder for the raw data and the figure.")
     parser.add_argument("--figure", default=None,
-                        help="Where to write the figure (default: OUTPUT_DIR/mnist_edge.png).")
+                        help=f"Where to write the figure (default: OUTPUT_DIR/{name}.png).")
     parser.add_argument("--progress_every_seconds", type=float, default=30.0,
                         help="Seconds of training between progress lines (0: off).")
     return parser.parse_args()

@@ -14,36 +14,16 @@ layers.pdf draws them) into `--output_dir` (default out/mnist_layers); the READM
 made with `--figure=docs/mnist_layers.png`.
 """
 
-import argparse
 import os
 
 import jax
 import numpy as np
 from absl import logging
 
-from experiments.mnist_edge import load_problem
+from experiments.mnist_edge import load_problem, parse_args
 from image_classification import model
 from sam_eos.loop import measurements, train
 from sam_eos.reports import figures, raw_data
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_dir", default=None, help="TFDS data directory with mnist.")
-    parser.add_argument("--num_examples", type=int, default=2000)
-    parser.add_argument("--mlp_width", type=int, default=64)
-    parser.add_argument("--step_size", type=float, default=2.0)
-    parser.add_argument("--rho", type=float, default=0.1)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--check_every", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", default=os.path.join("out", "mnist_layers"),
-                        help="Folder for the raw data and the figure.")
-    parser.add_argument("--figure", default=None,
-                        help="Where to write the figure (default: OUTPUT_DIR/mnist_layers.png).")
-    parser.add_argument("--progress_every_seconds", type=float, default=30.0,
-                        help="Seconds of training between progress lines (0: off).")
-    return parser.parse_args()
 
 
 def run_one(args, data, network, rho: float) -> figures.RunData:
@@ -89,7 +69,7 @@ def report(label: str, run: figures.RunData) -> None:
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args(__doc__, "mnist_layers", mlp_width=64, step_size=2.0, check_every=25)
     logging.set_verbosity(logging.INFO)
     os.makedirs(args.output_dir, exist_ok=True)
     figure_path = args.figure or os.path.join(args.output_dir, "mnist_layers.png")

@@ -141,6 +141,7 @@ class SharpnessTracker:
         self.per_layer = per_layer is not False
         self.grouping = per_layer if callable(per_layer) else None
         self._update = jax.jit(self._measure)
+        self._blocks: dict = {}  # (treedef, leaf shapes) -> (names, indices, device positions)
 
     def init(self, params: PyTree, key: jax.Array) -> TrackerState:
         """The state before the first call: no Ritz vectors (a cold start) and `key`."""
@@ -196,7 +197,12 @@ class SharpnessTracker:
         state's per-layer Ritz vectors; ((), ()) without per_layer."""
         if not self.per_layer:
             return (), ()
-        indices = layers.group_indices(params, self.grouping)
+        leaves, treedef = jax.tree.flatten(params)
+        structure = (treedef, tuple(jnp.shape(leaf) for leaf in leaves))
+        if structure not in self._blocks:  # found and put on the device once per structure
+            indices = layers.group_indices(params, self.grouping)
+            self._blocks[structure] = (indices, layers.block_arrays(indices))
+        indices, blocks = self._blocks[structure]
         shapes = [tuple(v.shape) for v in state.layer_ritz_vectors]
         if len(shapes) != len(indices) or any(
                 len(shape) != 2 or shape[1] != index.size
@@ -205,7 +211,7 @@ class SharpnessTracker:
                 f"state holds per-layer Ritz vectors of shapes {shapes}, for other params: "
                 f"these have layers of {[int(i.size) for i in indices.values()]} entries; call"
                 " tracker.init(params, key) for them")
-        return tuple(indices), layers.block_arrays(indices)
+        return tuple(indices), blocks
 
     def _measure(self, state, params, batch, rho_eff, preconditioner, blocks):
         key, next_key = jax.random.split(state.key)
