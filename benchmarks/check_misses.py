@@ -31,10 +31,13 @@ from sam_eos.loop.steps import make_train_steps
 
 NAME = "check_misses"
 TITLE = "Misses: every check against a tight cold solve, the original's estimator beside it"
-BREAK_FACTOR = 3.0  # the issue's promise: the real error is at most 3 x error_bound
+BREAK_FACTOR = 3.0  # the promise: the real error is at most 3 x error_bound
 FLOAT_RESOLUTION = 1e-6  # relative; float32 Ritz values of correct solves differ this much
 REFERENCE = dict(eigensolver_warm_start=False, eigensolver_tolerance=1e-7,
                  eigensolver_max_iterations=300, eigensolver_audit_every=0)
+# Warm Lanczos that runs its whole budget (power's median product count): its accuracy at the
+# original's cost.
+EQUAL_COST = dict(eigensolver_tolerance=1e-12, eigensolver_audit_every=0)
 # name: (TrainConfig settings, the column compared)
 SETTINGS = {
     "SAM, k = 1": (dict(step_size=0.5, rho=0.1, seed=0), "lambda_max"),
@@ -75,17 +78,23 @@ def compare(rows: list[dict], reference: list[dict], power: list[dict] | None,
             check["power_error"] = abs(power[i][columns[0]] - ref[columns[0]]) / abs(
                 ref[columns[0]])
             check["power_seconds"] = power[i]["check_seconds"]
+            check["power_products"] = power[i]["hessian_vector_products"]
         checks.append(check)
     return summarize(checks)
 
 
 def summarize(checks: list[dict]) -> dict:
+    """Counts and worst cases over the checks whose reference is finite (Adam's effective
+    sharpness is nan before its first step)."""
+    checks = [c for c in checks if np.isfinite(c["error"])]
     errors = np.array([c["error"] for c in checks])
     bounds = np.array([c["bound"] for c in checks])
-    broken = (errors > BREAK_FACTOR * bounds) & (errors > FLOAT_RESOLUTION)
+    resolved = errors > FLOAT_RESOLUTION
+    broken = (errors > BREAK_FACTOR * bounds) & resolved
+    ratios = errors[resolved] / np.maximum(bounds[resolved], 1e-30)
     out = {"checks": len(checks), "broken": int(broken.sum()),
            "missed": int((errors > 1e-4).sum()), "worst_error": float(errors.max()),
-           "worst_ratio": float(np.max(errors / np.maximum(bounds, 1e-30))),
+           "worst_ratio": float(ratios.max()) if ratios.size else None,
            "median_products": float(np.median([c["products"] for c in checks])),
            "median_seconds": float(np.median([c["seconds"] for c in checks])),
            "mean_seconds": float(np.mean([c["seconds"] for c in checks])),
@@ -95,12 +104,15 @@ def summarize(checks: list[dict]) -> dict:
         out["power_median_error"] = float(np.median([c["power_error"] for c in checks]))
         out["power_median_seconds"] = float(np.median([c["power_seconds"] for c in checks]))
         out["power_mean_seconds"] = float(np.mean([c["power_seconds"] for c in checks]))
+        out["power_median_products"] = float(np.median([c.get("power_products", np.nan)
+                                                        for c in checks]))
     return out
 
 
 def program_setting(loss_fn, params, batch, settings: dict, column: str, steps: int,
                     every: int) -> dict:
-    """The default run, power's and the reference's, compared check by check."""
+    """The default run, power's and the reference's, compared check by check; for k = 1 also
+    warm Lanczos held to power's median product count (`equal_cost`)."""
     k = settings.get("num_principal_components", 1)
     columns = eigenvalue_columns(k) if column == "lambda_max" else [column]
     runs = {"default": {}, "reference": REFERENCE}
@@ -108,10 +120,18 @@ def program_setting(loss_fn, params, batch, settings: dict, column: str, steps: 
         runs["power"] = dict(eigensolver="power")
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
-        for name, extra in runs.items():
-            rows[name] = train_rows(loss_fn, params, batch, {**settings, **extra}, steps,
-                                    every, os.path.join(folder, name))
-    return compare(rows["default"], rows["reference"], rows.get("power"), columns)
+        def train_as(name, extra):
+            return train_rows(loss_fn, params, batch, {**settings, **extra}, steps, every,
+                              os.path.join(folder, name))
+
+        rows = {name: train_as(name, extra) for name, extra in runs.items()}
+        out = compare(rows["default"], rows["reference"], rows.get("power"), columns)
+        if "power" in rows and k == 1:
+            budget = int(np.median([r["hessian_vector_products"] for r in rows["power"]]))
+            equal = train_as("equal_cost", dict(EQUAL_COST, eigensolver_max_iterations=budget))
+            out["equal_cost"] = compare(equal, rows["reference"], None, columns)
+            out["equal_cost"]["budget"] = budget
+    return out
 
 
 def tracker_setting(loss_fn, params, batch, steps: int, every: int) -> dict:
@@ -161,12 +181,16 @@ def run(context: Context) -> dict:
     params = network.init(jax.random.PRNGKey(0), x[:1])
     results["tracker (SAM)"] = tracker_setting(loss_fn, params, batch, steps, every)
     rows = [[name, str(r["checks"]), str(r["broken"]), str(r["missed"]),
-             _format(r["worst_error"]), f"{r['worst_ratio']:.2g}", f"{r['median_products']:g}",
+             _format(r["worst_error"]),
+             "n/a" if r["worst_ratio"] is None else f"{r['worst_ratio']:.2g}",
+             f"{r['median_products']:g}",
              _format(r["power_worst_error"]) if "power_worst_error" in r else "n/a"]
             for name, r in results.items()]
     sam = results["SAM, k = 1"]
     ratio_median = sam["median_seconds"] / sam["power_median_seconds"]
     ratio_mean = sam["mean_seconds"] / sam["power_mean_seconds"]
+    equal = sam["equal_cost"]
+    equal_ratio = equal["median_seconds"] / sam["power_median_seconds"]
     label = (f"MLP 3x{width} ({problems.num_params(params):,} params), {images} images "
              f"({source}), full batch, {steps} steps, a check every {every}")
     broken = sum(r["broken"] for r in results.values())
@@ -177,7 +201,12 @@ def run(context: Context) -> dict:
             ["Checks whose error broke 3x their bound", f"{broken} of {total}"],
             ["Default check / power, SAM eta 0.5 (time)",
              f"{ratio_median:.2f}x median ({format_seconds(sam['median_seconds'])} vs "
-             f"{format_seconds(sam['power_median_seconds'])}), {ratio_mean:.2f}x mean"]],
+             f"{format_seconds(sam['power_median_seconds'])}), {ratio_mean:.2f}x mean; "
+             f"{sam['median_products']:g} HVPs vs {sam['power_median_products']:g} "
+             "finite-difference products"],
+            [f"At power's cost ({equal['budget']} HVPs), SAM eta 0.5",
+             f"warm Lanczos' worst error {_format(equal['worst_error'])} (power's "
+             f"{_format(sam['power_worst_error'])}), {equal_ratio:.2f}x power's median time"]],
         "columns": ["setting", "checks", "bounds broken", "errors > 1e-4", "worst error",
                     "worst error / bound", "median HVPs", "power's worst error"],
         "rows": rows,
@@ -190,6 +219,8 @@ def run(context: Context) -> dict:
                  "original's estimator on the same checks (it has no bound). Times: the "
                  "default and power runs back to back in this benchmark run; the mean "
                  "includes the audits (one cold solve every 10th check). Power's median "
-                 f"error on SAM: {_format(sam['power_median_error'])}.",
+                 f"error on SAM: {_format(sam['power_median_error'])}. Adam's first check "
+                 "(step 0, before any step: no preconditioner yet) is nan in every run and "
+                 "is not counted. The worst error / bound is over errors above 1e-6.",
         "settings": {name: s for name, (s, _) in SETTINGS.items()},
         "results": results}

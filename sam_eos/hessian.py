@@ -44,13 +44,13 @@ METHODS = ("lanczos", "power")
 DEFAULT_MAX_ITERATIONS = {"lanczos": 100, "power": 100}
 # Lanczos stops when min(res, res^2 / gap), its estimate of each eigenvalue's error, is below
 # tolerance * ||H||; 1e-5 leaves a margin of ten below the 1e-4 relative error asked of it.
-# Kept (issue 12): on clustered spectra the risk is stopping on lambda_2 before lambda_1 shows,
+# On clustered spectra the risk is stopping on lambda_2 before lambda_1 shows,
 # and 1e-4 did so where 1e-5 did not (BENCHMARKS.md, warm-started checks).
 DEFAULT_TOLERANCE = {"lanczos": 1e-5, "power": 1e-3}
 # How Hessian-vector products are formed: "linearize" linearises the gradient once per check
 # (one primal pass, reused by every product); "forward_over_reverse" is jvp(grad) per product.
 HVP_MODES = ("auto", "linearize", "forward_over_reverse")
-# "auto" per backend (absent: linearize). Measured (BENCHMARKS.md, issue 12): linearize 0.91-0.97x
+# "auto" per backend (absent: linearize). Measured (BENCHMARKS.md): linearize 0.91-0.97x
 # the time of jvp(grad) on the CPU (MLP 3 x 200), 0.76x on an H200 (MNIST MLP 3 x 1000).
 AUTO_HVP_MODE: dict[str, str] = {}
 # Weight of the unit random vector added to a warm start's unit combination of Ritz vectors,

@@ -392,7 +392,7 @@ def solve(
 
 
 # ---------------------------------------------------------------------------------------------
-# The plain tridiagonalisation (issue 15: spectral density by stochastic Lanczos quadrature)
+# The plain tridiagonalisation (spectral density by stochastic Lanczos quadrature)
 
 
 def tridiagonal(

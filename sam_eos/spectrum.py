@@ -17,7 +17,7 @@ What comes from matfree (0.6.3) and what is ours, and why:
   we hand it our flat matvec, so the products are ours.
 - Spectral density: our own Lanczos (`sam_eos.lanczos.tridiagonal`, the cycle that
   `top_eigenvalues` runs, with no stopping test), not matfree's `tridiag_sym`. One Lanczos in
-  the project (the issue asks for no second one), and ours has a breakdown test: when the
+  the project, and ours has a breakdown test: when the
   Krylov space becomes invariant it continues from an orthogonal random direction, where
   matfree's `tridiag_sym` divides by the residual norm (an exact breakdown, e.g. a probe that is
   an eigenvector, gives nan there; tests/test_spectrum.py has that case). Gauss quadrature

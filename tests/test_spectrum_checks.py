@@ -1,4 +1,4 @@
-"""The optional curvature measurements in the loop (issue 15): columns, densities, the plot."""
+"""The optional curvature measurements in the loop: columns, densities, the plot."""
 
 import math
 

@@ -164,7 +164,7 @@ def define_shared_flags(
 
 
 def _define_spectrum_flags() -> None:
-    """The optional measurements of each check (issue 15), all off by default."""
+    """The optional measurements of each check, all off by default."""
     flags.DEFINE_integer(
         "hessian_trace_matvecs", 0, "Estimate tr H at each check with this many Hessian-vector "
         f"products (XTrace; at least {TRACE_MIN_MATVECS}): columns trace, "

@@ -1,4 +1,4 @@
-"""The optional curvature measurements of a Hessian check (issue 15), taken after the main one.
+"""The optional curvature measurements of a Hessian check, taken after the main one.
 
 Four, each off by default (`SpectrumOptions`), each a separate jitted function compiled ahead
 of time once per run (`compile_spectrum_checks`) from `sam_eos.spectrum`'s pure core:
