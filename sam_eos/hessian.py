@@ -74,6 +74,8 @@ class EigenInfo(NamedTuple):
     # last two steps, sharpened by the gap to the next Ritz value). It cannot promise that no
     # eigenvalue lies above the top one: a direction the Krylov space has barely seen (the new
     # top of a near-degenerate cluster, orthogonal to a warm start's block) can stay unseen.
+    # How often that happens is measured, not promised: the loop's audits
+    # (`--eigensolver_audit_every`) and the check_misses benchmark compare with cold solves.
     error_bound: jax.Array
     converged: jax.Array  # bool: met max(tolerance, noise_floor) before max_iterations
     # float [block_size, num_params]: the top unit Ritz vectors, flat in `ravel_pytree(params)`
@@ -228,7 +230,9 @@ def top_eigenvalues(
       The rest are Lanczos's only; any of them with method="power" is a ValueError:
       start_vectors: float [warm_block_size(k, block_size), num_params] (flat,
         `ravel_pytree` order), the previous check's `info.ritz_vectors`; None, all zeros or
-        non-finite: a cold start. Warm and cold calls share one compiled solver.
+        non-finite: a cold start. Lanczos starts from the rows with random weights (random
+        signs, magnitudes in [0.5, 1.5]), so a top eigenvector that has turned across the rows
+        is unlikely to cancel out of the start. Warm and cold calls share one compiled solver.
       block_size: Ritz vectors returned for the next warm start (default k + 2; static).
       start_noise: weight of a unit random vector added to a warm start (traced; default
         1e-2); 0 to continue a chunked solve exactly from the previous chunk.

@@ -2,8 +2,9 @@
 
 `solve` runs Lanczos with full reorthogonalisation on a flat `matvec` (`[n] -> [n]`), traced
 inside the caller's jit. It starts from a block of previous Ritz vectors when given one (a warm
-start) plus a small random component, and restarts from its own top-k Ritz vectors whenever the
-basis is full, so the number of products allowed (`max_steps`) is a budget, not a size:
+start: the rows with random weights, `start_vector`) plus a small random component, and
+restarts from its own top-k Ritz vectors whenever the basis is full, so the number of products
+allowed (`max_steps`) is a budget, not a size:
 
 - the basis holds at most `MAX_BASIS_STEPS + 1` vectors, whatever `max_steps`;
 - each step's tridiagonal eigenproblem has the size of the smallest bucket in `_ritz_sizes`

@@ -75,3 +75,13 @@ def assert_tensorboard_equals_raw_data(log_dir, raw_path) -> None:
             np.testing.assert_array_equal(written_steps, steps[finite], err_msg=name)
             np.testing.assert_array_equal(values, rows[finite, i].astype(np.float32),
                                           err_msg=name)
+
+
+def dense_hessian(loss_fn, params, batch):
+    """The Hessian of `loss_fn(params, batch)` in `ravel_pytree(params)` order, float64 [n, n]."""
+    import jax
+    import numpy as np
+    from jax.flatten_util import ravel_pytree
+
+    flat, unravel = ravel_pytree(params)
+    return np.asarray(jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat), np.float64)

@@ -8,6 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from sam_eos.hessian import hvp, top_eigenvalues
+from tests.conftest import dense_hessian
 
 KEY = jax.random.PRNGKey(0)
 
@@ -33,11 +34,6 @@ def make_mlp(sizes, num_examples=64, seed=0):
     x = jax.random.normal(keys[-2], (num_examples, sizes[0]))
     y = jax.nn.one_hot(jax.random.randint(keys[-1], (num_examples,), 0, sizes[-1]), sizes[-1])
     return params, (x, y)
-
-
-def dense_hessian(loss_fn, params, batch):
-    flat, unravel = ravel_pytree(params)
-    return np.asarray(jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat), np.float64)
 
 
 @pytest.fixture(scope="module")

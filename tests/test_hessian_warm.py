@@ -11,7 +11,8 @@ from jax.flatten_util import ravel_pytree
 
 from sam_eos import hessian, lanczos
 from sam_eos.hessian import top_eigenvalues
-from tests.test_hessian import dense_hessian, make_mlp, mlp_loss
+from tests.conftest import dense_hessian
+from tests.test_hessian import make_mlp, mlp_loss
 
 
 def gradient_step(params, batch, step_size=0.05):

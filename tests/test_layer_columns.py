@@ -8,7 +8,8 @@ import pytest
 from sam_eos.layers import group_indices
 from sam_eos.loop import measurements, train
 from sam_eos.reports import figures, raw_data
-from tests.test_layers import LAYERS, dense_hessian, make_problem, tanh_mlp_loss
+from tests.conftest import dense_hessian
+from tests.test_layers import LAYERS, make_problem, tanh_mlp_loss
 
 STEP_SIZE = 0.2
 LAYER_COLUMNS = measurements.layer_column_names(list(LAYERS))

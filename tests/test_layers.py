@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
 
 import sam_eos
 from sam_eos.layers import group_indices
+from tests.conftest import dense_hessian
 
 KEY = jax.random.key(0)
 LAYERS = ("mlp/~/linear_0", "mlp/~/linear_1", "mlp/~/linear_2")
@@ -31,11 +31,6 @@ def make_problem(sizes=(6, 12, 8, 3), num_examples=40, seed=0):
     x = jax.random.normal(keys[-2], (num_examples, sizes[0]))
     y = jax.random.normal(keys[-1], (num_examples, sizes[-1]))
     return params, (x, y)
-
-
-def dense_hessian(loss_fn, params, batch):
-    flat, unravel = ravel_pytree(params)
-    return np.asarray(jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat), np.float64)
 
 
 @pytest.fixture(scope="module")

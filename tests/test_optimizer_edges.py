@@ -12,7 +12,7 @@ from sam_eos import adam_preconditioner, sam_edge, stability_threshold, usam_edg
 from sam_eos.loop import measurements, train
 from sam_eos.reports import figures, summary
 from sam_eos.reports.raw_data import read_raw_data
-from tests.test_hessian import dense_hessian
+from tests.conftest import dense_hessian
 from tests.test_train import assert_valid_pdf, mlp_loss, mlp_problem, outputs
 
 CASES = {  # name: (TrainConfig changes, the threshold they imply at eta = 0.05)

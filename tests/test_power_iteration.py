@@ -10,7 +10,8 @@ from jax.flatten_util import ravel_pytree
 
 from sam_eos.hessian import top_eigenvalues
 from sam_eos.power_iteration import power_iteration
-from tests.test_hessian import dense_hessian, make_mlp, mlp_loss, tanh_mlp_loss
+from tests.conftest import dense_hessian
+from tests.test_hessian import make_mlp, mlp_loss, tanh_mlp_loss
 
 # The original's finite difference divides by 2 * 1e-3 + 1e-5 instead of 2 * 1e-3: on a
 # quadratic every product, and so the estimate, is this fraction of the exact one.

@@ -39,7 +39,7 @@ class ChunkPlan:
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> "ChunkPlan":
-        return cls(*steps.chunk_plan(config.eigensolver, config.eigensolver_max_iterations))
+        return cls(*steps.chunk_plan(config.eigensolver, config.solver_budget()))
 
 
 def cold_ritz_block(params: PyTree, config: TrainConfig, plan: ChunkPlan) -> jax.Array:
@@ -62,15 +62,14 @@ def initial_state(params: PyTree, config: TrainConfig) -> dict[str, jax.Array]:
         state["sam_point_ritz_vectors"] = _single_block(params, config)
     if config.spectrum.layer_sharpness:
         state["layer_ritz_vectors"] = tuple(layers.cold_start_vectors(
-            params, num_matvecs=config.eigensolver_max_iterations
-            or hessian.DEFAULT_MAX_ITERATIONS["lanczos"]).values())
+            params, num_matvecs=config.solver_budget("lanczos")).values())
     return state
 
 
 def _single_block(params: PyTree, config: TrainConfig) -> jax.Array:
     """Zeros shaped like the Ritz block of a one-eigenvalue Lanczos solve with the run's
     budget (3 rows, fewer when its steps cannot hold them): the block it returns."""
-    budget = config.eigensolver_max_iterations or hessian.DEFAULT_MAX_ITERATIONS["lanczos"]
+    budget = config.solver_budget("lanczos")
     num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
     rows = min(hessian.warm_block_size(1), hessian.lanczos_iterations_allowed(num_params, budget))
     return hessian.cold_start_vectors(params, 1, rows)
@@ -212,7 +211,7 @@ class HessianCheck:
             logging.info("Hessian-vector products: relative error %.2g at the default matmul "
                          "precision (against 'highest'); every check's error bound includes "
                          "it.", self.noise_floor)
-        tolerance = config.eigensolver_tolerance or hessian.DEFAULT_TOLERANCE["lanczos"]
+        tolerance = config.solver_tolerance("lanczos")
         if tolerance < self.noise_floor:
             message = (f"the eigensolver tolerance {tolerance:.2g} is below the products' "
                        f"noise floor {self.noise_floor:.2g} (default matmul precision): checks "
@@ -288,9 +287,8 @@ def _compile_effective(loss_fn: LossFn, config: TrainConfig, state: dict[str, Py
     try:
         effective = steps.make_effective_sharpness(
             loss_fn, b2=config.adam_b2, eps=config.adam_eps,
-            num_matvecs=config.eigensolver_max_iterations
-            or hessian.DEFAULT_MAX_ITERATIONS["lanczos"],
-            tolerance=config.eigensolver_tolerance or hessian.DEFAULT_TOLERANCE["lanczos"],
+            num_matvecs=config.solver_budget("lanczos"),
+            tolerance=config.solver_tolerance("lanczos"),
             perturbed=config.rho > 0, out_sharding=_replicated(place))
         return steps.compile_ahead(
             "the effective sharpness", effective, state["params"], state["opt_state"], batch,

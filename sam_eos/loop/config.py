@@ -129,12 +129,21 @@ class TrainConfig:
         require(isinstance(audit, int) and not isinstance(audit, bool) and audit >= 0,
                 f"--eigensolver_audit_every must be an integer >= 0 (got {audit}); 0 turns the "
                 "audits off")
-        budget = self.eigensolver_max_iterations or hessian.DEFAULT_MAX_ITERATIONS[
-            self.eigensolver]
+        budget = self.solver_budget()
         require(self.num_principal_components <= budget,
                 f"--num_principal_components={self.num_principal_components} exceeds the "
                 f"eigensolver's budget of {budget} iterations; raise "
                 "--eigensolver_max_iterations")
+
+    def solver_budget(self, method: str | None = None) -> int:
+        """Products (Lanczos HVPs or power iterations) a solve may use: the flag's, else the
+        default of `method` (None: the run's eigensolver). The one place defaults resolve."""
+        return (self.eigensolver_max_iterations
+                or hessian.DEFAULT_MAX_ITERATIONS[method or self.eigensolver])
+
+    def solver_tolerance(self, method: str | None = None) -> float:
+        """The relative tolerance of a solve: the flag's, else `method`'s default."""
+        return self.eigensolver_tolerance or hessian.DEFAULT_TOLERANCE[method or self.eigensolver]
 
     def _check_optimizer(self) -> None:
         require(self.optimizer in OPTIMIZERS,

@@ -149,8 +149,8 @@ def make_batch_sharpness_samples(loss_fn: LossFn, select: Callable):
     return jax.jit(samples)
 
 
-def make_sam_point_sharpness(loss_fn: LossFn, rho: float, max_iterations: int | None,
-                             tolerance: float | None, variant: str = "sam"):
+def make_sam_point_sharpness(loss_fn: LossFn, rho: float, max_iterations: int,
+                             tolerance: float, variant: str = "sam"):
     """A jitted `(params, batch, key, step, start_vectors) -> dict`: the top eigenvalue at the
     SAM point (its last estimate when unconverged), its products and Ritz vectors for the next
     warm start."""
@@ -164,16 +164,12 @@ def make_sam_point_sharpness(loss_fn: LossFn, rho: float, max_iterations: int | 
     return jax.jit(sam_point_sharpness)
 
 
-def make_layer_sharpness(loss_fn: LossFn, max_iterations: int | None,
-                         tolerance: float | None):
+def make_layer_sharpness(loss_fn: LossFn, num_matvecs: int, tolerance: float):
     """A jitted `(params, batch, key, step, blocks, start_vectors, direction, noise_floor) ->
     dict`: each layer's sharpness (`sam_eos.layers.solve_blocks`, `blocks` its int32
     positions, `start_vectors` its Ritz vectors, each a tuple in the layers' order), the
     shares of the flat unit `direction` [n] (the check's top Ritz vector), the products
     of all layers, the largest error bound and the Ritz vectors for the next warm start."""
-    num_matvecs = max_iterations or hessian.DEFAULT_MAX_ITERATIONS["lanczos"]
-    tolerance = tolerance or hessian.DEFAULT_TOLERANCE["lanczos"]
-
     def layer_sharpness(params, batch, key, step, blocks, start_vectors, direction,
                         noise_floor):
         key = jax.random.fold_in(jax.random.fold_in(key, step), _LAYER_SALT)
@@ -299,7 +295,7 @@ class SpectrumChecks:
 
 
 def compile_spectrum_checks(loss_fn: LossFn, options: SpectrumOptions, *, rho: float,
-                            max_iterations: int | None, tolerance: float | None, feed: Feed,
+                            max_iterations: int, tolerance: float, feed: Feed,
                             params: PyTree, batch: PyTree, key: jax.Array,
                             sam_point_vectors: jax.Array | None = None,
                             layer_vectors: tuple[jax.Array, ...] | None = None,

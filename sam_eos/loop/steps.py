@@ -77,11 +77,10 @@ def make_train_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, r
 CHUNK_PRODUCTS = 32
 
 
-def chunk_plan(eigensolver: str, max_iterations: int | None) -> tuple[int, int]:
+def chunk_plan(eigensolver: str, budget: int) -> tuple[int, int]:
     """`(products per chunk, chunks at most)` for one check: equal chunks of at most
-    CHUNK_PRODUCTS products, together within `max_iterations` (default per method). Power
+    CHUNK_PRODUCTS products, together within `budget` (`TrainConfig.solver_budget`). Power
     iteration runs in one chunk (its loop is one call, bounded by its iterations)."""
-    budget = max_iterations or hessian.DEFAULT_MAX_ITERATIONS[eigensolver]
     if eigensolver == "power":
         return budget, 1
     chunks = -(-budget // CHUNK_PRODUCTS)

@@ -186,8 +186,8 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     if with_checks and config.spectrum.enabled() and not stop_requested():
         extra = compile_spectrum_checks(
             loss_fn, config.spectrum, rho=config.rho,
-            max_iterations=config.eigensolver_max_iterations,
-            tolerance=config.eigensolver_tolerance, feed=feed, params=state["params"],
+            max_iterations=config.solver_budget("lanczos"),
+            tolerance=config.solver_tolerance("lanczos"), feed=feed, params=state["params"],
             batch=check_batch(arrays, row), key=key,
             sam_point_vectors=state.get("sam_point_ritz_vectors"),
             layer_vectors=state.get("layer_ritz_vectors"), direction=state["ritz_vectors"][0],
