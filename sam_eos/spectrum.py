@@ -225,7 +225,7 @@ def sam_point(loss_fn: LossFn, params: PyTree, batch: PyTree, rho: float | jax.A
 
 
 def sam_point_sharpness(
-    loss_fn: LossFn, params: PyTree, batch: PyTree, rho: float | jax.Array, key: jax.Array,
+    loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array, rho: float | jax.Array,
     variant: str = "sam", **solver_options
 ) -> tuple[jax.Array, EigenInfo]:
     """The top Hessian eigenvalue at the SAM point `sam_point(...)`: `(value, EigenInfo)`.

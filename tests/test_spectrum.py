@@ -194,7 +194,7 @@ def test_sam_point_sharpness_matches_dense_top_eigenvalue(mlp):
     perturbed_params = unravel(jnp.asarray(perturbed, jnp.float32))
     expected = np.linalg.eigvalsh(dense_hessian(perturbed_params, batch))[-1]
     assert abs(expected - eigenvalues[-1]) > 1e-2 * eigenvalues[-1]  # a different point
-    value, info = spectrum.sam_point_sharpness(mlp_loss, params, batch, rho, jax.random.PRNGKey(0))
+    value, info = spectrum.sam_point_sharpness(mlp_loss, params, batch, jax.random.PRNGKey(0), rho)
     np.testing.assert_allclose(float(value), expected, rtol=1e-4)
     assert bool(info.converged)
 
@@ -214,7 +214,7 @@ def test_measurements_compile_once_per_shape(mlp):
         spectrum.hessian_trace(counted_loss, p, batch, key, 20)
         spectrum.spectral_density(counted_loss, p, batch, key, 2, 5)
         spectrum.batch_sharpness(counted_loss, p, batches)
-        spectrum.sam_point_sharpness(counted_loss, p, batch, 0.1, jax.random.PRNGKey(0))
+        spectrum.sam_point_sharpness(counted_loss, p, batch, jax.random.PRNGKey(0), 0.1)
 
     measure(params, 0)
     first = len(traces)

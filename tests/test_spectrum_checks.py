@@ -196,7 +196,7 @@ def test_the_sam_point_sharpness_is_warm_started_and_matches_a_cold_solve(tmp_pa
     params, examples, order = minibatch_problem()
     first = order.take_indices(1)[0]
     batch = jax.tree.map(lambda x: x[first], examples)
-    cold, _ = spectrum.sam_point_sharpness(mlp_loss, params, batch, rho, jax.random.PRNGKey(0))
+    cold, _ = spectrum.sam_point_sharpness(mlp_loss, params, batch, jax.random.PRNGKey(0), rho)
     np.testing.assert_allclose(result.rows[0]["sam_point_sharpness"], float(cold), rtol=1e-4)
     if rho == 0:  # the SAM point is w: the same eigenvalue as the main check
         np.testing.assert_allclose(result.rows[0]["sam_point_sharpness"],

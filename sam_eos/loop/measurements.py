@@ -157,7 +157,7 @@ def make_sam_point_sharpness(loss_fn: LossFn, rho: float, max_iterations: int,
     def sam_point_sharpness(params, batch, key, step, start_vectors):
         key = jax.random.fold_in(jax.random.fold_in(key, step), _SAM_POINT_SALT)
         value, info = spectrum.sam_point_sharpness(
-            loss_fn, params, batch, rho, key, variant, num_matvecs=max_iterations,
+            loss_fn, params, batch, key, rho, variant, num_matvecs=max_iterations,
             tolerance=tolerance, start_vectors=start_vectors)
         return {"value": value,  # unconverged: the last estimate, as the main check's
                 "products": info.hessian_vector_products, "ritz_vectors": info.ritz_vectors}
