@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 
+from sam_eos.errors import InputError
 from sam_eos.loop import distributed
-from sam_eos.loop.errors import InputError
 
 SPLITS = ("train", "test")
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sam_eos.loop.errors import InputError
+from sam_eos.errors import InputError
 from sam_eos.types import PyTree
 
 ARCHITECTURES = ("MLP", "CNN")

@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from sam_eos import hessian  # noqa: E402
+from sam_eos.errors import InputError  # noqa: E402
 from sam_eos.loop import train  # noqa: E402
-from sam_eos.loop.errors import InputError  # noqa: E402
 from sam_eos.loop.feed import FullBatchFeed, StreamFeed  # noqa: E402
 from sam_eos.loop.steps import make_train_steps  # noqa: E402
 from sam_eos.loop.train import FullBatch, TrainConfig, run  # noqa: E402

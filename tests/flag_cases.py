@@ -17,7 +17,7 @@ def main() -> None:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     from absl import flags
 
-    from sam_eos.loop.errors import InputError
+    from sam_eos.errors import InputError
 
     program = importlib.import_module(f"{sys.argv[1]}.__main__")
     cases = json.loads(pathlib.Path(sys.argv[2]).read_text())

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sam_eos.errors import InputError
 from sam_eos.loop import check, train
-from sam_eos.loop.errors import InputError
 from sam_eos.loop.feed import Placement
 from sam_eos.reports import raw_data, summary
 

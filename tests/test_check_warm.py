@@ -13,8 +13,8 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import hessian
-from sam_eos.loop import check, checkpoint, errors, measurements, schedule, steps, train
+from sam_eos import errors, hessian
+from sam_eos.loop import check, checkpoint, measurements, schedule, steps, train
 from sam_eos.reports.raw_data import read_raw_data
 from tests.test_programs import ROOT, TINY_TRANSFORMER, environment, output_flags
 from tests.test_train import mlp_loss, mlp_problem, outputs

@@ -11,7 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sam_eos.loop import check, checkpoint, errors, schedule, train
+from sam_eos import errors
+from sam_eos.loop import check, checkpoint, schedule, train
 from sam_eos.reports import raw_data
 from sam_eos.reports.raw_data import keep_first_rows, read_raw_data
 from tests.test_programs import ROOT, TINY_TRANSFORMER, environment, shakespeare_like_text

@@ -9,7 +9,7 @@ import pytest
 from absl import flags
 
 from sam_eos.cli.parsing import is_project_module, project_flag_values
-from sam_eos.loop.errors import EXIT_BAD_INPUT, EXIT_OK
+from sam_eos.errors import EXIT_BAD_INPUT, EXIT_OK
 from tests.conftest import ROOT
 
 

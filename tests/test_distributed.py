@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
+from sam_eos.errors import InputError
 from sam_eos.loop import distributed
-from sam_eos.loop.errors import InputError
 from tests import processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from sam_eos.loop import checkpoint, errors, locks, train
+from sam_eos import errors
+from sam_eos.loop import checkpoint, locks, train
 from sam_eos.reports import raw_data
 from sam_eos.reports.raw_data import read_raw_data, untimed
 from tests.test_programs import ROOT, TINY_TRANSFORMER, environment, shakespeare_like_text

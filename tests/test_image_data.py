@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from image_classification import dataset
-from sam_eos.loop.errors import InputError
+from sam_eos.errors import InputError
 from tests.tfds_mock import write_mock_metadata
 
 tfds = pytest.importorskip("tensorflow_datasets")

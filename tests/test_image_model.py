@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from image_classification import model
-from sam_eos.loop.errors import InputError
+from sam_eos.errors import InputError
 
 SIZES = dict(
     mlp_depth=4, mlp_width=1000, cnn_num_blocks=2, cnn_layers_per_block=2, cnn_feature_multiplier=16

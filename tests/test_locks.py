@@ -4,8 +4,8 @@ import os
 
 import pytest
 
+from sam_eos.errors import InputError
 from sam_eos.loop import locks
-from sam_eos.loop.errors import InputError
 
 
 def test_a_second_lock_on_the_same_outputs_is_refused_until_the_first_is_released(tmp_path):

@@ -73,3 +73,28 @@ def test_tracker_example_runs_against_the_installed_package(installed, tmp_path)
     assert [line.split()[1] for line in lines] == ["20", "40", "60"]
     ratios = [float(line.split("/ edge")[1].split()[0]) for line in lines]
     assert all(0 < r < 2 for r in ratios)  # a preconditioned sharpness on the edge's scale
+
+
+def imported_modules(path) -> set[str]:
+    """The modules a source file imports (at any depth: a deferred import counts too)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_reports_import_nothing_from_the_loop_or_the_command_line():
+    # The reports are a sink fed rows; the loop and the programs use them, never the reverse.
+    files = sorted((ROOT / "sam_eos" / "reports").glob("*.py"))
+    assert len(files) >= 5
+    for path in files:
+        upward = {name for name in imported_modules(path)
+                  if name.startswith(("sam_eos.loop", "sam_eos.cli"))}
+        assert not upward, (path.name, upward)
+    assert "sam_eos.loop.checkpoint" in imported_modules(ROOT / "sam_eos" / "loop" / "recorder.py")

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from sam_eos.loop import errors
+from sam_eos import errors
 from sam_eos.reports.raw_data import read_raw_data, read_summary, untimed
 from sam_eos.reports.tensorboard_writer import read_scalars
 from tests import processes as processes_

@@ -226,7 +226,7 @@ def test_sam_eos_plot_redraws_the_density_from_the_saved_file(tmp_path):
 
 
 def test_the_trace_flags_reject_a_negative_value_with_exit_code_2(tmp_path):
-    from sam_eos.loop import errors
+    from sam_eos import errors
     from tests.test_programs import run, shakespeare_like_text
 
     corpus = tmp_path / "corpus.txt"

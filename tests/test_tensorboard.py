@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import sam_eos
+from sam_eos import errors
 from sam_eos.cli import flags as program_flags
-from sam_eos.loop import errors, train
+from sam_eos.loop import train
 from sam_eos.reports.raw_data import keep_first_rows, read_raw_data
 from sam_eos.reports.tensorboard_writer import TensorBoardWriter, read_scalars
 from tests.conftest import assert_tensorboard_equals_raw_data

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sam_eos.loop.errors import InputError
+from sam_eos.errors import InputError
 from transformer import dataset
 
 ASCII_NO_NUL = st.characters(min_codepoint=1, max_codepoint=127)

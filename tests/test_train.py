@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sam_eos import errors
 from sam_eos.edge import sam_edge
-from sam_eos.loop import errors, train
+from sam_eos.loop import train
 from sam_eos.reports.raw_data import read_raw_data
 from sam_eos.sam import sam_update
 

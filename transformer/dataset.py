@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from sam_eos.loop.errors import InputError
+from sam_eos.errors import InputError
 
 VOCAB_SIZE = 128
 PAD_TOKEN = 0

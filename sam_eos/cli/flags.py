@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from sam_eos import hessian
 from sam_eos.cli.parsing import project_flag_values
+from sam_eos.errors import InputError
 from sam_eos.loop import distributed
 from sam_eos.loop.config import (
     OPTIMIZERS,
@@ -22,7 +23,6 @@ from sam_eos.loop.config import (
     require,
     require_positive_int,
 )
-from sam_eos.loop.errors import InputError
 from sam_eos.loop.measurements import TRACE_MIN_MATVECS, SpectrumOptions
 from sam_eos.reports.figures import X_AXES, check_plot_format
 from sam_eos.reports.paths import DENSITY_FILE_NAME, LAYERS_FILE_NAME, output_paths

@@ -13,7 +13,7 @@ from typing import Any
 
 from absl import flags
 
-from sam_eos.loop.errors import EXIT_BAD_INPUT, EXIT_OK
+from sam_eos.errors import EXIT_BAD_INPUT, EXIT_OK
 
 PROJECT_PACKAGES = ("sam_eos", "image_classification", "transformer", "experiments")
 

@@ -10,8 +10,8 @@ from typing import Any
 from absl import app, logging
 
 from sam_eos.cli.parsing import parse_flags
+from sam_eos.errors import EXIT_BAD_INPUT, InputError
 from sam_eos.loop import distributed
-from sam_eos.loop.errors import EXIT_BAD_INPUT, InputError
 from sam_eos.loop.train import RunResult
 from sam_eos.reports import raw_data, summary
 

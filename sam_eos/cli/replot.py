@@ -21,7 +21,7 @@ import sys
 from absl import app, flags
 
 from sam_eos.cli.parsing import parse_flags
-from sam_eos.loop.errors import EXIT_BAD_INPUT, InputError
+from sam_eos.errors import EXIT_BAD_INPUT, InputError
 from sam_eos.reports.figures import (
     X_AXES,
     RunData,

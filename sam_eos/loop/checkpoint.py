@@ -16,38 +16,15 @@ from typing import Any
 import orbax.checkpoint as ocp
 from absl import logging
 
-from sam_eos.loop.errors import InputError
+from sam_eos.errors import InputError
 from sam_eos.loop.schedule import Position
+from sam_eos.reports.raw_data import RESUMABLE_CHANGES, settings_differences  # noqa: F401
 from sam_eos.types import PyTree
 
 # Entries of the loop's state (a dict) that checkpoints written before they existed lack: such
 # a checkpoint restores without them, and they keep the template's value (for the eigensolver's
 # Ritz vectors, zeros: the first check after the resume starts cold).
 OPTIONAL_STATE = frozenset({"ritz_vectors"})
-RESUMABLE_CHANGES = frozenset(
-    {"time_limit_in_hours", "max_steps", "checkpoint_every_minutes", "checkpoint_dir",
-     "plot_x", "progress_every_seconds"}
-)
-
-
-def settings_differences(saved: Any, current: Any, path: str = "") -> list[str]:
-    """Human-readable differences between two settings records, ignoring RESUMABLE_CHANGES."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        differences = []
-        for key in sorted(set(saved) | set(current)):
-            if key in RESUMABLE_CHANGES:
-                continue
-            name = f"{path}.{key}" if path else str(key)
-            if key not in saved or key not in current:
-                differences.append(f"{name} only in the {'checkpoint' if key in saved else 'run'}")
-            else:
-                differences += settings_differences(saved[key], current[key], name)
-        return differences
-    if saved != current:
-        return [f"{path}: checkpoint {saved!r}, now {current!r}"]
-    return []
-
-
 def _normalise(settings: dict[str, Any]) -> dict[str, Any]:
     """Settings as they read back from JSON (tuples become lists, etc.)."""
     return json.loads(json.dumps(settings, default=str))

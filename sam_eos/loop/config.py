@@ -11,7 +11,7 @@ import math
 import optax
 
 from sam_eos import edge, hessian
-from sam_eos.loop.errors import InputError
+from sam_eos.errors import InputError
 from sam_eos.loop.measurements import SpectrumOptions
 from sam_eos.reports.paths import PLOT_FIELDS, X_AXES
 

@@ -42,7 +42,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from sam_eos.loop.errors import InputError
+from sam_eos.errors import InputError
 from sam_eos.types import PyTree
 
 BATCH_AXIS = "batch"

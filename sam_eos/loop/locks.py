@@ -13,7 +13,7 @@ is locked through `.sam_eos.lock` inside.
 import fcntl
 import os
 
-from sam_eos.loop.errors import InputError
+from sam_eos.errors import InputError
 
 CHECKPOINT_LOCK_NAME = ".sam_eos.lock"  # inside --checkpoint_dir; orbax ignores it
 

@@ -36,8 +36,8 @@ import numpy as np
 from absl import logging
 
 from sam_eos import hessian, layers, spectrum
+from sam_eos.errors import InputError
 from sam_eos.loop import steps
-from sam_eos.loop.errors import InputError
 from sam_eos.loop.feed import Feed
 from sam_eos.types import LossFn, PyTree
 

@@ -8,7 +8,7 @@ time (steps and checks, not compiling or start-up).
 
 import dataclasses
 
-SECONDS_PER_HOUR = 3600.0
+from sam_eos.units import SECONDS_PER_HOUR
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ the whole run (`sam_eos.loop.locks`): a second run on them fails before training
 The loop is split along the way data flows: `sam_eos.loop.schedule` decides (pure: check? save?
 stop? how many steps?), `sam_eos.loop.feed` places the data, `sam_eos.loop.steps` holds the compiled
 step and check (compiled ahead of time, once per run, before the clock starts), and
-`sam_eos.reports.recorder` writes rows, notes, checkpoints and plots. `run` wires them together.
+`sam_eos.loop.recorder` writes rows, notes, checkpoints and plots. `run` wires them together.
 
 Time: "training time" is the wall-clock time spent in the loop (steps and checks, not start-up
 or compiling), in seconds internally and in hours in flags and raw data. On several processes
@@ -35,7 +35,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from sam_eos.loop import check, distributed, errors, locks, schedule, steps
+from sam_eos import errors, units
+from sam_eos.loop import check, distributed, locks, schedule, steps
 from sam_eos.loop.check import HessianCheck
 from sam_eos.loop.config import Outputs, TrainConfig  # noqa: F401 - re-exported
 from sam_eos.loop.feed import (  # noqa: F401 - the data kinds, re-exported for the programs
@@ -50,8 +51,8 @@ from sam_eos.loop.feed import (  # noqa: F401 - the data kinds, re-exported for 
 )
 from sam_eos.loop.measurements import compile_spectrum_checks, extra_column_names, layer_names
 from sam_eos.loop.progress import Progress
+from sam_eos.loop.recorder import Recorder
 from sam_eos.reports.raw_data import METHOD_COLUMNS
-from sam_eos.reports.recorder import Recorder
 from sam_eos.types import LossFn, PyTree
 
 MAX_STEPS_PER_DISPATCH = 1024
@@ -292,7 +293,7 @@ def run(
     if restored is not None:
         state, position = restored
         logging.info("Resumed from the checkpoint at step %d (%.4f h of training).",
-                     position.step, position.training_seconds / schedule.SECONDS_PER_HOUR)
+                     position.step, position.training_seconds / units.SECONDS_PER_HOUR)
     recorder.open(position, resumed=restored is not None)
     feed = make_feed(data, place, position.batches_taken)
     if hessian_batch is not None:
@@ -327,7 +328,7 @@ def run(
     status = "interrupted" if status == "hard_stop" else status
     exit_code = _finish(status, signal_number, recorder.rows)
     logging.info("Stopped (%s) after %d steps and %.4f h of training.", status, position.step,
-                 position.training_seconds / schedule.SECONDS_PER_HOUR)
+                 position.training_seconds / units.SECONDS_PER_HOUR)
     plots = recorder.finish(state if consistent else None, position)
     seconds = {"compile": compile_seconds,
                "steps": position.training_seconds - started_seconds - check_seconds,

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from sam_eos.loop.errors import InputError
+from sam_eos.errors import InputError
 from sam_eos.reports.paths import X_AXES
 
 OFF_SCALE_FACTOR = 2.0

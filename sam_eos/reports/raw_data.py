@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from sam_eos.loop.errors import InputError
-from sam_eos.loop.schedule import SECONDS_PER_HOUR
+from sam_eos.errors import InputError
+from sam_eos.units import SECONDS_PER_HOUR
 
 ORIGINAL_COLUMNS = (
     "time_hours",  # training time (hours) when the check was taken
@@ -323,12 +323,35 @@ def read_summary(path: str) -> dict[str, Any] | None:
     return summary
 
 
+# Settings a resumed run may change (more time or steps, other outputs' timing).
+RESUMABLE_CHANGES = frozenset(
+    {"time_limit_in_hours", "max_steps", "checkpoint_every_minutes", "checkpoint_dir",
+     "plot_x", "progress_every_seconds"}
+)
+
+
+def settings_differences(saved: Any, current: Any, path: str = "") -> list[str]:
+    """Human-readable differences between two settings records, ignoring RESUMABLE_CHANGES."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        differences = []
+        for key in sorted(set(saved) | set(current)):
+            if key in RESUMABLE_CHANGES:
+                continue
+            name = f"{path}.{key}" if path else str(key)
+            if key not in saved or key not in current:
+                differences.append(f"{name} only in the {'checkpoint' if key in saved else 'run'}")
+            else:
+                differences += settings_differences(saved[key], current[key], name)
+        return differences
+    if saved != current:
+        return [f"{path}: checkpoint {saved!r}, now {current!r}"]
+    return []
+
+
 def is_same_run(path: str, settings: dict[str, Any], columns: Sequence[str]) -> bool:
     """Whether the raw-data file at `path` was written by a run with these settings and
-    columns (settings compared as `sam_eos.loop.checkpoint.settings_differences` does, so a resumed
-    run may have more time or steps). False for a file that is not raw data."""
-    from sam_eos.loop.checkpoint import settings_differences  # orbax: only when needed
-
+    columns (settings compared as `settings_differences` does, so a resumed run may have more
+    time or steps). False for a file that is not raw data."""
     try:
         saved_settings, saved_columns, _ = read_raw_data(path)
     except (OSError, ValueError):

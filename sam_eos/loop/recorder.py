@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from sam_eos.loop import checkpoint, distributed, errors, schedule
-from sam_eos.loop.schedule import SECONDS_PER_HOUR
+from sam_eos import errors
+from sam_eos.loop import checkpoint, distributed, schedule
 from sam_eos.reports import paths
 from sam_eos.reports.figures import RunData, draw_density, draw_layers, draw_plots
 from sam_eos.reports.raw_data import (
@@ -27,6 +27,7 @@ from sam_eos.reports.raw_data import (
 )
 from sam_eos.reports.tensorboard_writer import TensorBoardWriter
 from sam_eos.types import PyTree
+from sam_eos.units import SECONDS_PER_HOUR
 
 
 def measured_row(step: int, seconds: float, m: dict[str, Any], *, step_size: float,
