@@ -28,6 +28,7 @@ from sam_eos import SharpnessTracker, top_eigenvalues
 from sam_eos.loop import train
 from sam_eos.loop.feed import FullBatchFeed
 from sam_eos.loop.steps import make_train_steps
+from sam_eos.power_iteration import power_iteration
 
 NAME = "check_misses"
 TITLE = "Misses: every check against a tight cold solve, the original's estimator beside it"
@@ -150,7 +151,7 @@ def tracker_setting(loss_fn, params, batch, steps: int, every: int) -> dict:
         key = jax.random.key(1000 + i)
         reference = float(top_eigenvalues(loss_fn, params, batch, key, 1, num_matvecs=300,
                                           tolerance=1e-7)[0][0])
-        power = float(top_eigenvalues(loss_fn, params, batch, key, method="power")[0][0])
+        power = float(power_iteration(loss_fn, params, batch, key).magnitudes[0])
         value = float(result.eigenvalues[0])
         checks.append({"step": i * every, "error": abs(value - reference) / abs(reference),
                        "bound": float(result.error_bound),

@@ -25,14 +25,16 @@ from absl import logging
 
 from benchmarks import problems
 from sam_eos import lanczos, top_eigenvalues
-from sam_eos.hessian import DEFAULT_START_NOISE, DEFAULT_TOLERANCE, hessian_operator
+from sam_eos.eigensolver import DEFAULT_START_NOISE, DEFAULT_TOLERANCE
+from sam_eos.hessian import hessian_operator
 from sam_eos.loop.feed import FullBatchFeed
 from sam_eos.loop.steps import make_train_steps
+from sam_eos.power_iteration import power_iteration
 
 NAME = "stopping_rules"
 TITLE = "Stopping rules on one Krylov sequence: how few products a right answer needs"
 ACCURACY = 1e-4  # relative error a check must reach
-TOLERANCE = DEFAULT_TOLERANCE["lanczos"]
+TOLERANCE = DEFAULT_TOLERANCE
 MIN_STEPS = 3  # the solver's first possible stop for k = 1 (a block of 3 Ritz vectors)
 MAX_CLUSTER = 3
 SETTINGS = {"SAM (eta 0.5, rho 0.1)": (0.5, 0.1, 0), "GD (eta 1)": (1.0, 0.0, 2)}
@@ -50,20 +52,30 @@ def trajectory(loss_fn, params, batch, eta, rho, steps, every):
 
 
 def ritz_bounds(alpha: np.ndarray, beta: np.ndarray, j: int) -> dict[str, float]:
-    """The top Ritz value after j steps and each rule's relative error bound for it."""
+    """The top Ritz value after j steps and each rule's relative error bound for it. The
+    residual-gap rule is the solver's own (`lanczos._gaps` and `lanczos._error_bound`, with its
+    condition on the bottom Ritz value when that may be the largest in magnitude)."""
     t = np.diag(alpha[:j]) + np.diag(beta[:j - 1], 1) + np.diag(beta[:j - 1], -1)
     values, vectors = np.linalg.eigh(t)
     values, vectors = values[::-1], vectors[:, ::-1]
     residuals = np.abs(beta[j - 1] * vectors[-1])
     norm = max(abs(values[0]), abs(values[-1]))
-    gap = np.min(np.abs(values[0] - values[1:]) - residuals[1:]) if j > 1 else np.inf
-    single = min(residuals[0], residuals[0] ** 2 / gap) if gap > 0 else residuals[0]
+    single = solver_bound(values, residuals, 0)
+    if j > 1 and abs(values[-1]) + residuals[-1] >= abs(values[0]):
+        single = max(single, solver_bound(values, residuals, j - 1))
     cluster = single
     for m in range(2, min(j, MAX_CLUSTER + 1)):
         below = values[m - 1] - np.max(values[m:] + residuals[m:])
         if below > 0:
             cluster = min(cluster, np.sum(residuals[:m] ** 2) / below)
     return {"top": values[0], "residual-gap": single / norm, "cluster": cluster / norm}
+
+
+def solver_bound(values: np.ndarray, residuals: np.ndarray, i: int) -> float:
+    """The solver's error bound of Ritz value i (absolute): min(res, res^2 / gap)."""
+    values, residuals = jnp.asarray(values), jnp.asarray(residuals)
+    gap = lanczos._gaps(values[i:i + 1], values, residuals, jnp.ones(values.shape, bool))
+    return float(lanczos._error_bound(residuals[i:i + 1], gap)[0])
 
 
 def stops(rows: list[dict], reference: float) -> dict[str, tuple[int, float, float]]:
@@ -99,9 +111,8 @@ def replay(loss_fn, points, batch, max_steps: int) -> list[dict]:
                                      jnp.float32(DEFAULT_START_NOISE))
         alpha, beta = (np.asarray(a, np.float64) for a in sequence(points[i], start, key))
         rows = [dict(j=j, **ritz_bounds(alpha, beta, j)) for j in range(1, max_steps + 1)]
-        _, _, power = top_eigenvalues(loss_fn, points[i], batch, key, method="power")
-        checks.append({"step": i, **stops(rows, reference),
-                       "power": int(power.hessian_vector_products)})
+        power = power_iteration(loss_fn, points[i], batch, key)
+        checks.append({"step": i, **stops(rows, reference), "power": int(power.iterations)})
     return checks
 
 

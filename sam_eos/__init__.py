@@ -6,7 +6,9 @@ The functional core, re-exported here, is pure functions over parameter pytrees:
 - `edge`: each optimizer's stability threshold, and the SAM and USAM edges built on one;
 - `effective_sharpness`: the operator P^-1/2 (H + rho_eff H^2) P^-1/2 whose top eigenvalue
   meets that threshold at the edge;
-- `hessian`, `lanczos`, `power_iteration`: Hessian-vector products and the top eigenvalues;
+- `hessian`: Hessian-vector products;
+- `eigensolver`: the top eigenvalues, `top_eigenvalues`, and the warm-started `init` / `update`
+  that every check runs (Lanczos, `lanczos`); `power_iteration`, the original's estimator;
 - `layers`: which layer is at the edge: each layer's block sharpness and its share of a
   direction;
 - `tracker`: `SharpnessTracker`, warm-started tracking inside any training loop;
@@ -23,7 +25,9 @@ from sam_eos.effective_sharpness import (
     effective_radius,
     effective_sharpness_operator,
 )
-from sam_eos.hessian import EigenInfo, hessian_operator, hvp, product_noise_floor, top_eigenvalues
+from sam_eos.eigensolver import SolverState, top_eigenvalues
+from sam_eos.hessian import hessian_operator, hvp, product_noise_floor
+from sam_eos.lanczos import EigenInfo
 from sam_eos.layers import layer_shares, layer_sharpness
 from sam_eos.sam import loss_gradient_and_sam_gradient, sam_gradient, sam_update
 from sam_eos.spectrum import (
@@ -42,6 +46,7 @@ __all__ = [
     "PyTree",
     "SharpnessResult",
     "SharpnessTracker",
+    "SolverState",
     "TrackerState",
     "adam_preconditioner",
     "batch_sharpness",

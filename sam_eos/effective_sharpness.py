@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import lanczos
-from sam_eos.hessian import DEFAULT_START_NOISE, hessian_operator
+from sam_eos.hessian import hessian_operator
 from sam_eos.sam import is_static_zero
 from sam_eos.types import LossFn, Matvec, PyTree
 
@@ -86,36 +85,6 @@ def effective_sharpness_operator(
         return hu if scale is None else scale * hu
 
     return flat_params, unravel, matvec
-
-
-def solve_top(
-    loss_fn: LossFn,
-    params: PyTree,
-    batch: PyTree,
-    key: jax.Array,
-    start_vectors: jax.Array,
-    *,
-    k: int,
-    num_matvecs: int,
-    tolerance: float,
-    noise_floor: float | jax.Array = 0.0,
-    start_noise: float = DEFAULT_START_NOISE,
-    rho_eff: float | jax.Array = 0.0,
-    preconditioner: PyTree | None = None,
-    hvp_mode: str = "auto",
-) -> tuple[lanczos.LanczosResult, Callable[[jax.Array], PyTree], jax.Array]:
-    """The top-k eigenpairs of `effective_sharpness_operator(...)` by Lanczos, warm-started from
-    `start_vectors` [block, n] (zeros: cold): `(result, unravel, Hessian-vector products)`.
-    Trace inside a jit; `k`, `num_matvecs` and the block's shape are static."""
-    _, unravel, matvec = effective_sharpness_operator(
-        loss_fn, params, batch, rho_eff=rho_eff, preconditioner=preconditioner,
-        hvp_mode=hvp_mode)
-    dtype = start_vectors.dtype
-    found = lanczos.solve(
-        matvec, start_vectors, key, jnp.asarray(tolerance, dtype),
-        jnp.asarray(noise_floor, dtype), jnp.asarray(start_noise, dtype), k=k,
-        max_steps=num_matvecs, block_size=start_vectors.shape[0])
-    return found, unravel, found.steps * products_per_matvec(rho_eff)
 
 
 def _adam_state(opt_state: PyTree) -> optax.ScaleByAdamState:

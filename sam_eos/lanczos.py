@@ -4,14 +4,14 @@
 inside the caller's jit. It starts from a block of previous Ritz vectors when given one (a warm
 start: the rows with random weights, `start_vector`) plus a small random component, and
 restarts from its own top-k Ritz vectors whenever the basis is full, so the number of products
-allowed (`max_steps`) is a budget, not a size:
+allowed (`num_matvecs`) is a budget, not a size:
 
-- the basis holds at most `MAX_BASIS_STEPS + 1` vectors, whatever `max_steps`;
+- the basis holds at most `MAX_BASIS_STEPS + 1` vectors, whatever `num_matvecs`;
 - each step's tridiagonal eigenproblem has the size of the smallest bucket in `_ritz_sizes`
   that holds the steps taken so far, not the size of the basis;
 - orthogonalisation sweeps only the rows filled so far.
 
-So a step costs O(steps so far x n) and a huge `max_steps` costs nothing until it is used.
+So a step costs O(steps so far x n) and a huge `num_matvecs` costs nothing until it is used.
 """
 
 import functools
@@ -34,17 +34,29 @@ SMALLEST_RITZ_SIZE = 16
 RITZ_SIZE_GROWTH = 4
 
 
-class LanczosResult(NamedTuple):
-    """What `solve` found (jax arrays)."""
+class EigenInfo(NamedTuple):
+    """What an eigensolver found (jax arrays): `solve`'s result, and `sam_eos.top_eigenvalues`'
+    and `sam_eos.eigensolver.update`'s, whose products are Hessian-vector products."""
 
-    top: jax.Array  # float [k], the k algebraically largest Ritz values, descending
-    # float [block, n]: the unit Ritz vectors (rows) of the `block` largest Ritz values; rows
-    # past the steps taken are zero.
-    vectors: jax.Array
-    bottom: jax.Array  # float scalar, the smallest Ritz value of the last cycle
-    steps: jax.Array  # int32 scalar, products (matvecs) used, all cycles together
-    bound: jax.Array  # float scalar, estimated error of `top` relative to ||H|| (no floor)
-    converged: jax.Array  # bool scalar, bound <= max(tolerance, noise_floor) or space exhausted
+    eigenvalues: jax.Array  # float [k], the k algebraically largest Ritz values, descending
+    # float [block, n]: the unit Ritz vectors (rows) of the `block` largest Ritz values, flat
+    # (`ravel_pytree(params)` order for a Hessian); rows past the steps taken are zero. Pass
+    # them as the next solve's start block (a warm start).
+    ritz_vectors: jax.Array
+    bottom_eigenvalue: jax.Array  # float scalar, the smallest Ritz value of the last cycle
+    # int32 scalar: products used, all cycles together (`solve`: of `matvec`; the Hessian
+    # solvers: Hessian-vector products, two per product of H + rho_eff H^2)
+    hessian_vector_products: jax.Array
+    # float scalar: estimated error of `eigenvalues` relative to ||A||. What it promises: each
+    # of the k Ritz values is within it of *an* eigenvalue (a residual bound, the larger of its
+    # values at the last two steps, sharpened by the gap to the next Ritz value; at least the
+    # `noise_floor` the Hessian solvers are given). It cannot promise that no eigenvalue lies
+    # above the top one: a direction the Krylov space has barely seen (the new top of a
+    # near-degenerate cluster, orthogonal to a warm start's block) can stay unseen. How often
+    # that happens is measured, not promised: the loop's audits (`--eigensolver_audit_every`)
+    # and the check_misses benchmark compare with cold solves.
+    error_bound: jax.Array
+    converged: jax.Array  # bool scalar: bound <= max(tolerance, noise_floor), or space exhausted
 
 
 def check_options(k, num_matvecs, tolerance, num_params: int, solver: str = "lanczos") -> None:
@@ -74,9 +86,9 @@ def check_options(k, num_matvecs, tolerance, num_params: int, solver: str = "lan
             f"MAX_BASIS_STEPS={MAX_BASIS_STEPS}) = {allowed}; ask for k <= {allowed}")
 
 
-def basis_steps(n: int, max_steps: int) -> int:
+def basis_steps(n: int, num_matvecs: int) -> int:
     """Steps one cycle holds: at most `n` (a Krylov space's dimension) and MAX_BASIS_STEPS."""
-    return min(max_steps, n, MAX_BASIS_STEPS)
+    return min(num_matvecs, n, MAX_BASIS_STEPS)
 
 
 def _ritz_sizes(k: int, capacity: int) -> tuple[int, ...]:
@@ -326,9 +338,9 @@ def solve(
     start_noise: jax.Array,
     *,
     k: int,
-    max_steps: int,
+    num_matvecs: int,
     block_size: int,
-) -> LanczosResult:
+) -> EigenInfo:
     """The top-k eigenpairs of the symmetric operator `matvec` on R^n (trace inside a jit).
 
     Args:
@@ -337,16 +349,17 @@ def solve(
       key: PRNG key of the random start component and of breakdown restarts.
       tolerance: relative error asked of the top-k Ritz values (of ||H||).
       noise_floor: the products' own relative error; steps stop once the bound is below
-        max(tolerance, noise_floor), since the products cannot resolve less.
+        max(tolerance, noise_floor), since the products cannot resolve less, and the bound
+        reported is at least it.
       start_noise: weight of the unit random vector added to a warm start (0: none).
-      k: how many eigenpairs; max_steps: the products allowed, all restart cycles together.
+      k: how many eigenpairs; num_matvecs: the products allowed, all restart cycles together.
       block_size: how many Ritz vectors to return (at least k; at most the steps one cycle
         holds), the next warm start's block: a couple more than k keep the directions that
         may overtake the top k by the next check.
     """
     n = start_block.shape[1]
     dtype = start_block.dtype
-    steps_per_cycle = basis_steps(n, max_steps)
+    steps_per_cycle = basis_steps(n, num_matvecs)
     if k > steps_per_cycle:
         raise ValueError(
             f"k={k} eigenvalues need at least k Lanczos steps; only {steps_per_cycle} allowed"
@@ -359,7 +372,7 @@ def solve(
 
     def cycle_body(state):
         cycle, used, start, basis, _, _, _, _ = state
-        limit = jnp.minimum(steps_per_cycle, max_steps - used)
+        limit = jnp.minimum(steps_per_cycle, num_matvecs - used)
         # The basis is reused: rows past a cycle's steps are stale and get weight zero.
         run = _run_cycle(
             matvec, basis, start, limit, jax.random.fold_in(key, cycle + 1), stop_bound,
@@ -378,7 +391,7 @@ def solve(
 
     def cycle_cond(state):
         _, used, _, _, _, _, converged, finite = state
-        return (used < max_steps) & ~converged & finite
+        return (used < num_matvecs) & ~converged & finite
 
     empty = _no_estimates(block, rows, dtype)
     basis = jnp.zeros((rows, n), dtype)
@@ -387,9 +400,8 @@ def solve(
     _, used, _, _, estimates, vectors, converged, _ = jax.lax.while_loop(
         cycle_cond, cycle_body, initial
     )
-    return LanczosResult(
-        estimates.top[:k], vectors, estimates.bottom, used, estimates.bound, converged
-    )
+    return EigenInfo(estimates.top[:k], vectors, estimates.bottom, used,
+                     jnp.maximum(estimates.bound, noise_floor), converged)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import hessian, lanczos
+from sam_eos import eigensolver, hessian, lanczos
+from sam_eos.lanczos import EigenInfo
 from sam_eos.types import LossFn, PyTree
 
 # `keystr(path) -> group name or None` for each parameter leaf.
@@ -67,13 +68,13 @@ def group_indices(params: PyTree, group: Grouping | None = None) -> dict[str, np
 
 
 def cold_start_vectors(params: PyTree, group: Grouping | None = None,
-                       num_matvecs: int = hessian.DEFAULT_MAX_ITERATIONS["lanczos"]
+                       num_matvecs: int = eigensolver.DEFAULT_NUM_MATVECS
                        ) -> dict[str, jax.Array]:
     """name -> float zeros [block, n_group]: `layer_sharpness`' `start_vectors` for a cold
     start, shaped like the Ritz vectors it returns (3 rows, fewer for a tiny group)."""
     dtype = jax.eval_shape(lambda p: ravel_pytree(p)[0], params).dtype
     # Built on the host and put on the device: no compile per layer shape.
-    return {name: jax.device_put(np.zeros((min(hessian.warm_block_size(1),
+    return {name: jax.device_put(np.zeros((min(eigensolver.warm_block_size(1),
                                                lanczos.basis_steps(index.size, num_matvecs)),
                                            index.size), dtype))
             for name, index in group_indices(params, group).items()}
@@ -95,12 +96,12 @@ def layer_sharpness(
     key: jax.Array,
     *,
     group: Grouping | None = None,
-    num_matvecs: int = hessian.DEFAULT_MAX_ITERATIONS["lanczos"],
-    tolerance: float = hessian.DEFAULT_TOLERANCE["lanczos"],
+    num_matvecs: int = eigensolver.DEFAULT_NUM_MATVECS,
+    tolerance: float = eigensolver.DEFAULT_TOLERANCE,
     hvp_mode: str = "auto",
     start_vectors: dict[str, jax.Array] | None = None,
-    start_noise: float | jax.Array = hessian.DEFAULT_START_NOISE,
-) -> tuple[dict[str, jax.Array], dict[str, hessian.EigenInfo]]:
+    start_noise: float | jax.Array = eigensolver.DEFAULT_START_NOISE,
+) -> tuple[dict[str, jax.Array], dict[str, EigenInfo]]:
     """The top eigenvalue of each group's diagonal Hessian block H_GG (curvature units).
 
     Args:
@@ -141,7 +142,7 @@ def solve_blocks(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array,
                  tolerance: jax.Array, start_noise: jax.Array, blocks: tuple[jax.Array, ...],
                  starts: tuple[jax.Array, ...], *, num_matvecs: int, hvp_mode: str,
                  noise_floor: float | jax.Array = 0.0
-                 ) -> tuple[tuple[jax.Array, hessian.EigenInfo], ...]:
+                 ) -> tuple[tuple[jax.Array, EigenInfo], ...]:
     """Pure (jit it, or call it inside a jitted function): each block's (top eigenvalue,
     `EigenInfo`), in `blocks`' order, on one linearisation of the gradient.
 
@@ -157,15 +158,12 @@ def solve_blocks(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array,
             tangent = jnp.zeros_like(flat_params).at[index].set(v)
             return matvec(tangent)[index]
 
-        result = lanczos.solve(
+        info = lanczos.solve(
             block_matvec, start.astype(dtype), jax.random.fold_in(key, position), tolerance,
             jnp.asarray(noise_floor, dtype), start_noise.astype(dtype), k=1,
-            max_steps=num_matvecs,
-            block_size=start.shape[0])
-        found.append((result.top[0], hessian.EigenInfo(
-            bottom_eigenvalue=result.bottom, hessian_vector_products=result.steps,
-            error_bound=result.bound, converged=result.converged,
-            ritz_vectors=result.vectors.astype(start.dtype))))
+            num_matvecs=num_matvecs, block_size=start.shape[0])
+        found.append((info.eigenvalues[0],
+                      info._replace(ritz_vectors=info.ritz_vectors.astype(start.dtype))))
     return tuple(found)
 
 

@@ -7,7 +7,7 @@ Each product is a central difference of gradients, exactly as the original compu
 From a random unit start v_0, iteration t forms p_t = FD(v_{t-1}) and v_t = p_t / ||p_t||. It
 stops after the first iteration whose norm ||p_t|| is within `tolerance` (relative to ||p_t||)
 of the previous one (||p_0|| counts as 1, the start's norm, as in the original), or is at most
-1e-3, or after `max_iterations`. It returns ||p_t|| (which equals v_t . p_t, the original's
+1e-3, or after `num_matvecs` iterations. It returns ||p_t|| (which equals v_t . p_t, the original's
 value) and v_t. So the value is a magnitude, >= 0: the largest |eigenvalue| when iteration
 converges, biased upwards on ReLU networks, where a gradient difference across the kinks of
 the activations adds to H v (see BENCHMARKS.md).
@@ -25,13 +25,14 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from sam_eos.lanczos import EigenInfo, check_options
 from sam_eos.types import LossFn, PyTree
 
 FINITE_DIFFERENCE_OFFSET = 1e-3  # the original's DIFFERENTIATION_STEP_SIZE
 FINITE_DIFFERENCE_DENOMINATOR = 2 * FINITE_DIFFERENCE_OFFSET + 1e-5  # the original's, eps added
 NORM_FLOOR = 1e-3  # iteration stops once a product's norm is at most this
 DEFAULT_TOLERANCE = 1e-3
-DEFAULT_MAX_ITERATIONS = 100
+DEFAULT_NUM_MATVECS = 100  # iterations, each k products
 
 
 class PowerResult(NamedTuple):
@@ -79,7 +80,6 @@ def _keeps_going(norms: jax.Array, previous: jax.Array, tolerance: jax.Array) ->
     return moving & (jnp.max(norms) > NORM_FLOOR)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "k", "max_iterations"))
 def power_iteration(
     loss_fn: LossFn,
     params: PyTree,
@@ -88,14 +88,23 @@ def power_iteration(
     tolerance: float | jax.Array = DEFAULT_TOLERANCE,
     *,
     k: int = 1,
-    max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    num_matvecs: int = DEFAULT_NUM_MATVECS,
 ) -> PowerResult:
     """The original's estimate of the k largest |eigenvalues| of the Hessian at `params`.
 
     `key` draws the Gaussian start, normalised per vector; `tolerance` is traced (changing it
-    does not recompile). `loss_fn`, `k` and `max_iterations` are static. See the module's
-    docstring for the iteration and what is returned.
+    does not recompile; a negative one leaves only the budget to stop it). `loss_fn`, `k` and
+    `num_matvecs`, the iterations allowed (each forms k products), are static and checked
+    before compiling. See the module's docstring for the iteration and what is returned.
     """
+    num_params = jax.eval_shape(lambda p: ravel_pytree(p)[0], params).size
+    check_options(k, num_matvecs, tolerance, num_params, solver="power")
+    return _power_iteration(loss_fn, params, batch, key, tolerance, k=k,
+                            num_matvecs=num_matvecs)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "k", "num_matvecs"))
+def _power_iteration(loss_fn, params, batch, key, tolerance, *, k, num_matvecs):
     flat_params, unravel = ravel_pytree(params)
     dtype = flat_params.dtype
 
@@ -111,7 +120,7 @@ def power_iteration(
 
     def cond(state):
         i, _, _, going = state
-        return going & (i < max_iterations)
+        return going & (i < num_matvecs)
 
     start = jax.random.normal(key, (k, flat_params.size), dtype)
     start = start / jnp.linalg.norm(start, axis=1, keepdims=True)
@@ -120,3 +129,19 @@ def power_iteration(
     order = jnp.argsort(-norms)
     converged = ~going & jnp.all(jnp.isfinite(norms))
     return PowerResult(norms[order], unravel(vectors[order[0]]), iterations, converged)
+
+
+def eigen_info(result: PowerResult, block: jax.Array) -> EigenInfo:
+    """`result` read as an `EigenInfo`, for tables beside Lanczos: its magnitudes as the
+    eigenvalues, its direction (flat) as the first row of zeros shaped like `block` [rows, n]
+    (a next warm start's block), iterations x k products, and nan bottom eigenvalue and error
+    bound (power iteration estimates neither). Pure."""
+    k = result.magnitudes.shape[0]
+    direction = ravel_pytree(result.direction)[0].astype(block.dtype)
+    return EigenInfo(
+        eigenvalues=result.magnitudes,
+        ritz_vectors=jnp.zeros_like(block).at[0].set(direction),
+        bottom_eigenvalue=jnp.asarray(jnp.nan, result.magnitudes.dtype),
+        hessian_vector_products=result.iterations * k,
+        error_bound=jnp.asarray(jnp.nan, result.magnitudes.dtype),
+        converged=result.converged)

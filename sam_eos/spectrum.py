@@ -40,8 +40,8 @@ import numpy as np
 import optax.tree_utils as otu
 from matfree import stochtrace
 
-from sam_eos import hessian, lanczos, sam
-from sam_eos.hessian import EigenInfo
+from sam_eos import eigensolver, hessian, lanczos, sam
+from sam_eos.lanczos import EigenInfo
 from sam_eos.types import LossFn, PyTree
 
 TRACE_METHODS = ("xtrace", "hutchinson")
@@ -230,11 +230,11 @@ def sam_point_sharpness(
 ) -> tuple[jax.Array, EigenInfo]:
     """The top Hessian eigenvalue at the SAM point `sam_point(...)`: `(value, EigenInfo)`.
 
-    `solver_options` go to `sam_eos.hessian.top_eigenvalues` (k is 1; e.g. tolerance,
+    `solver_options` go to `sam_eos.top_eigenvalues` (k is 1; e.g. tolerance,
     num_matvecs, start_vectors for a warm start). Costs one gradient plus the solver's
     products. `loss_fn` is static: pass the same function object on every call.
     """
     point = sam_point(loss_fn, params, batch, rho, variant)
-    eigenvalues, _, info = hessian.top_eigenvalues(loss_fn, point, batch, key, 1,
-                                                   **solver_options)
+    eigenvalues, _, info = eigensolver.top_eigenvalues(loss_fn, point, batch, key, 1,
+                                                       **solver_options)
     return eigenvalues[0], info

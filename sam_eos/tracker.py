@@ -32,16 +32,16 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import hessian, lanczos, layers
-from sam_eos.effective_sharpness import solve_top
+from sam_eos import eigensolver, hessian, lanczos, layers
+from sam_eos.lanczos import EigenInfo
 from sam_eos.layers import Grouping
 from sam_eos.sam import is_static_zero
 from sam_eos.types import LossFn, PyTree
 
-DEFAULT_NUM_MATVECS = hessian.DEFAULT_MAX_ITERATIONS["lanczos"]
-DEFAULT_TOLERANCE = hessian.DEFAULT_TOLERANCE["lanczos"]
-DEFAULT_EXTRA_VECTORS = hessian.DEFAULT_EXTRA_VECTORS
-DEFAULT_START_NOISE = hessian.DEFAULT_START_NOISE
+DEFAULT_NUM_MATVECS = eigensolver.DEFAULT_NUM_MATVECS
+DEFAULT_TOLERANCE = eigensolver.DEFAULT_TOLERANCE
+DEFAULT_EXTRA_VECTORS = eigensolver.DEFAULT_EXTRA_VECTORS
+DEFAULT_START_NOISE = eigensolver.DEFAULT_START_NOISE
 _LAYER_SALT = 1  # folded into the check's key for the per-layer starts
 
 
@@ -69,7 +69,7 @@ class SharpnessResult(NamedTuple):
     eigenvalues: jax.Array  # float [k], the algebraically largest, descending (curvature units)
     hessian_vector_products: jax.Array  # int32 scalar: HVPs this call used
     # float scalar: estimated error of `eigenvalues`, relative to ||A||, with the promise of
-    # `hessian.EigenInfo.error_bound`: near *an* eigenvalue each, not proof that none lies above.
+    # `EigenInfo.error_bound`: near *an* eigenvalue each, not proof that none lies above.
     error_bound: jax.Array
     converged: jax.Array  # bool scalar: error_bound <= tolerance within num_matvecs
     direction: PyTree  # params-shaped unit eigenvector of the first eigenvalue
@@ -78,8 +78,8 @@ class SharpnessResult(NamedTuple):
     layer_sharpness: dict[str, jax.Array] | None = None
     # per_layer: layer name -> float scalar, ||v_G||^2 of `direction` (they sum to 1); else None
     layer_shares: dict[str, jax.Array] | None = None
-    # per_layer: layer name -> its solve's `hessian.EigenInfo` (bound relative to ||H_GG||)
-    layer_info: dict[str, hessian.EigenInfo] | None = None
+    # per_layer: layer name -> its solve's `EigenInfo` (bound relative to ||H_GG||)
+    layer_info: dict[str, EigenInfo] | None = None
 
     def scalars(self, prefix: str = "sharpness") -> dict[str, float]:
         """A flat dict of Python scalars for any metric writer (CLU's `metric_writers`,
@@ -150,13 +150,12 @@ class SharpnessTracker:
                              f" not {key!r}")
         flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)  # traced: nothing compiled
         lanczos.check_options(self.k, self.num_matvecs, self.tolerance, flat.size)
-        # Lanczos returns at most as many Ritz vectors as one cycle holds steps.
-        rows = min(self.block_size, lanczos.basis_steps(flat.size, self.num_matvecs))
+        solver = eigensolver.init(params, self.k, self.block_size, self.num_matvecs)
         layer_vectors = ()
         if self.per_layer:
             layer_vectors = tuple(layers.cold_start_vectors(
                 params, self.grouping, self.num_matvecs).values())
-        return TrackerState(jnp.zeros((rows, flat.size), flat.dtype), key, layer_vectors)
+        return TrackerState(solver.ritz_vectors, key, layer_vectors)
 
     def update(self, state: TrackerState, params: PyTree, batch: PyTree, *,
                rho_eff: float | jax.Array | None = None,
@@ -215,20 +214,22 @@ class SharpnessTracker:
 
     def _measure(self, state, params, batch, rho_eff, preconditioner, blocks):
         key, next_key = jax.random.split(state.key)
-        found, unravel, products = solve_top(
-            self.loss_fn, params, batch, key, state.ritz_vectors, k=self.k,
-            num_matvecs=self.num_matvecs, tolerance=self.tolerance, start_noise=self.start_noise,
-            rho_eff=0.0 if rho_eff is None else rho_eff, preconditioner=preconditioner,
-            hvp_mode=self.hvp_mode)
+        found, _ = eigensolver.update(
+            self.loss_fn, params, batch, key, eigensolver.SolverState(state.ritz_vectors),
+            k=self.k, num_matvecs=self.num_matvecs, tolerance=self.tolerance,
+            start_noise=self.start_noise, rho_eff=0.0 if rho_eff is None else rho_eff,
+            preconditioner=preconditioner, hvp_mode=self.hvp_mode)
+        flat_params, unravel = ravel_pytree(params)
+        products = found.hessian_vector_products
         result = SharpnessResult(
-            eigenvalues=found.top,
+            eigenvalues=found.eigenvalues,
             hessian_vector_products=products,
-            error_bound=found.bound,
+            error_bound=found.error_bound,
             converged=found.converged,
-            direction=unravel(found.vectors[0]),
+            direction=unravel(found.ritz_vectors[0].astype(flat_params.dtype)),
         )
         if not blocks:
-            return result, TrackerState(found.vectors, next_key)
+            return result, TrackerState(found.ritz_vectors, next_key)
         solved = layers.solve_blocks(
             self.loss_fn, params, batch, jax.random.fold_in(key, _LAYER_SALT),
             jnp.float32(self.tolerance), jnp.float32(self.start_noise), blocks,
@@ -238,7 +239,7 @@ class SharpnessTracker:
             hessian_vector_products=products + sum(info.hessian_vector_products
                                                    for _, info in solved),
             layer_sharpness=tuple(value for value, _ in solved),
-            layer_shares=layers.block_shares(found.vectors[0], blocks),
+            layer_shares=layers.block_shares(found.ritz_vectors[0], blocks),
             layer_info=tuple(info for _, info in solved))
-        return result, TrackerState(found.vectors, next_key,
+        return result, TrackerState(found.ritz_vectors, next_key,
                                     tuple(info.ritz_vectors for _, info in solved))

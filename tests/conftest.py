@@ -47,6 +47,12 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import jax  # noqa: E402 - after the XLA flags above
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sam_eos.loop import train  # noqa: E402
+
 
 def pytest_sessionfinish(session):
     """The main process (not an xdist worker) removes the session's compilation cache."""
@@ -85,3 +91,111 @@ def dense_hessian(loss_fn, params, batch):
 
     flat, unravel = ravel_pytree(params)
     return np.asarray(jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat), np.float64)
+
+
+# Problems and helpers that several test files share.
+
+
+def mlp_loss(params, batch, activation=jax.nn.relu):
+    x, y = batch
+    h = x
+    for i in range(len(params) - 1):
+        h = activation(h @ params[i]["w"] + params[i]["b"])
+    return jnp.mean((h @ params[-1]["w"] + params[-1]["b"] - y) ** 2)
+
+
+def tanh_mlp_loss(params, batch):
+    return mlp_loss(params, batch, jnp.tanh)
+
+
+def make_mlp(sizes, num_examples=64, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes) + 1)
+    params = [
+        {"w": jax.random.normal(keys[i], (m, n)) / np.sqrt(m), "b": jnp.full((n,), 0.1)}
+        for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+    ]
+    x = jax.random.normal(keys[-2], (num_examples, sizes[0]))
+    y = jax.nn.one_hot(jax.random.randint(keys[-1], (num_examples,), 0, sizes[-1]), sizes[-1])
+    return params, (x, y)
+
+
+def two_layer_loss(params, batch):
+    x, y = batch
+    return jnp.mean((jnp.tanh(x @ params["w"]) @ params["v"] - y) ** 2)
+
+
+def two_layer_problem(seed=0, num_examples=32):
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    params = {"w": jax.random.normal(k[0], (6, 12)) / 3, "v": jax.random.normal(k[1], (12, 2))}
+    x = jax.random.normal(k[2], (num_examples, 6))
+    y = jax.random.normal(k[3], (num_examples, 2))
+    return params, (x, y)
+
+
+def outputs(directory) -> train.Outputs:
+    return train.Outputs(
+        raw_data=str(directory / "raw.txt"),
+        eigs_curve=str(directory / "eigs.pdf"),
+        eigs_se_only=str(directory / "eigs_se_only.pdf"),
+        alignment_curve=str(directory / "a.pdf"),
+        loss_curve=str(directory / "ell.pdf"),
+    )
+
+
+def assert_valid_pdf(path):
+    with open(path, "rb") as file:
+        content = file.read()
+    assert content.startswith(b"%PDF-")
+    assert b"%%EOF" in content[-64:]
+    assert len(content) > 1000
+
+
+LAYERS = ("mlp/~/linear_0", "mlp/~/linear_1", "mlp/~/linear_2")
+
+
+def layered_tanh_loss(params, batch):
+    """A Haiku-shaped MLP: params keyed by module name, each {"w", "b"}."""
+    x, y = batch
+    h = x
+    for name in LAYERS[:-1]:
+        h = jnp.tanh(h @ params[name]["w"] + params[name]["b"])
+    out = h @ params[LAYERS[-1]]["w"] + params[LAYERS[-1]]["b"]
+    return jnp.mean((out - y) ** 2)
+
+
+def make_layered_problem(sizes=(6, 12, 8, 3), num_examples=40, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes) + 1)
+    params = {name: {"w": jax.random.normal(keys[i], (m, n)) / np.sqrt(m),
+                     "b": jnp.full((n,), 0.1)}
+              for i, (name, m, n) in enumerate(zip(LAYERS, sizes[:-1], sizes[1:], strict=False))}
+    x = jax.random.normal(keys[-2], (num_examples, sizes[0]))
+    y = jax.random.normal(keys[-1], (num_examples, sizes[-1]))
+    return params, (x, y)
+
+
+TINY_TRANSFORMER = [
+    "--num_layers=1", "--model_size=32", "--num_heads=2", "--key_size=16",
+    "--sequence_length=32", "--batch_size=16",
+]
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("TFDS_DATA_DIR", None)
+    return env
+
+
+def output_flags(directory: pathlib.Path) -> list[str]:
+    return [
+        f"--raw_data_output={directory / 'raw.txt'}",
+        f"--eigs_curve_output={directory / 'eigs.pdf'}",
+        f"--eigs_se_only_output={directory / 'eigs_se_only.pdf'}",
+        f"--alignment_curve_output={directory / 'a.pdf'}",
+        f"--loss_curve_output={directory / 'ell.pdf'}",
+    ]
+
+
+def shakespeare_like_text(num_lines: int = 600) -> str:
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "and", "queen", "of", "rome", "shall", "speak", "to", "thee"]
+    return "".join(" ".join(rng.choice(words, 8)) + ".\n" for _ in range(num_lines))

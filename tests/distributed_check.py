@@ -27,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import sam_eos  # noqa: E402
 from sam_eos import hessian  # noqa: E402
 from sam_eos.errors import InputError  # noqa: E402
 from sam_eos.loop import train  # noqa: E402
@@ -128,9 +129,9 @@ def main() -> None:
     out["hvp_rel_error"] = relative_error(hv4, hv1)
 
     # Top two eigenvalues (Lanczos).
-    eig4, direction4, info4 = hessian.top_eigenvalues(loss_fn, params4, batch4,
+    eig4, direction4, info4 = sam_eos.top_eigenvalues(loss_fn, params4, batch4,
                                                       jax.random.PRNGKey(0), 2)
-    eig1, direction1, info1 = hessian.top_eigenvalues(loss_fn, params1, batch1,
+    eig1, direction1, info1 = sam_eos.top_eigenvalues(loss_fn, params1, batch1,
                                                       jax.random.PRNGKey(0), 2)
     out["eigenvalues_sharded"] = np.asarray(eig4).tolist()
     out["eigenvalues_single"] = np.asarray(eig1).tolist()

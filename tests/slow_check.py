@@ -25,7 +25,7 @@ def slow_chunks(compile_check):
             if int(step) >= 10:
                 print("slow chunk", flush=True)
                 time.sleep(0.5)
-                solved = {**solved, "converged": np.bool_(False)}
+                solved = solved._replace(converged=np.bool_(False))
             return solved
 
         compiled.eigensolver_chunk = slow_chunk

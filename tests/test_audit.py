@@ -32,9 +32,9 @@ def forced_miss(audit_every: int, check_index: int):
     params = {"w": jnp.ones(NUM_PARAMS) / np.sqrt(NUM_PARAMS)}
     batch = jnp.asarray(SPECTRUM, jnp.float32)
     config = train.TrainConfig(step_size=1.0, eigensolver_audit_every=audit_every)
-    state = {"params": params, **check.initial_state(params, config)}
-    rows = state["ritz_vectors"].shape[0]
-    state["ritz_vectors"] = jnp.eye(NUM_PARAMS, dtype=jnp.float32)[1:1 + rows]
+    state = check.initial_state(params, (), config)
+    rows = state.ritz_vectors.shape[0]
+    state = state._replace(ritz_vectors=jnp.eye(NUM_PARAMS, dtype=jnp.float32)[1:1 + rows])
     key = jax.random.PRNGKey(0)
     hessian_check = check.compile_check(quadratic_loss, config, state, batch, key,
                                         Placement(None))

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 import sam_eos
+from sam_eos.power_iteration import power_iteration
 
 KEY = jax.random.key(0)
 
@@ -23,11 +24,20 @@ PARAMS, BATCH = {"w": jnp.ones(4)}, jnp.eye(4)
     ({"num_matvecs": 0}, "num_matvecs must be a positive int, not 0"),
     ({"k": 3, "num_matvecs": 2}, "k=3 eigenvalues need num_matvecs >= k, not 2"),
     ({"k": 5}, "k=5 is more eigenvalues than num_params=4"),
-    ({"k": 0, "method": "power"}, "k must be a positive int"),
 ])
 def test_top_eigenvalues_names_the_bad_argument(options, message):
     with pytest.raises(ValueError, match=message):
         sam_eos.top_eigenvalues(loss, PARAMS, BATCH, KEY, **options)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"k": 0}, "k must be a positive int, not 0"),
+    ({"num_matvecs": 2.5}, "num_matvecs must be a positive int, not 2.5"),
+    ({"k": 5}, "k=5 is more eigenvalues than num_params=4"),
+])
+def test_power_iteration_names_the_bad_argument(options, message):
+    with pytest.raises(ValueError, match=message):
+        power_iteration(loss, PARAMS, BATCH, KEY, **options)
 
 
 def test_the_basis_limit_is_named():

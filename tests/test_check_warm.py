@@ -14,10 +14,13 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from sam_eos import errors, hessian
+from sam_eos.eigensolver import top_eigenvalues
 from sam_eos.loop import check, checkpoint, measurements, schedule, steps, train
 from sam_eos.reports.raw_data import read_raw_data
-from tests.test_programs import ROOT, TINY_TRANSFORMER, environment, output_flags
-from tests.test_train import mlp_loss, mlp_problem, outputs
+from tests.conftest import TINY_TRANSFORMER, environment, output_flags, outputs
+from tests.conftest import two_layer_loss as mlp_loss
+from tests.conftest import two_layer_problem as mlp_problem
+from tests.test_programs import ROOT
 
 
 def run_mlp(tmp_path, name, max_steps=40, **changes):
@@ -68,8 +71,8 @@ def test_a_resumed_run_starts_warm_from_the_saved_ritz_vectors(tmp_path):
     run_mlp(tmp_path, "parts", max_steps=15, **changes)
     params, _ = mlp_problem()
     config = train.TrainConfig(step_size=0.2, num_principal_components=2)
-    template = {"params": params, "opt_state": optax.sgd(0.2).init(params),
-                **check.initial_state(params, config)}
+    template = check.initial_state(params, optax.sgd(0.2).init(params),
+                                   config).checkpoint_tree()
     saver = checkpoint.Checkpointer(changes["checkpoint_dir"], {})
     saved = saver._restore_state(15, template)["ritz_vectors"]
     saver.close()
@@ -118,7 +121,7 @@ def test_a_perturbed_product_is_covered_by_the_check_bound():
     flat, _ = ravel_pytree(params)
     floor = float(hessian.product_noise_floor(mlp_loss, params, batch, flat / jnp.linalg.norm(
         flat), product_transform=perturbed))
-    top, _, info = hessian.top_eigenvalues(
+    top, _, info = top_eigenvalues(
         mlp_loss, params, batch, jax.random.PRNGKey(0), 2, tolerance=1e-6, noise_floor=floor,
         product_transform=perturbed)
     exact = dense_top(params, batch)
@@ -162,8 +165,8 @@ def test_every_warm_start_is_checkpointed_and_a_resume_continues_warm(tmp_path):
     params, _ = mlp_problem()
     config = train.TrainConfig(step_size=0.01, num_principal_components=2, optimizer="adam",
                                spectrum=changes["spectrum"])
-    template = {"params": params, "opt_state": optax.adam(0.01).init(params),
-                **check.initial_state(params, config)}
+    template = check.initial_state(params, optax.adam(0.01).init(params),
+                                   config).checkpoint_tree()
     assert set(template) == {"params", "opt_state", "ritz_vectors", "effective_ritz_vectors",
                              "sam_point_ritz_vectors"}
     saver = checkpoint.Checkpointer(changes["checkpoint_dir"], {})

@@ -15,8 +15,10 @@ from sam_eos import errors
 from sam_eos.loop import check, checkpoint, schedule, train
 from sam_eos.reports import raw_data
 from sam_eos.reports.raw_data import keep_first_rows, read_raw_data
-from tests.test_programs import ROOT, TINY_TRANSFORMER, environment, shakespeare_like_text
-from tests.test_train import mlp_loss, mlp_problem
+from tests.conftest import TINY_TRANSFORMER, environment, shakespeare_like_text
+from tests.conftest import two_layer_loss as mlp_loss
+from tests.conftest import two_layer_problem as mlp_problem
+from tests.test_programs import ROOT
 
 
 def config(tmp_path, name: str, max_steps: int, **changes) -> train.TrainConfig:
@@ -99,8 +101,8 @@ def untimed(rows: np.ndarray) -> np.ndarray:
 
 def state_template(params, config: train.TrainConfig) -> dict:
     """The loop's state (`train.run`) for `checkpoint.Checkpointer.restore`."""
-    return {"params": params, "opt_state": train.optax.sgd(0.1).init(params),
-            **check.initial_state(params, config)}
+    return check.initial_state(params, train.optax.sgd(0.1).init(params),
+                               config).checkpoint_tree()
 
 
 def restore_params(directory) -> list[np.ndarray]:

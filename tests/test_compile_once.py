@@ -5,7 +5,8 @@ import re
 import subprocess
 import sys
 
-from tests.test_programs import ROOT, environment, shakespeare_like_text
+from tests.conftest import environment, shakespeare_like_text
+from tests.test_programs import ROOT
 
 NO_OUTPUTS = ["--raw_data_output=", "--eigs_curve_output=", "--eigs_se_only_output=",
               "--alignment_curve_output=", "--loss_curve_output="]

@@ -8,17 +8,17 @@ import sys
 import jax
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import hessian, lanczos
-from tests.test_hessian import make_mlp, mlp_loss
-from tests.test_programs import ROOT, environment
+from sam_eos import eigensolver, lanczos
+from tests.conftest import environment, make_mlp, mlp_loss
+from tests.test_programs import ROOT
 
 
 def test_the_compiled_default_solver_never_transposes_its_basis():
     params, batch = make_mlp([12, 40, 30, 3], num_examples=32)
     size = ravel_pytree(params)[0].size
-    steps = lanczos.basis_steps(size, hessian.DEFAULT_MAX_ITERATIONS["lanczos"])
+    steps = lanczos.basis_steps(size, eigensolver.DEFAULT_NUM_MATVECS)
     rows = -(-(steps + 1) // lanczos.BLOCK_ROWS) * lanczos.BLOCK_ROWS  # the basis's rows
-    solver = jax.jit(lambda p, b, key: hessian.top_eigenvalues(mlp_loss, p, b, key)[0])
+    solver = jax.jit(lambda p, b, key: eigensolver.top_eigenvalues(mlp_loss, p, b, key)[0])
     text = solver.lower(params, batch, jax.random.key(0)).compile().as_text()
     basis = re.compile(rf"f32\[{rows},{size}\]")
     assert basis.search(text), "the basis shape should appear in the HLO"

@@ -7,33 +7,11 @@ import optax.tree_utils as otu
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from sam_eos.hessian import hvp, top_eigenvalues
-from tests.conftest import dense_hessian
+from sam_eos.eigensolver import top_eigenvalues
+from sam_eos.hessian import hvp
+from tests.conftest import dense_hessian, make_mlp, mlp_loss
 
 KEY = jax.random.PRNGKey(0)
-
-
-def mlp_loss(params, batch, activation=jax.nn.relu):
-    x, y = batch
-    h = x
-    for i in range(len(params) - 1):
-        h = activation(h @ params[i]["w"] + params[i]["b"])
-    return jnp.mean((h @ params[-1]["w"] + params[-1]["b"] - y) ** 2)
-
-
-def tanh_mlp_loss(params, batch):
-    return mlp_loss(params, batch, jnp.tanh)
-
-
-def make_mlp(sizes, num_examples=64, seed=0):
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes) + 1)
-    params = [
-        {"w": jax.random.normal(keys[i], (m, n)) / np.sqrt(m), "b": jnp.full((n,), 0.1)}
-        for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
-    ]
-    x = jax.random.normal(keys[-2], (num_examples, sizes[0]))
-    y = jax.nn.one_hot(jax.random.randint(keys[-1], (num_examples,), 0, sizes[-1]), sizes[-1])
-    return params, (x, y)
 
 
 @pytest.fixture(scope="module")
@@ -112,17 +90,7 @@ def test_degenerate_and_tiny_problems():
     np.testing.assert_allclose(np.abs(np.asarray(direction)), [2**-0.5, 2**-0.5], rtol=1e-4)
 
 
-def test_rejects_unknown_method_and_too_many_eigenvalues():
-    with pytest.raises(ValueError, match="unknown eigensolver"):
-        top_eigenvalues(quadratic_loss, jnp.zeros(2), jnp.eye(2), KEY, 1, method="arnoldi")
+def test_rejects_too_many_eigenvalues():
     with pytest.raises(ValueError, match="more eigenvalues than num_params=2"):
         top_eigenvalues(quadratic_loss, jnp.zeros(2), jnp.eye(2), KEY, 3)
 
-
-@pytest.mark.parametrize("option", [{"start_vectors": jnp.zeros((3, 2))}, {"noise_floor": 0.1},
-                                    {"hvp_mode": "linearize"}, {"precision": "highest"},
-                                    {"start_noise": 0.0}])
-def test_power_iteration_refuses_the_options_only_lanczos_uses(option):
-    with pytest.raises(ValueError, match=f"method='power' does not use {next(iter(option))}"):
-        top_eigenvalues(quadratic_loss, jnp.zeros(2), jnp.eye(2), KEY, 1, method="power",
-                        **option)

@@ -10,9 +10,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from sam_eos import hessian, lanczos
-from sam_eos.hessian import top_eigenvalues
-from tests.conftest import dense_hessian
-from tests.test_hessian import make_mlp, mlp_loss
+from sam_eos.eigensolver import top_eigenvalues
+from tests.conftest import dense_hessian, make_mlp, mlp_loss
 
 
 def gradient_step(params, batch, step_size=0.05):
@@ -122,7 +121,7 @@ def test_noise_floor_is_measured_and_included_in_the_bound(moving_mlp):
 def test_huge_max_iterations_is_harmless(moving_mlp):
     _, moved, batch, _, spectrum, _ = moving_mlp
     num_params = ravel_pytree(moved)[0].size
-    assert hessian.lanczos_iterations_allowed(num_params, 10**6) == lanczos.MAX_BASIS_STEPS
+    assert lanczos.basis_steps(num_params, 10**6) == lanczos.MAX_BASIS_STEPS
     eigenvalues, _, info = top_eigenvalues(
         mlp_loss, moved, batch, jax.random.PRNGKey(0), 1, num_matvecs=10**6
     )
@@ -137,23 +136,23 @@ def largest_array(jaxpr) -> int:
     return max(sizes, default=0)
 
 
-def test_work_does_not_grow_with_max_steps():
+def test_work_does_not_grow_with_num_matvecs():
     n = 300
     matrix = jnp.diag(jnp.linspace(-1.0, 2.0, n))
 
-    def solve(max_steps):
+    def solve(num_matvecs):
         def run(a, start, key):
             return lanczos.solve(lambda v: a @ v, start, key, jnp.float32(1e-5), jnp.float32(0),
-                                 jnp.float32(0), k=1, max_steps=max_steps, block_size=3)
+                                 jnp.float32(0), k=1, num_matvecs=num_matvecs, block_size=3)
         return jax.make_jaxpr(run)(matrix, jnp.zeros((1, n)), jax.random.PRNGKey(0)).jaxpr
 
     rows = -(-(lanczos.MAX_BASIS_STEPS + 1) // lanczos.BLOCK_ROWS) * lanczos.BLOCK_ROWS
     assert largest_array(solve(10**7)) == largest_array(solve(200)) == rows * n
 
 
-def dense_solve(matrix, start, key, tolerance, *, k, max_steps, start_noise=0.0):
+def dense_solve(matrix, start, key, tolerance, *, k, num_matvecs, start_noise=0.0):
     return lanczos.solve(lambda v: matrix @ v, start, key, tolerance, jnp.float32(0),
-                         jnp.float32(start_noise), k=k, max_steps=max_steps, block_size=k)
+                         jnp.float32(start_noise), k=k, num_matvecs=num_matvecs, block_size=k)
 
 
 def clustered_spectrum(n=400):
@@ -165,11 +164,11 @@ def clustered_spectrum(n=400):
 def test_restarts_when_the_basis_is_full(monkeypatch):
     monkeypatch.setattr(lanczos, "MAX_BASIS_STEPS", 12)
     matrix, spectrum = clustered_spectrum()
-    solve = jax.jit(functools.partial(dense_solve, k=1, max_steps=2000))
+    solve = jax.jit(functools.partial(dense_solve, k=1, num_matvecs=2000))
     result = solve(matrix, jnp.zeros((1, 400)), jax.random.PRNGKey(1), jnp.float32(1e-6))
     assert bool(result.converged)
-    assert int(result.steps) > 12  # more than one cycle
-    np.testing.assert_allclose(np.asarray(result.top), spectrum[:1], rtol=1e-5)
+    assert int(result.hessian_vector_products) > 12  # more than one cycle
+    np.testing.assert_allclose(np.asarray(result.eigenvalues), spectrum[:1], rtol=1e-5)
 
 
 @pytest.mark.parametrize("k, chunk_size", [(1, 10), (2, 32)])
@@ -180,21 +179,22 @@ def test_chunked_solve_agrees_with_one_shot(k, chunk_size):
     matrix, spectrum = clustered_spectrum()
     start = jnp.zeros((k, 400))
     tolerance = jnp.float32(1e-6)
-    one_shot = jax.jit(functools.partial(dense_solve, k=k, max_steps=400))(
+    one_shot = jax.jit(functools.partial(dense_solve, k=k, num_matvecs=400))(
         matrix, start, jax.random.PRNGKey(1), tolerance)
-    chunk = jax.jit(functools.partial(dense_solve, k=k, max_steps=chunk_size))
+    chunk = jax.jit(functools.partial(dense_solve, k=k, num_matvecs=chunk_size))
     block, used, noise = start, 0, 1e-2
     for i in range(100):  # a caller would read its stop flag between chunks
         result = chunk(matrix, block, jax.random.PRNGKey(i), tolerance, start_noise=noise)
-        block, used, noise = result.vectors, used + int(result.steps), 0.0
-        assert int(result.steps) <= chunk_size
+        block, used, noise = result.ritz_vectors, used + int(result.hessian_vector_products), 0.0
+        assert int(result.hessian_vector_products) <= chunk_size
         if bool(result.converged):
             break
     assert bool(one_shot.converged) and bool(result.converged)
     assert chunk._cache_size() == 1
-    np.testing.assert_allclose(np.asarray(result.top), np.asarray(one_shot.top), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(result.top), spectrum[:k], rtol=1e-5)
-    assert used < 5 * int(one_shot.steps)
+    np.testing.assert_allclose(np.asarray(result.eigenvalues), np.asarray(one_shot.eigenvalues),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(result.eigenvalues), spectrum[:k], rtol=1e-5)
+    assert used < 5 * int(one_shot.hessian_vector_products)
 
 
 def test_cold_start_ignores_zero_and_nonfinite_rows():

@@ -8,8 +8,9 @@ import pytest
 from sam_eos.layers import group_indices
 from sam_eos.loop import measurements, train
 from sam_eos.reports import figures, raw_data
-from tests.conftest import dense_hessian
-from tests.test_layers import LAYERS, make_problem, tanh_mlp_loss
+from tests.conftest import LAYERS, dense_hessian
+from tests.conftest import layered_tanh_loss as tanh_mlp_loss
+from tests.conftest import make_layered_problem as make_problem
 
 STEP_SIZE = 0.2
 LAYER_COLUMNS = measurements.layer_column_names(list(LAYERS))

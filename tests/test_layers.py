@@ -7,30 +7,11 @@ import pytest
 
 import sam_eos
 from sam_eos.layers import group_indices
-from tests.conftest import dense_hessian
+from tests.conftest import LAYERS, dense_hessian
+from tests.conftest import layered_tanh_loss as tanh_mlp_loss
+from tests.conftest import make_layered_problem as make_problem
 
 KEY = jax.random.key(0)
-LAYERS = ("mlp/~/linear_0", "mlp/~/linear_1", "mlp/~/linear_2")
-
-
-def tanh_mlp_loss(params, batch):
-    """A Haiku-shaped MLP: params keyed by module name, each {"w", "b"}."""
-    x, y = batch
-    h = x
-    for name in LAYERS[:-1]:
-        h = jnp.tanh(h @ params[name]["w"] + params[name]["b"])
-    out = h @ params[LAYERS[-1]]["w"] + params[LAYERS[-1]]["b"]
-    return jnp.mean((out - y) ** 2)
-
-
-def make_problem(sizes=(6, 12, 8, 3), num_examples=40, seed=0):
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes) + 1)
-    params = {name: {"w": jax.random.normal(keys[i], (m, n)) / np.sqrt(m),
-                     "b": jnp.full((n,), 0.1)}
-              for i, (name, m, n) in enumerate(zip(LAYERS, sizes[:-1], sizes[1:], strict=False))}
-    x = jax.random.normal(keys[-2], (num_examples, sizes[0]))
-    y = jax.random.normal(keys[-1], (num_examples, sizes[-1]))
-    return params, (x, y)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from sam_eos import adam_preconditioner, sam_edge, stability_threshold, usam_edg
 from sam_eos.loop import measurements, train
 from sam_eos.reports import figures, summary
 from sam_eos.reports.raw_data import read_raw_data
-from tests.conftest import dense_hessian
-from tests.test_train import assert_valid_pdf, mlp_loss, mlp_problem, outputs
+from tests.conftest import assert_valid_pdf, dense_hessian, outputs
+from tests.conftest import two_layer_loss as mlp_loss
+from tests.conftest import two_layer_problem as mlp_problem
 
 CASES = {  # name: (TrainConfig changes, the threshold they imply at eta = 0.05)
     "momentum + SAM": (dict(optimizer="momentum", momentum=0.6, rho=0.05),

@@ -8,10 +8,8 @@ import optax.tree_utils as otu
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from sam_eos.hessian import top_eigenvalues
-from sam_eos.power_iteration import power_iteration
-from tests.conftest import dense_hessian
-from tests.test_hessian import make_mlp, mlp_loss, tanh_mlp_loss
+from sam_eos.power_iteration import eigen_info, power_iteration
+from tests.conftest import dense_hessian, make_mlp, mlp_loss, tanh_mlp_loss
 
 # The original's finite difference divides by 2 * 1e-3 + 1e-5 instead of 2 * 1e-3: on a
 # quadratic every product, and so the estimate, is this fraction of the exact one.
@@ -80,14 +78,18 @@ def test_matches_the_original_loop(relu_mlp, loss_fn):
         np.testing.assert_allclose(np.asarray(direction), expected_direction, atol=1e-5)
 
 
-def test_top_eigenvalues_dispatches_to_it(relu_mlp):
+def test_its_result_reads_as_an_eigen_info(relu_mlp):
     params, batch, _ = relu_mlp
     key = jax.random.PRNGKey(7)
-    values, direction, info = top_eigenvalues(mlp_loss, params, batch, key, 1,
-                                              method="power")
     result = power_iteration(mlp_loss, params, batch, key)
-    np.testing.assert_allclose(np.asarray(values), np.asarray(result.magnitudes), rtol=1e-6)
-    np.testing.assert_allclose(float(otu.tree_norm(direction)), 1.0, rtol=1e-5)
+    block = jnp.ones((3, ravel_pytree(params)[0].size))
+    info = eigen_info(result, block)
+    np.testing.assert_allclose(np.asarray(info.eigenvalues), np.asarray(result.magnitudes),
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(info.ritz_vectors[0]),
+                               np.asarray(ravel_pytree(result.direction)[0]), rtol=1e-6)
+    np.testing.assert_allclose(float(otu.tree_norm(result.direction)), 1.0, rtol=1e-5)
+    assert info.ritz_vectors.shape == block.shape and not np.any(np.asarray(info.ritz_vectors[1:]))
     assert int(info.hessian_vector_products) == int(result.iterations)
     assert bool(info.converged)
     assert np.isnan(float(info.error_bound)) and np.isnan(float(info.bottom_eigenvalue))
@@ -151,14 +153,14 @@ def test_max_iterations_is_respected(relu_mlp):
     params, batch, _ = relu_mlp
     key = jax.random.PRNGKey(2)
     # A negative tolerance never stops on the norms: only the cap ends the loop.
-    result = power_iteration(mlp_loss, params, batch, key, -1.0, max_iterations=7)
+    result = power_iteration(mlp_loss, params, batch, key, -1.0, num_matvecs=7)
     assert int(result.iterations) == 7
     assert not bool(result.converged)
     expected, _, iterations, _ = original_power_iteration(mlp_loss, params, batch, key, -1.0, 7)
     assert iterations == 7
     np.testing.assert_allclose(float(result.magnitudes[0]), expected, rtol=1e-5)
-    _, _, info = top_eigenvalues(mlp_loss, params, batch, key, 2, method="power",
-                                 tolerance=-1.0, num_matvecs=4)
+    block = power_iteration(mlp_loss, params, batch, key, -1.0, k=2, num_matvecs=4)
+    info = eigen_info(block, jnp.zeros((4, ravel_pytree(params)[0].size)))
     assert int(info.hessian_vector_products) == 8  # 4 iterations of a block of 2
     assert not bool(info.converged)
 

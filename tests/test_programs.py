@@ -1,7 +1,6 @@
 """Both programs end to end through their command lines (subprocesses, as a user runs them)."""
 
 import math
-import os
 import pathlib
 import signal
 import subprocess
@@ -15,30 +14,16 @@ from sam_eos import errors
 from sam_eos.reports.raw_data import read_raw_data, read_summary, untimed
 from sam_eos.reports.tensorboard_writer import read_scalars
 from tests import processes as processes_
-from tests.conftest import assert_tensorboard_equals_raw_data
+from tests.conftest import (
+    TINY_TRANSFORMER,
+    assert_tensorboard_equals_raw_data,
+    environment,
+    output_flags,
+    shakespeare_like_text,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PDFS = ("eigs.pdf", "eigs_se_only.pdf", "a.pdf", "ell.pdf")
-TINY_TRANSFORMER = [
-    "--num_layers=1", "--model_size=32", "--num_heads=2", "--key_size=16",
-    "--sequence_length=32", "--batch_size=16",
-]
-
-
-def environment() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("TFDS_DATA_DIR", None)
-    return env
-
-
-def output_flags(directory: pathlib.Path) -> list[str]:
-    return [
-        f"--raw_data_output={directory / 'raw.txt'}",
-        f"--eigs_curve_output={directory / 'eigs.pdf'}",
-        f"--eigs_se_only_output={directory / 'eigs_se_only.pdf'}",
-        f"--alignment_curve_output={directory / 'a.pdf'}",
-        f"--loss_curve_output={directory / 'ell.pdf'}",
-    ]
 
 
 def run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -53,12 +38,6 @@ def assert_outputs(directory: pathlib.Path, min_rows: int) -> np.ndarray:
         content = (directory / name).read_bytes()
         assert content.startswith(b"%PDF-") and b"%%EOF" in content[-64:]
     return rows
-
-
-def shakespeare_like_text(num_lines: int = 600) -> str:
-    rng = np.random.default_rng(0)
-    words = ["the", "king", "and", "queen", "of", "rome", "shall", "speak", "to", "thee"]
-    return "".join(" ".join(rng.choice(words, 8)) + ".\n" for _ in range(num_lines))
 
 
 @pytest.fixture(scope="module")
@@ -333,8 +312,6 @@ def run_on(args: list[str], *, processes: int, devices: int) -> processes_.Finis
 
 def printed_value(result: processes_.Finished, name: str) -> float:
     return float(result.stdout.split(f"Test {name}:")[1].split()[0])
-
-
 
 
 def assert_rows_of_one(tables: list[np.ndarray], results: list, name: str) -> None:

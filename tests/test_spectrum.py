@@ -7,7 +7,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from sam_eos import lanczos, spectrum
-from tests.test_hessian import make_mlp, mlp_loss
+from tests.conftest import make_mlp, mlp_loss
 
 SIZES = [10, 30, 20, 3]  # 1,013 parameters
 NUM_EXAMPLES = 64

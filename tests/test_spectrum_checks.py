@@ -11,7 +11,9 @@ from sam_eos import spectrum
 from sam_eos.loop import measurements, train
 from sam_eos.reports import figures, raw_data
 from sam_eos.reports.raw_data import density_data_path, read_density, read_raw_data
-from tests.test_train import assert_valid_pdf, mlp_loss, mlp_problem, outputs
+from tests.conftest import assert_valid_pdf, outputs
+from tests.conftest import two_layer_loss as mlp_loss
+from tests.conftest import two_layer_problem as mlp_problem
 
 ALL_ON = measurements.SpectrumOptions(
     hessian_trace_matvecs=20, spectral_density_every_checks=2, batch_sharpness=True,

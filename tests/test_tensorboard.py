@@ -16,7 +16,8 @@ from sam_eos.loop import train
 from sam_eos.reports.raw_data import keep_first_rows, read_raw_data
 from sam_eos.reports.tensorboard_writer import TensorBoardWriter, read_scalars
 from tests.conftest import assert_tensorboard_equals_raw_data
-from tests.test_train import mlp_loss, mlp_problem
+from tests.conftest import two_layer_loss as mlp_loss
+from tests.conftest import two_layer_problem as mlp_problem
 
 
 def test_points_are_readable_before_close_and_a_resume_hides_the_repeated_ones(tmp_path):

@@ -8,8 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import sam_eos
-from tests.conftest import dense_hessian
-from tests.test_hessian import make_mlp, tanh_mlp_loss
+from tests.conftest import dense_hessian, make_mlp, tanh_mlp_loss
 
 
 @pytest.fixture(scope="module")

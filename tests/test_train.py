@@ -13,42 +13,14 @@ from sam_eos.edge import sam_edge
 from sam_eos.loop import train
 from sam_eos.reports.raw_data import read_raw_data
 from sam_eos.sam import sam_update
+from tests.conftest import assert_valid_pdf, outputs
+from tests.conftest import two_layer_loss as mlp_loss
+from tests.conftest import two_layer_problem as mlp_problem
 
 
 def quadratic_loss(params, batch):
     """0.5 w^T A w: its Hessian is A whatever w."""
     return 0.5 * params @ (batch @ params)
-
-
-def mlp_loss(params, batch):
-    x, y = batch
-    return jnp.mean((jnp.tanh(x @ params["w"]) @ params["v"] - y) ** 2)
-
-
-def mlp_problem(seed=0, num_examples=32):
-    k = jax.random.split(jax.random.PRNGKey(seed), 4)
-    params = {"w": jax.random.normal(k[0], (6, 12)) / 3, "v": jax.random.normal(k[1], (12, 2))}
-    x = jax.random.normal(k[2], (num_examples, 6))
-    y = jax.random.normal(k[3], (num_examples, 2))
-    return params, (x, y)
-
-
-def outputs(directory) -> train.Outputs:
-    return train.Outputs(
-        raw_data=str(directory / "raw.txt"),
-        eigs_curve=str(directory / "eigs.pdf"),
-        eigs_se_only=str(directory / "eigs_se_only.pdf"),
-        alignment_curve=str(directory / "a.pdf"),
-        loss_curve=str(directory / "ell.pdf"),
-    )
-
-
-def assert_valid_pdf(path):
-    with open(path, "rb") as file:
-        content = file.read()
-    assert content.startswith(b"%PDF-")
-    assert b"%%EOF" in content[-64:]
-    assert len(content) > 1000
 
 
 def test_stops_at_max_steps_with_rows_header_and_pdfs(tmp_path):

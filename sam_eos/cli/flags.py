@@ -11,11 +11,12 @@ import jax
 from absl import flags, logging
 from jax.sharding import Mesh
 
-from sam_eos import hessian
 from sam_eos.cli.parsing import project_flag_values
 from sam_eos.errors import InputError
 from sam_eos.loop import distributed
 from sam_eos.loop.config import (
+    DEFAULT_TOLERANCE,
+    EIGENSOLVERS,
     OPTIMIZERS,
     SAM_VARIANTS,
     Outputs,
@@ -89,7 +90,7 @@ def define_shared_flags(
         "num_principal_components", 1, "How many top Hessian eigenvalues to measure."
     )
     flags.DEFINE_string(
-        "eigensolver", "lanczos", f"One of {hessian.METHODS}: exact Lanczos (default) or the "
+        "eigensolver", "lanczos", f"One of {EIGENSOLVERS}: exact Lanczos (default) or the "
         "original's finite-difference power iteration."
     )
     flags.DEFINE_integer(
@@ -99,11 +100,11 @@ def define_shared_flags(
     flags.DEFINE_float(
         "eigensolver_tolerance", None,
         "Relative tolerance (default "
-        f"{hessian.DEFAULT_TOLERANCE['lanczos']:g} for Lanczos: its error estimate stops ten "
+        f"{DEFAULT_TOLERANCE['lanczos']:g} for Lanczos: its error estimate stops ten "
         "below the 1e-4 relative error asked of a check; under TF32 on GPUs the true error is "
         "about 5e-5 whatever the tolerance, and the error bound includes the products' measured "
         "noise floor, about 1e-3; "
-        f"{hessian.DEFAULT_TOLERANCE['power']:g} for power iteration, as the original).",
+        f"{DEFAULT_TOLERANCE['power']:g} for power iteration, as the original).",
     )
     flags.DEFINE_boolean(
         "eigensolver_warm_start", True,

@@ -3,14 +3,9 @@ products' noise floor, and how one check is taken from the loop's state.
 
 A check is the eigensolver in bounded chunks (the loop reads its stop flag between them), then
 the measurements along the principal direction found, then, for Adam, the effective sharpness
-(`sam_eos.loop.steps`). The Ritz vectors each solve starts warm from live in the loop's state,
-which checkpoints save with the parameters (`initial_state` names them):
-
-- "ritz_vectors": the main check's, [k + 2 or fewer, num_params];
-- "effective_ritz_vectors": Adam's effective-sharpness solve's (Adam runs only);
-- "sam_point_ritz_vectors": the SAM point's (with `SpectrumOptions.sam_point_sharpness`);
-- "layer_ritz_vectors": a tuple of each layer's, [3 or fewer, n_layer], in the layers' order
-  (with `SpectrumOptions.layer_sharpness`).
+(`sam_eos.loop.steps`). The Ritz vectors each solve starts warm from live in the loop's state
+(`sam_eos.loop.state.LoopState`, built by `initial_state`), which checkpoints save with the
+parameters.
 """
 
 import dataclasses
@@ -23,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sam_eos import hessian, layers
+from sam_eos import eigensolver, hessian, layers
+from sam_eos.lanczos import EigenInfo
 from sam_eos.loop import distributed, steps
 from sam_eos.loop.config import TrainConfig
 from sam_eos.loop.feed import Placement
+from sam_eos.loop.state import LoopState
 from sam_eos.types import LossFn, PyTree
 
 
@@ -46,33 +43,28 @@ def cold_ritz_block(params: PyTree, config: TrainConfig, plan: ChunkPlan) -> jax
     """Zeros shaped like a check's Ritz block [rows, n]: k + 2 rows, fewer when a chunk's
     Lanczos steps cannot hold them (a tiny model or --eigensolver_max_iterations)."""
     k = config.num_principal_components
-    rows = hessian.warm_block_size(k)
-    if config.eigensolver == "lanczos":
-        num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
-        rows = min(rows, hessian.lanczos_iterations_allowed(num_params, plan.matvecs))
-    return hessian.cold_start_vectors(params, k, max(rows, k))
+    budget = plan.matvecs if config.eigensolver == "lanczos" else None
+    return eigensolver.init(params, k, num_matvecs=budget).ritz_vectors
 
 
-def initial_state(params: PyTree, config: TrainConfig) -> dict[str, jax.Array]:
-    """The check's part of the loop's state before the first check: every warm start cold."""
-    state = {"ritz_vectors": cold_ritz_block(params, config, ChunkPlan.from_config(config))}
-    if config.optimizer == "adam":
-        state["effective_ritz_vectors"] = _single_block(params, config)
-    if config.spectrum.sam_point_sharpness:
-        state["sam_point_ritz_vectors"] = _single_block(params, config)
-    if config.spectrum.layer_sharpness:
-        state["layer_ritz_vectors"] = tuple(layers.cold_start_vectors(
-            params, num_matvecs=config.solver_budget("lanczos")).values())
-    return state
+def initial_state(params: PyTree, opt_state: PyTree, config: TrainConfig) -> LoopState:
+    """The loop's state before the first step: `params`, `opt_state` and every warm start
+    cold (the Adam and spectrum ones only when the run measures them)."""
+    budget = config.solver_budget("lanczos")
+    return LoopState(
+        params, opt_state, cold_ritz_block(params, config, ChunkPlan.from_config(config)),
+        effective_ritz_vectors=(_single_block(params, config)
+                                if config.optimizer == "adam" else None),
+        sam_point_ritz_vectors=(_single_block(params, config)
+                                if config.spectrum.sam_point_sharpness else None),
+        layer_ritz_vectors=(tuple(layers.cold_start_vectors(params, num_matvecs=budget).values())
+                            if config.spectrum.layer_sharpness else None))
 
 
 def _single_block(params: PyTree, config: TrainConfig) -> jax.Array:
     """Zeros shaped like the Ritz block of a one-eigenvalue Lanczos solve with the run's
     budget (3 rows, fewer when its steps cannot hold them): the block it returns."""
-    budget = config.solver_budget("lanczos")
-    num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
-    rows = min(hessian.warm_block_size(1), hessian.lanczos_iterations_allowed(num_params, budget))
-    return hessian.cold_start_vectors(params, 1, rows)
+    return eigensolver.init(params, 1, num_matvecs=config.solver_budget("lanczos")).ritz_vectors
 
 
 def cold_like(vectors: PyTree) -> PyTree:
@@ -81,12 +73,22 @@ def cold_like(vectors: PyTree) -> PyTree:
     return jax.tree.map(lambda v: jnp.zeros_like(v, device=v.sharding), vectors)
 
 
-def start_block(state: dict[str, PyTree], name: str, warm: bool) -> PyTree:
-    """`state[name]`, or zeros shaped like it when not `warm` (--eigensolver_warm_start=false)."""
-    return state[name] if warm else cold_like(state[name])
+def start_block(state: LoopState, name: str, warm: bool) -> PyTree:
+    """The state's warm start `name`, or zeros shaped like it when not `warm`
+    (--eigensolver_warm_start=false)."""
+    vectors = getattr(state, name)
+    return vectors if warm else cold_like(vectors)
 
 
 AUDIT_SALT = 7  # folded into the check's key for the audit's random start
+
+
+def solver_columns(info: EigenInfo) -> dict[str, Any]:
+    """A check's solve as the raw data's measurements: `eigenvalues` [k], `lambda_min` (the
+    bottom Ritz value), `hessian_vector_products`, `error_bound` and `converged`."""
+    return {"eigenvalues": info.eigenvalues, "lambda_min": info.bottom_eigenvalue,
+            "hessian_vector_products": info.hessian_vector_products,
+            "error_bound": info.error_bound, "converged": info.converged}
 
 
 @dataclasses.dataclass
@@ -109,31 +111,31 @@ class HessianCheck:
 
     def solve(self, params: PyTree, batch: PyTree, key: jax.Array, step: int,
               start: jax.Array, stop_requested: Callable[[], bool]
-              ) -> tuple[dict[str, Any] | None, int]:
+              ) -> tuple[EigenInfo | None, int]:
         """The eigensolver, chunk by chunk until converged or `max_chunks` (the first warm or
         cold from `start`, each later one continuing from the previous chunk's Ritz vectors):
-        (the last chunk's results with the products of all, or None when a stop was requested
-        between chunks; the products used)."""
-        vectors, noise, products = start, np.float32(hessian.DEFAULT_START_NOISE), 0
+        (the last chunk's `EigenInfo` with the products of all, or None when a stop was
+        requested between chunks; the products used)."""
+        vectors, noise, products = start, np.float32(eigensolver.DEFAULT_START_NOISE), 0
         for chunk in range(self.max_chunks):
             if chunk and stop_requested():
                 return None, products
             solved = self.eigensolver_chunk(params, batch, key, np.int32(step), np.int32(chunk),
                                             vectors, noise, np.float32(self.noise_floor))
-            products += int(solved["hessian_vector_products"])
-            vectors, noise = solved["ritz_vectors"], np.float32(0)
-            if bool(solved["converged"]):
+            products += int(solved.hessian_vector_products)
+            vectors, noise = solved.ritz_vectors, np.float32(0)
+            if bool(solved.converged):
                 break
-        return {**solved, "hessian_vector_products": products}, products
+        return solved._replace(hessian_vector_products=np.int32(products)), products
 
-    def audit(self, solved: dict[str, Any], params: PyTree, batch: PyTree, key: jax.Array,
+    def audit(self, solved: EigenInfo, params: PyTree, batch: PyTree, key: jax.Array,
               step: int, stop_requested: Callable[[], bool]
-              ) -> tuple[dict[str, Any] | None, int]:
+              ) -> tuple[EigenInfo | None, float, int]:
         """The warm solve `solved` checked against a cold one from a fresh random vector (its
         key folded with AUDIT_SALT): (the one with the larger top eigenvalue, since a Ritz value
-        never exceeds lambda_max, with the products of both and `audit_error` = (cold top - warm
-        top) / |larger top|, > 0 when the warm solve missed; None when interrupted; the audit's
-        products).
+        never exceeds lambda_max, with the products of both; `audit_error` = (cold top - warm
+        top) / |larger top|, > 0 when the warm solve missed; the audit's products). None and
+        nan when interrupted.
 
         Two solves that disagree by more than 3 x their error bounds show that a bound was
         broken (a residual bound cannot see an eigenvalue its Krylov space barely holds): the
@@ -142,55 +144,58 @@ class HessianCheck:
         cold, products = self.solve(params, batch, jax.random.fold_in(key, AUDIT_SALT), step,
                                     self.cold_start, stop_requested)
         if cold is None:
-            return None, products
-        warm_top, cold_top = (float(np.asarray(s["eigenvalues"])[0]) for s in (solved, cold))
+            return None, math.nan, products
+        warm_top, cold_top = (float(np.asarray(s.eigenvalues)[0]) for s in (solved, cold))
         larger = max(warm_top, cold_top)
         error = (cold_top - warm_top) / abs(larger) if larger else 0.0
         chosen = cold if cold_top > warm_top else solved
-        bounds = max(float(solved["error_bound"]), float(cold["error_bound"]))
-        bound, converged = chosen["error_bound"], chosen["converged"]
+        bounds = max(float(solved.error_bound), float(cold.error_bound))
+        bound, converged = chosen.error_bound, chosen.converged
         if abs(error) > 3 * bounds:
             logging.warning("Audit at step %d: the warm check found %.6g, a cold solve %.6g "
                             "(%.2g relative, beyond their error bounds %.2g); the row keeps "
                             "%.6g, with the disagreement as its bound and converged 0.", step,
                             warm_top, cold_top, error, bounds, max(warm_top, cold_top))
             bound, converged = np.maximum(bound, abs(error)), np.bool_(False)
-        return {**chosen, "audit_error": error, "error_bound": bound, "converged": converged,
-                "hessian_vector_products": solved["hessian_vector_products"] + products}, \
-            products
+        chosen = chosen._replace(
+            error_bound=bound, converged=converged,
+            hessian_vector_products=np.int32(int(solved.hessian_vector_products) + products))
+        return chosen, error, products
 
-    def take(self, state: dict[str, PyTree], batch: PyTree, key: jax.Array, step: int,
+    def take(self, state: LoopState, batch: PyTree, key: jax.Array, step: int,
              stop_requested: Callable[[], bool], check_index: int = 0
-             ) -> tuple[dict[str, Any] | None, dict[str, PyTree], int]:
+             ) -> tuple[dict[str, Any] | None, LoopState, int]:
         """One check at `state`, the run's `check_index`-th (from 0): (its measurement on the
         host, or None when interrupted between chunks; the state with this check's Ritz
         vectors; the products used)."""
         start = start_block(state, "ritz_vectors", self.warm_start)
-        solved, products = self.solve(state["params"], batch, key, step, start, stop_requested)
+        solved, products = self.solve(state.params, batch, key, step, start, stop_requested)
+        audit = {}
         if solved is not None and self.audit_every and check_index \
                 and check_index % self.audit_every == 0:
-            solved, audited = self.audit(solved, state["params"], batch, key, step,
-                                         stop_requested)
+            solved, error, audited = self.audit(solved, state.params, batch, key, step,
+                                                stop_requested)
             products += audited
+            audit = {"audit_error": error}
         if solved is None:
             return None, state, products
         measured = jax.device_get({
-            **self.measure(state["params"], batch, solved["ritz_vectors"]),
-            **{name: value for name, value in solved.items() if name != "ritz_vectors"}})
-        state = {**state, "ritz_vectors": solved["ritz_vectors"]}
+            **self.measure(state.params, batch, solved.ritz_vectors),
+            **solver_columns(solved), **audit})
+        state = state._replace(ritz_vectors=solved.ritz_vectors)
         if self.effective is not None:
-            out = self.effective(state["params"], state["opt_state"], batch, key,
+            out = self.effective(state.params, state.opt_state, batch, key,
                                  np.int32(step),
                                  start_block(state, "effective_ritz_vectors", self.warm_start),
                                  np.float32(measured["rho_eff"]), np.float32(self.noise_floor))
-            measured["effective_sharpness"] = float(out["value"])
+            measured["effective_sharpness"] = float(out.eigenvalues[0])
             measured["hessian_vector_products"] = (int(measured["hessian_vector_products"])
-                                                   + int(out["hessian_vector_products"]))
-            state = {**state, "effective_ritz_vectors": out["ritz_vectors"]}
+                                                   + int(out.hessian_vector_products))
+            state = state._replace(effective_ritz_vectors=out.ritz_vectors)
         return measured, state, products
 
     def measure_noise_floor(self, loss_fn: LossFn, config: TrainConfig,
-                            state: dict[str, PyTree], batch: PyTree, key: jax.Array,
+                            state: LoopState, batch: PyTree, key: jax.Array,
                             note: Callable[[str], None]) -> None:
         """Sets `noise_floor`: the products' relative error at the default matmul precision
         against "highest" (`hessian.product_noise_floor`; 0 unmeasured on a CPU), once per
@@ -198,8 +203,8 @@ class HessianCheck:
         vector. Logged; a tolerance below it is noted (`note`) in the log and the raw data:
         the checks keep the default precision and report the floor in their error bound."""
         try:
-            vector = _unit_or_random(state["ritz_vectors"][0], key)
-            floor = float(hessian.product_noise_floor(loss_fn, state["params"], batch, vector))
+            vector = _unit_or_random(state.ritz_vectors[0], key)
+            floor = float(hessian.product_noise_floor(loss_fn, state.params, batch, vector))
         except Exception:  # noqa: BLE001 - without it, the bounds are the solver's own
             logging.exception("Measuring the products' noise floor failed; taking it as 0.")
             return
@@ -236,9 +241,9 @@ def make_check(loss_fn: LossFn, config: TrainConfig, plan: ChunkPlan,
     (`sam_eos.loop.steps`); on a mesh (`place`) the chunk's outputs are replicated, as the
     loop's state that holds its Ritz vectors."""
     chunk = steps.make_eigensolver_chunk(
-        loss_fn, num_components=config.num_principal_components,
-        eigensolver=config.eigensolver, chunk_iterations=plan.matvecs,
-        tolerance=config.eigensolver_tolerance, out_sharding=_replicated(place))
+        loss_fn, k=config.num_principal_components, method=config.eigensolver,
+        num_matvecs=plan.matvecs, tolerance=config.solver_tolerance(),
+        out_sharding=_replicated(place))
     threshold = None if config.is_default_method() else config.stability_threshold()
     return chunk, steps.make_measure(loss_fn, rho=config.rho, step_size=config.step_size,
                                      variant=config.sam_variant, optimizer=config.optimizer,
@@ -250,7 +255,7 @@ def _replicated(place: Placement | None):
         place.mesh)
 
 
-def compile_check(loss_fn: LossFn, config: TrainConfig, state: dict[str, PyTree],
+def compile_check(loss_fn: LossFn, config: TrainConfig, state: LoopState,
                   batch: PyTree, key: jax.Array, place: Placement) -> HessianCheck:
     """The check compiled for this run's shapes (one executable for warm and cold starts and
     for every chunk). A part that cannot be compiled fails at every check instead (a nan row
@@ -259,17 +264,17 @@ def compile_check(loss_fn: LossFn, config: TrainConfig, state: dict[str, PyTree]
     try:
         chunk, measure = make_check(loss_fn, config, plan, place)
         chunk = steps.compile_ahead(
-            "the Hessian check", chunk, state["params"], batch, key, np.int32(0), np.int32(0),
-            state["ritz_vectors"], np.float32(0), np.float32(0))
-        measure = steps.compile_ahead("the check's measurements", measure, state["params"],
-                                      batch, state["ritz_vectors"])
+            "the Hessian check", chunk, state.params, batch, key, np.int32(0), np.int32(0),
+            state.ritz_vectors, np.float32(0), np.float32(0))
+        measure = steps.compile_ahead("the check's measurements", measure, state.params,
+                                      batch, state.ritz_vectors)
     except Exception as error:  # noqa: BLE001 - reported at every check instead
         logging.exception("Compiling the Hessian check failed.")
         chunk = measure = steps.failing(error)
     effective = None
-    if "effective_ritz_vectors" in state:
+    if state.effective_ritz_vectors is not None:
         effective = _compile_effective(loss_fn, config, state, batch, key, place)
-    return HessianCheck(chunk, measure, cold_start=cold_like(state["ritz_vectors"]),
+    return HessianCheck(chunk, measure, cold_start=cold_like(state.ritz_vectors),
                         max_chunks=plan.chunks, warm_start=config.eigensolver_warm_start,
                         effective=effective,
                         audit_every=config.eigensolver_audit_every if config.audits() else 0)
@@ -281,7 +286,7 @@ def not_compiled(cold_start: jax.Array, reason: str) -> HessianCheck:
     return HessianCheck(fail, fail, cold_start=cold_start)
 
 
-def _compile_effective(loss_fn: LossFn, config: TrainConfig, state: dict[str, PyTree],
+def _compile_effective(loss_fn: LossFn, config: TrainConfig, state: LoopState,
                        batch: PyTree, key: jax.Array, place: Placement) -> Callable:
     """Adam's effective-sharpness solve (`steps.make_effective_sharpness`), compiled."""
     try:
@@ -291,8 +296,8 @@ def _compile_effective(loss_fn: LossFn, config: TrainConfig, state: dict[str, Py
             tolerance=config.solver_tolerance("lanczos"),
             perturbed=config.rho > 0, out_sharding=_replicated(place))
         return steps.compile_ahead(
-            "the effective sharpness", effective, state["params"], state["opt_state"], batch,
-            key, np.int32(0), state["effective_ritz_vectors"], np.float32(0), np.float32(0))
+            "the effective sharpness", effective, state.params, state.opt_state, batch,
+            key, np.int32(0), state.effective_ritz_vectors, np.float32(0), np.float32(0))
     except Exception as error:  # noqa: BLE001 - reported at every check instead
         logging.exception("Compiling the effective sharpness failed.")
         return steps.failing(error)

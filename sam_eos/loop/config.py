@@ -10,10 +10,18 @@ import math
 
 import optax
 
-from sam_eos import edge, hessian
+from sam_eos import edge, eigensolver, power_iteration
 from sam_eos.errors import InputError
 from sam_eos.loop.measurements import SpectrumOptions
 from sam_eos.reports.paths import PLOT_FIELDS, X_AXES
+
+# The main check's solvers (--eigensolver): exact Lanczos, or the original's power iteration.
+EIGENSOLVERS = ("lanczos", "power")
+# Their defaults: products (Lanczos HVPs, power iterations) per check, and relative tolerance.
+DEFAULT_BUDGET = {"lanczos": eigensolver.DEFAULT_NUM_MATVECS,
+                  "power": power_iteration.DEFAULT_NUM_MATVECS}
+DEFAULT_TOLERANCE = {"lanczos": eigensolver.DEFAULT_TOLERANCE,
+                     "power": power_iteration.DEFAULT_TOLERANCE}
 
 OPTIMIZERS = edge.OPTIMIZERS  # "sgd", "momentum", "nesterov", "adam"
 SAM_VARIANTS = ("sam", "usam")
@@ -116,8 +124,8 @@ class TrainConfig:
         self._check_optimizer()
 
     def _check_eigensolver(self) -> None:
-        require(self.eigensolver in hessian.METHODS,
-                f"--eigensolver must be one of {', '.join(hessian.METHODS)} "
+        require(self.eigensolver in EIGENSOLVERS,
+                f"--eigensolver must be one of {', '.join(EIGENSOLVERS)} "
                 f"(got {self.eigensolver!r})")
         require_positive_int("eigensolver_max_iterations", self.eigensolver_max_iterations,
                              allow_none=True)
@@ -139,11 +147,11 @@ class TrainConfig:
         """Products (Lanczos HVPs or power iterations) a solve may use: the flag's, else the
         default of `method` (None: the run's eigensolver). The one place defaults resolve."""
         return (self.eigensolver_max_iterations
-                or hessian.DEFAULT_MAX_ITERATIONS[method or self.eigensolver])
+                or DEFAULT_BUDGET[method or self.eigensolver])
 
     def solver_tolerance(self, method: str | None = None) -> float:
         """The relative tolerance of a solve: the flag's, else `method`'s default."""
-        return self.eigensolver_tolerance or hessian.DEFAULT_TOLERANCE[method or self.eigensolver]
+        return self.eigensolver_tolerance or DEFAULT_TOLERANCE[method or self.eigensolver]
 
     def _check_optimizer(self) -> None:
         require(self.optimizer in OPTIMIZERS,

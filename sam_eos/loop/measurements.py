@@ -22,8 +22,8 @@ of time once per run (`compile_spectrum_checks`) from `sam_eos.spectrum`'s pure 
   largest of the layers' bounds).
 
 The SAM point's and the layers' Ritz vectors are the state carried between checks: they live
-in the loop's state ("sam_point_ritz_vectors", "layer_ritz_vectors",
-`sam_eos.loop.check.initial_state`), so checkpoints keep them and a resumed run starts warm.
+in the loop's state (`sam_eos.loop.state.LoopState`), so checkpoints keep them and a resumed
+run starts warm.
 """
 
 import dataclasses
@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from sam_eos import hessian, layers, spectrum
+from sam_eos import eigensolver, hessian, layers, spectrum
 from sam_eos.errors import InputError
 from sam_eos.loop import steps
 from sam_eos.loop.feed import Feed
@@ -149,7 +149,7 @@ def make_batch_sharpness_samples(loss_fn: LossFn, select: Callable):
     return jax.jit(samples)
 
 
-def make_sam_point_sharpness(loss_fn: LossFn, rho: float, max_iterations: int,
+def make_sam_point_sharpness(loss_fn: LossFn, rho: float, num_matvecs: int,
                              tolerance: float, variant: str = "sam"):
     """A jitted `(params, batch, key, step, start_vectors) -> dict`: the top eigenvalue at the
     SAM point (its last estimate when unconverged), its products and Ritz vectors for the next
@@ -157,7 +157,7 @@ def make_sam_point_sharpness(loss_fn: LossFn, rho: float, max_iterations: int,
     def sam_point_sharpness(params, batch, key, step, start_vectors):
         key = jax.random.fold_in(jax.random.fold_in(key, step), _SAM_POINT_SALT)
         value, info = spectrum.sam_point_sharpness(
-            loss_fn, params, batch, key, rho, variant, num_matvecs=max_iterations,
+            loss_fn, params, batch, key, rho, variant, num_matvecs=num_matvecs,
             tolerance=tolerance, start_vectors=start_vectors)
         return {"value": value,  # unconverged: the last estimate, as the main check's
                 "products": info.hessian_vector_products, "ritz_vectors": info.ritz_vectors}
@@ -175,14 +175,14 @@ def make_layer_sharpness(loss_fn: LossFn, num_matvecs: int, tolerance: float):
         key = jax.random.fold_in(jax.random.fold_in(key, step), _LAYER_SALT)
         solved = layers.solve_blocks(
             loss_fn, params, batch, key, jax.numpy.float32(tolerance),
-            jax.numpy.float32(hessian.DEFAULT_START_NOISE), blocks, start_vectors,
+            jax.numpy.float32(eigensolver.DEFAULT_START_NOISE), blocks, start_vectors,
             num_matvecs=num_matvecs, hvp_mode=hessian.resolve_hvp_mode("auto"),
             noise_floor=noise_floor)
         return {"values": tuple(value for value, _ in solved),
                 "shares": layers.block_shares(direction, blocks),
                 "products": sum(info.hessian_vector_products for _, info in solved),
                 "error_bound": jax.numpy.max(jax.numpy.stack(
-                    [jax.numpy.maximum(info.error_bound, noise_floor) for _, info in solved])),
+                    [info.error_bound for _, info in solved])),
                 "ritz_vectors": tuple(info.ritz_vectors for _, info in solved)}
     return jax.jit(layer_sharpness)
 
@@ -295,7 +295,7 @@ class SpectrumChecks:
 
 
 def compile_spectrum_checks(loss_fn: LossFn, options: SpectrumOptions, *, rho: float,
-                            max_iterations: int, tolerance: float, feed: Feed,
+                            num_matvecs: int, tolerance: float, feed: Feed,
                             params: PyTree, batch: PyTree, key: jax.Array,
                             sam_point_vectors: jax.Array | None = None,
                             layer_vectors: tuple[jax.Array, ...] | None = None,
@@ -325,13 +325,13 @@ def compile_spectrum_checks(loss_fn: LossFn, options: SpectrumOptions, *, rho: f
     if options.sam_point_sharpness:
         checks.sam_point = steps.compile_ahead(
             "the SAM-point sharpness",
-            make_sam_point_sharpness(loss_fn, rho, max_iterations, tolerance, variant),
+            make_sam_point_sharpness(loss_fn, rho, num_matvecs, tolerance, variant),
             params, batch, key, step, sam_point_vectors)
     if options.layer_sharpness:
         checks.layer_names = tuple(layer_names(params))
         checks.layer_blocks = layers.block_arrays(layers.group_indices(params))
         checks.layers = steps.compile_ahead(
-            "the layers' sharpness", make_layer_sharpness(loss_fn, max_iterations, tolerance),
+            "the layers' sharpness", make_layer_sharpness(loss_fn, num_matvecs, tolerance),
             params, batch, key, step, checks.layer_blocks, layer_vectors, direction,
             np.float32(0))
     return checks

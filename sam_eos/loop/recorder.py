@@ -14,6 +14,7 @@ from absl import logging
 
 from sam_eos import errors
 from sam_eos.loop import checkpoint, distributed, schedule
+from sam_eos.loop.state import LoopState
 from sam_eos.reports import paths
 from sam_eos.reports.figures import RunData, draw_density, draw_layers, draw_plots
 from sam_eos.reports.raw_data import (
@@ -26,7 +27,6 @@ from sam_eos.reports.raw_data import (
     read_raw_data,
 )
 from sam_eos.reports.tensorboard_writer import TensorBoardWriter
-from sam_eos.types import PyTree
 from sam_eos.units import SECONDS_PER_HOUR
 
 
@@ -190,11 +190,12 @@ class Recorder:
         self._tensorboard: TensorBoardWriter | None = None
         self.output_failed = False  # a raw-data write failed: the run should stop
 
-    def restore(self, template: PyTree) -> tuple[PyTree, schedule.Position] | None:
+    def restore(self, template: LoopState) -> tuple[LoopState, schedule.Position] | None:
         """The latest checkpoint's (state, position), or None (no checkpoint: a fresh run)."""
         if self._checkpointer is None or self._checkpointer.latest_step() is None:
             return None
-        return self._checkpointer.restore(template)
+        tree, position = self._checkpointer.restore(template.checkpoint_tree())
+        return LoopState.from_checkpoint_tree(tree), position
 
     def open(self, position: schedule.Position, resumed: bool) -> None:
         """Opens the raw-data file (continued after a resume; another run's moved aside) and
@@ -286,9 +287,9 @@ class Recorder:
                           "exit code %d, keeping the %d rows measured.", self._raw_data,
                           error.strerror or error, errors.EXIT_OUTPUT_FAILED, len(self.rows))
 
-    def save(self, state: PyTree, position: schedule.Position) -> None:
+    def save(self, state: LoopState, position: schedule.Position) -> None:
         if self._checkpointer is not None:
-            self._checkpointer.save(state, position)
+            self._checkpointer.save(state.checkpoint_tree(), position)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -297,12 +298,12 @@ class Recorder:
             self._tensorboard.close()
             self._tensorboard = None
 
-    def finish(self, state: PyTree | None, position: schedule.Position) -> list[str]:
+    def finish(self, state: LoopState | None, position: schedule.Position) -> list[str]:
         """Saves a last checkpoint (when `state` is consistent, else None), then draws; the
         plots written."""
         if self._checkpointer is not None:
             if state is not None:
-                self._checkpointer.save(state, position)
+                self._checkpointer.save(state.checkpoint_tree(), position)
             self._checkpointer.close()
         return self.draw()
 

@@ -20,9 +20,9 @@ import optax.tree_utils as otu
 from absl import logging
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import hessian, tree
+from sam_eos import eigensolver, power_iteration, tree
 from sam_eos.edge import sam_edge, usam_edge
-from sam_eos.effective_sharpness import adam_preconditioner, effective_radius, solve_top
+from sam_eos.effective_sharpness import adam_preconditioner, effective_radius
 from sam_eos.loop.feed import Select
 from sam_eos.sam import loss_gradient_and_sam_gradient
 from sam_eos.types import LossFn
@@ -87,39 +87,35 @@ def chunk_plan(eigensolver: str, budget: int) -> tuple[int, int]:
     return budget // chunks, chunks
 
 
-def make_eigensolver_chunk(loss_fn: LossFn, *, num_components: int, eigensolver: str,
-                           chunk_iterations: int, tolerance: float | None,
+def make_eigensolver_chunk(loss_fn: LossFn, *, k: int, method: str, num_matvecs: int,
+                           tolerance: float,
                            out_sharding: jax.sharding.Sharding | None = None):
     """A jitted `(params, batch, key, step, chunk, start_vectors, start_noise, noise_floor) ->
-    dict` running one chunk of a check's eigensolver, at most `chunk_iterations` products.
+    EigenInfo` running one chunk of a check's eigensolver (`method` "lanczos":
+    `sam_eos.eigensolver.update`; "power": the original's `power_iteration`, read as an
+    `EigenInfo`), at most `num_matvecs` products.
 
     `start_vectors` float [block, n] (flat parameters): the previous check's or chunk's Ritz
     vectors, zeros for a cold start (one executable for both); `start_noise`: the random
     component's weight (0 to continue a chunked solve); `noise_floor`: the products' relative
     error (`hessian.product_noise_floor`). The random start comes from `fold_in(fold_in(key,
-    step), chunk)`. Returns `eigenvalues` [k], `lambda_min`, `hessian_vector_products` (int32,
-    this chunk's), `error_bound`, `converged` and `ritz_vectors` [block, n], all placed by
-    `out_sharding` if given (on a mesh: replicated, as the start vectors).
+    step), chunk)`. The result, this chunk's, is placed by `out_sharding` if given (on a mesh:
+    replicated, as the start vectors).
     """
 
     @functools.partial(jax.jit, out_shardings=out_sharding)
     def eigensolver_chunk(params, batch, key, step, chunk, start_vectors, start_noise,
                           noise_floor):
-        lanczos_options = ({} if eigensolver == "power" else dict(
-            start_vectors=start_vectors, start_noise=start_noise, noise_floor=noise_floor))
-        eigenvalues, _, info = hessian.top_eigenvalues(
-            loss_fn, params, batch, jax.random.fold_in(jax.random.fold_in(key, step), chunk),
-            num_components, method=eigensolver, num_matvecs=chunk_iterations,
-            tolerance=tolerance, **lanczos_options,
-        )
-        return {
-            "eigenvalues": eigenvalues,
-            "lambda_min": info.bottom_eigenvalue,
-            "hessian_vector_products": info.hessian_vector_products,
-            "error_bound": info.error_bound,
-            "converged": info.converged,
-            "ritz_vectors": info.ritz_vectors.astype(start_vectors.dtype),
-        }
+        key = jax.random.fold_in(jax.random.fold_in(key, step), chunk)
+        if method == "power":
+            found = power_iteration.power_iteration(loss_fn, params, batch, key, tolerance, k=k,
+                                                    num_matvecs=num_matvecs)
+            return power_iteration.eigen_info(found, start_vectors)
+        info, _ = eigensolver.update(
+            loss_fn, params, batch, key, eigensolver.SolverState(start_vectors), k=k,
+            num_matvecs=num_matvecs, tolerance=tolerance, noise_floor=noise_floor,
+            start_noise=start_noise)
+        return info
 
     return eigensolver_chunk
 
@@ -172,23 +168,21 @@ def make_effective_sharpness(loss_fn: LossFn, *, b2: float, eps: float, num_matv
                              tolerance: float, perturbed: bool,
                              out_sharding: jax.sharding.Sharding | None = None):
     """A jitted `(params, opt_state, batch, key, step, start_vectors, rho_eff, noise_floor) ->
-    dict`: Adam's
-    effective sharpness, the top eigenvalue of P^-1/2 (H + rho_eff H^2) P^-1/2 with P read from
-    `opt_state` (`sam_eos.adam_preconditioner`), by Lanczos warm-started from `start_vectors`
-    [block, n]. Returns `value`, `hessian_vector_products` (int32), `error_bound`,
-    `converged` and `ritz_vectors` for the next check. Without a perturbation (`perturbed`
-    false, rho = 0) `rho_eff` is ignored and each product is one HVP instead of two."""
+    EigenInfo`: Adam's effective sharpness, the top eigenvalue of P^-1/2 (H + rho_eff H^2)
+    P^-1/2 with P read from `opt_state` (`sam_eos.adam_preconditioner`), by
+    `sam_eos.eigensolver.update` warm-started from `start_vectors` [block, n]. Without a
+    perturbation (`perturbed` false, rho = 0) `rho_eff` is ignored and each product is one HVP
+    instead of two."""
 
     @functools.partial(jax.jit, out_shardings=out_sharding)
     def effective(params, opt_state, batch, key, step, start_vectors, rho_eff, noise_floor):
-        found, _, products = solve_top(
-            loss_fn, params, batch, jax.random.fold_in(key, step), start_vectors, k=1,
-            num_matvecs=num_matvecs, tolerance=tolerance, noise_floor=noise_floor,
+        info, _ = eigensolver.update(
+            loss_fn, params, batch, jax.random.fold_in(key, step),
+            eigensolver.SolverState(start_vectors), num_matvecs=num_matvecs,
+            tolerance=tolerance, noise_floor=noise_floor,
             rho_eff=rho_eff if perturbed else 0.0,
             preconditioner=adam_preconditioner(opt_state, b2=b2, eps=eps))
-        return {"value": found.top[0], "hessian_vector_products": products,
-                "error_bound": jnp.maximum(found.bound, noise_floor), "converged": found.converged,
-                "ritz_vectors": found.vectors}
+        return info
 
     return effective
 

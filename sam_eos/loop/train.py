@@ -21,6 +21,7 @@ and steps.
 """
 
 import dataclasses
+import enum
 import functools
 import math
 import os
@@ -52,10 +53,29 @@ from sam_eos.loop.feed import (  # noqa: F401 - the data kinds, re-exported for 
 from sam_eos.loop.measurements import compile_spectrum_checks, extra_column_names, layer_names
 from sam_eos.loop.progress import Progress
 from sam_eos.loop.recorder import Recorder
+from sam_eos.loop.state import LoopState
 from sam_eos.reports.raw_data import METHOD_COLUMNS
 from sam_eos.types import LossFn, PyTree
 
 MAX_STEPS_PER_DISPATCH = 1024
+
+
+class Status(enum.StrEnum):
+    """How a run ended (`RunResult.status`; equal to its string, e.g. "max_steps")."""
+
+    TIME_LIMIT = "time_limit"
+    MAX_STEPS = "max_steps"
+    DIVERGED = "diverged"  # a loss that is not finite (exit code errors.EXIT_DIVERGED)
+    INTERRUPTED = "interrupted"  # a signal (SIGINT or SIGTERM)
+    OUTPUT_FAILED = "output_failed"  # the raw data could not be written
+
+
+class CheckOutcome(enum.Enum):
+    """What a check asks of the loop: go on, or stop as diverged or interrupted."""
+
+    MEASURED = "measured"
+    DIVERGED = "diverged"
+    INTERRUPTED = "interrupted"
 
 
 @dataclasses.dataclass
@@ -64,7 +84,7 @@ class RunResult:
     opt_state: PyTree
     steps: int  # updates taken
     training_seconds: float
-    status: str  # "time_limit", "max_steps", "diverged", "interrupted" or "output_failed"
+    status: Status
     exit_code: int
     rows: list[dict[str, float]]
     # This process's wall-clock seconds by part: "compile", "steps" and "checks".
@@ -102,7 +122,7 @@ class _StopFlag:
             if jax.process_count() > 1:
                 logging.error("A second signal (%d): exiting now without a checkpoint.", number)
                 logging.flush()
-                os._exit(_finish("interrupted", number, []))
+                os._exit(_finish(Status.INTERRUPTED, number, []))
             raise KeyboardInterrupt
         self.signal_number = number
         logging.warning("Received signal %d: stopping after the current step.", number)
@@ -152,7 +172,7 @@ class Program:
 
 
 def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    config: TrainConfig, feed: Feed, state: dict[str, PyTree],
+                    config: TrainConfig, feed: Feed, state: LoopState,
                     hessian_batch: PyTree | None, key: jax.Array, with_checks: bool,
                     place: Placement,
                     stop_requested: Callable[[], bool] = lambda: False) -> Program:
@@ -167,10 +187,10 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     train_steps = steps.compile_ahead(
         "the SAM step", steps.make_train_steps(loss_fn, optimizer, config.rho, feed.select,
                                                config.sam_variant),
-        state["params"], state["opt_state"], arrays, row, np.int32(1),
+        state.params, state.opt_state, arrays, row, np.int32(1),
     )
     if stop_requested():
-        return _not_compiled(train_steps, state["ritz_vectors"])
+        return _not_compiled(train_steps, state.ritz_vectors)
     if hessian_batch is not None:
         check_batch = lambda arrays, row: hessian_batch  # noqa: E731
     elif isinstance(feed, FullBatchFeed):
@@ -178,7 +198,7 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     else:
         check_batch = steps.compile_ahead("the check's batch", steps.make_batch_at(feed.select),
                                           arrays, row)
-    hessian_check = check.not_compiled(check.cold_like(state["ritz_vectors"]),
+    hessian_check = check.not_compiled(check.cold_like(state.ritz_vectors),
                                        "no checks are scheduled")
     if with_checks and not stop_requested():
         hessian_check = check.compile_check(loss_fn, config, state, check_batch(arrays, row),
@@ -187,11 +207,11 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     if with_checks and config.spectrum.enabled() and not stop_requested():
         extra = compile_spectrum_checks(
             loss_fn, config.spectrum, rho=config.rho,
-            max_iterations=config.solver_budget("lanczos"),
-            tolerance=config.solver_tolerance("lanczos"), feed=feed, params=state["params"],
+            num_matvecs=config.solver_budget("lanczos"),
+            tolerance=config.solver_tolerance("lanczos"), feed=feed, params=state.params,
             batch=check_batch(arrays, row), key=key,
-            sam_point_vectors=state.get("sam_point_ritz_vectors"),
-            layer_vectors=state.get("layer_ritz_vectors"), direction=state["ritz_vectors"][0],
+            sam_point_vectors=state.sam_point_ritz_vectors,
+            layer_vectors=state.layer_ritz_vectors, direction=state.ritz_vectors[0],
             variant=config.sam_variant)
     return Program(train_steps, check_batch, hessian_check, spectrum=extra)
 
@@ -284,10 +304,7 @@ def run(
         density_plot=outputs.density_curve, tensorboard_dir=outputs.tensorboard_dir,
         layers_plot=outputs.layers_curve,
     )
-    # The loop's state: what a checkpoint holds. "ritz_vectors" [block, n]: the last check's
-    # top Ritz vectors, the next check's warm start (zeros: cold), replicated like the params.
-    state = place.replicated({"params": params, "opt_state": optimizer.init(params),
-                              **check.initial_state(params, config)})
+    state = place.replicated(check.initial_state(params, optimizer.init(params), config))
     position = schedule.Position()
     restored = recorder.restore(state)
     if restored is not None:
@@ -322,10 +339,8 @@ def run(
                             time_limit_seconds=plan.time_limit_seconds,
                             max_steps=plan.max_steps, enabled=distributed.is_main_process())
         started_seconds = position.training_seconds
-        state, status, signal_number, check_seconds = _loop(
+        state, status, signal_number, check_seconds, consistent = _loop(
             program, feed, state, position, plan, recorder, key, progress, stop)
-    consistent = status not in ("diverged", "hard_stop")  # keep the last consistent state
-    status = "interrupted" if status == "hard_stop" else status
     exit_code = _finish(status, signal_number, recorder.rows)
     logging.info("Stopped (%s) after %d steps and %.4f h of training.", status, position.step,
                  position.training_seconds / units.SECONDS_PER_HOUR)
@@ -337,17 +352,17 @@ def run(
     densities = densities if os.path.exists(densities) else ""
     files = [path for path in (outputs.raw_data, densities, *plots, config.checkpoint_dir,
                                outputs.tensorboard_dir) if path]
-    return RunResult(state["params"], state["opt_state"], position.step,
+    return RunResult(state.params, state.opt_state, position.step,
                      position.training_seconds, status, exit_code, recorder.rows,
                      seconds=seconds, raw_data=outputs.raw_data, files=files)
 
 
-def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
+def _take_check(program: Program, feed: Feed, state: LoopState,
                 position: schedule.Position, recorder: Recorder, key: jax.Array,
-                stop_requested: Callable[[], bool]) -> tuple[dict[str, PyTree], str, float]:
+                stop_requested: Callable[[], bool]) -> tuple[LoopState, CheckOutcome, float]:
     """Takes and records the check at `position`: (the state with the check's Ritz vectors,
-    the outcome, the check's seconds). Outcomes: "measured"; "diverged" (a measured loss that
-    is not finite); "interrupted" (a stop requested mid-check: no row, a note). A check that
+    the outcome, the check's seconds). Outcomes: MEASURED; DIVERGED (a measured loss that is
+    not finite); INTERRUPTED (a stop requested mid-check: no row, a note). A check that
     raises gives a nan row and a note, and the next check starts cold."""
     started = time.perf_counter()
     measured: dict[str, Any] | Exception | None = None  # None: interrupted
@@ -358,51 +373,50 @@ def _take_check(program: Program, feed: Feed, state: dict[str, PyTree],
                                                          stop_requested, position.rows_written)
         if measured is not None and program.spectrum:
             extra = program.spectrum.measure(
-                checked["params"], batch, feed, key, position.step, position.rows_written,
-                *(check.start_block(checked, name, program.check.warm_start)
-                  if name in checked else None
+                checked.params, batch, feed, key, position.step, position.rows_written,
+                *(None if getattr(checked, name) is None
+                  else check.start_block(checked, name, program.check.warm_start)
                   for name in ("sam_point_ritz_vectors", "layer_ritz_vectors")),
-                direction=checked["ritz_vectors"][0])
+                direction=checked.ritz_vectors[0])
             if extra.sam_point_vectors is not None:
-                checked = {**checked, "sam_point_ritz_vectors": extra.sam_point_vectors}
+                checked = checked._replace(sam_point_ritz_vectors=extra.sam_point_vectors)
             if extra.layer_vectors is not None:
-                checked = {**checked, "layer_ritz_vectors": extra.layer_vectors}
+                checked = checked._replace(layer_ritz_vectors=extra.layer_vectors)
     except Exception as error:  # noqa: BLE001 - one failed check must not end the run
         measured, extra = error, None
-        checked = {**state, "ritz_vectors": program.check.cold_start}
+        checked = state._replace(ritz_vectors=program.check.cold_start)
     seconds = time.perf_counter() - started
     if measured is None:
         message = (f"check at step {position.step} interrupted mid-check after {products} "
                    f"HVPs ({seconds:.2f} s): no row")
         logging.warning(message[0].upper() + message[1:] + ".")
         recorder.note(message)
-        return state, "interrupted", seconds
+        return state, CheckOutcome.INTERRUPTED, seconds
     if not isinstance(measured, Exception):
         measured["check_seconds"] = seconds
     row = recorder.check(position.step, position.training_seconds, measured, seconds, extra)
     if recorder.output_failed:  # not on disk: a resume takes this check again
-        return state, "measured", seconds
+        return state, CheckOutcome.MEASURED, seconds
     position.rows_written += 1
     position.last_checked_step = position.step
     if isinstance(measured, Exception) or np.isfinite(row["loss"]):
-        return checked, "measured", seconds
+        return checked, CheckOutcome.MEASURED, seconds
     logging.error("Diverged: the loss is %s at step %d.", row["loss"], position.step)
     recorder.note(f"diverged at step {position.step}: loss {row['loss']}")
-    return checked, "diverged", seconds
+    return checked, CheckOutcome.DIVERGED, seconds
 
 
-def _loop(program: Program, feed: Feed, state: dict[str, PyTree],
+def _loop(program: Program, feed: Feed, state: LoopState,
           position: schedule.Position, plan: schedule.Schedule, recorder: Recorder,
           key: jax.Array, progress: Progress,
-          stop: _StopFlag) -> tuple[dict[str, PyTree], str, int | None, float]:
+          stop: _StopFlag) -> tuple[LoopState, Status, int | None, float, bool]:
     """Steps and checks until `plan` says stop: (state, status, signal number, seconds spent
-    in checks). The status is "time_limit", "max_steps", "diverged", "interrupted",
-    "output_failed" (the raw data could not be written), or "hard_stop" (a second signal: the
-    state may be mid-update). The clock starts here, after compiling."""
+    in checks, whether the state is consistent: not after a divergence, nor after a second
+    signal, which may stop it mid-update). The clock starts here, after compiling."""
     start = time.perf_counter() - position.training_seconds
     clock = lambda: time.perf_counter() - start  # noqa: E731
     last_saved = position.training_seconds
-    dispatch_size, signal_number, status = 1, None, "time_limit"
+    dispatch_size, signal_number, status, consistent = 1, None, Status.TIME_LIMIT, True
     check_seconds = 0.0
     with stop:
         try:
@@ -410,16 +424,16 @@ def _loop(program: Program, feed: Feed, state: dict[str, PyTree],
                 position.training_seconds, signal_number, dispatch_size, failed = _agree(
                     clock(), stop.signal_number, dispatch_size, recorder.output_failed)
                 if failed:
-                    status = "output_failed"
+                    status = Status.OUTPUT_FAILED
                     break
                 if schedule.checkpoint_due(plan, position, last_saved):
                     recorder.save(state, position)
                     last_saved = position.training_seconds
                 if signal_number is not None:
-                    status = "interrupted"
+                    status = Status.INTERRUPTED
                     break
                 if schedule.out_of_time(plan, position):
-                    status = "time_limit"
+                    status = Status.TIME_LIMIT
                     break
                 if schedule.check_due(plan, position):
                     progress.clear()
@@ -427,45 +441,46 @@ def _loop(program: Program, feed: Feed, state: dict[str, PyTree],
                         program, feed, state, position, recorder, key,
                         lambda: _agree(0.0, stop.signal_number, 1)[1] is not None)
                     check_seconds += seconds
-                    if outcome != "measured":
-                        status = outcome
+                    if outcome is not CheckOutcome.MEASURED:
+                        status = Status(outcome.value)
+                        consistent = outcome is not CheckOutcome.DIVERGED
                         signal_number = stop.signal_number
                         break
                     ended, _, _, failed = _agree(clock(), None, dispatch_size,
                                                  recorder.output_failed)
                     if failed:
-                        status = "output_failed"
+                        status = Status.OUTPUT_FAILED
                         break
                     position.next_check_seconds = schedule.next_check_after(plan, ended)
                     progress.checked(position.step, ended, recorder.rows[-1])
                 if schedule.reached_max_steps(plan, position):
-                    status = "max_steps"
+                    status = Status.MAX_STEPS
                     break
                 state, dispatch_size, diverged = _dispatch(
                     program, feed, state, position, plan, recorder, dispatch_size)
                 if diverged:
-                    status = "diverged"
+                    status, consistent = Status.DIVERGED, False
                     break
                 progress.update(position.step, clock())
         except KeyboardInterrupt:  # a second signal: the position may be mid-update
-            status = "hard_stop"
+            status, consistent = Status.INTERRUPTED, False
         finally:
             position.training_seconds = clock()
             progress.close()
             recorder.close()
-    return state, status, signal_number or stop.signal_number, check_seconds
+    return state, status, signal_number or stop.signal_number, check_seconds, consistent
 
 
-def _dispatch(program: Program, feed: Feed, state: dict[str, PyTree],
+def _dispatch(program: Program, feed: Feed, state: LoopState,
               position: schedule.Position, plan: schedule.Schedule, recorder: Recorder,
-              dispatch_size: int) -> tuple[dict[str, PyTree], int, bool]:
+              dispatch_size: int) -> tuple[LoopState, int, bool]:
     """Runs the next steps in one call: (new state, next dispatch size, whether diverged)."""
     count = schedule.steps_next(plan, position, dispatch_size, feed.rows_left())
     started = time.perf_counter()
     taken, params, opt_state, loss, finite = program.train_steps(
-        state["params"], state["opt_state"], feed.arrays(), np.int32(feed.row()),
+        state.params, state.opt_state, feed.arrays(), np.int32(feed.row()),
         np.int32(count))
-    state = {**state, "params": params, "opt_state": opt_state}
+    state = state._replace(params=params, opt_state=opt_state)
     position.step += int(taken)
     feed.advance(count)
     position.batches_taken = feed.batches_taken
@@ -497,18 +512,18 @@ def _agree(seconds: float, signal_number: int | None, steps_per_dispatch: int,
     return whole + micro * 1e-6, (signals[0] if signals else None), steps, bool(table[:, 4].any())
 
 
-def _finish(status: str, signal_number: int | None, rows: list[dict[str, float]]) -> int:
+def _finish(status: Status, signal_number: int | None, rows: list[dict[str, float]]) -> int:
     """The exit code of a run that stopped with `status`; logs the last finite check."""
-    if status == "diverged":
+    if status is Status.DIVERGED:
         finite_rows = [r for r in rows if math.isfinite(r["loss"])]
         if finite_rows:
             last = finite_rows[-1]
             logging.error("Last finite check: step %d, loss %.6g, sharpness %.6g.",
                           last["step"], last["loss"], last["hessian_norm"])
         return errors.EXIT_DIVERGED
-    if status == "output_failed":
+    if status is Status.OUTPUT_FAILED:
         return errors.EXIT_OUTPUT_FAILED
-    if status == "interrupted":
+    if status is Status.INTERRUPTED:
         if signal_number == signal.SIGTERM:
             return errors.EXIT_INTERRUPTED_SIGTERM
         return errors.EXIT_INTERRUPTED_SIGINT

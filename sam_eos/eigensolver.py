@@ -1,0 +1,213 @@
+"""The one eigensolver path: warm-started Lanczos on a curvature operator, optax-style.
+
+`init` gives a cold start's state; `update` solves at a point, warm-started from the state,
+and returns an `EigenInfo` (`sam_eos.lanczos`) and the state for the next solve:
+
+    state = eigensolver.init(params, k=1)
+    info, state = eigensolver.update(loss_fn, params, batch, key, state, k=1)
+
+The operator is the Hessian H; with `rho_eff`, H + rho_eff H^2; with a diagonal
+`preconditioner` P, P^-1/2 (.) P^-1/2 (`sam_eos.effective_sharpness`). A solve can run in
+bounded chunks, e.g. to read a stop flag in between: a fixed `num_matvecs`, the previous
+chunk's state and `start_noise=0`, until `info.converged`; each chunk restarts from the
+previous one's Ritz vectors (for k > 1 on clustered eigenvalues, prefer chunks of 32 products
+or more).
+
+`update` is pure: its callers jit it once (`top_eigenvalues` here, `SharpnessTracker`, the
+loop's checks), so each compiles once per parameter shape, and warm and cold starts share the
+executable. The original's estimator, power iteration on finite differences, is its own
+function (`sam_eos.power_iteration`).
+
+Accelerators: `sam_eos.hessian.product_noise_floor` measures the products' relative error at
+the default matmul precision against "highest" (once per run); passed as `noise_floor`, it
+bounds the reported `error_bound` from below. When it exceeds the tolerance, the tolerance
+cannot be met at that precision: solve with `precision="highest"` (whose floor is 0 by this
+measure), or keep the default and report `error_bound` as it is.
+
+Memory: Lanczos stores its basis, `(min(num_matvecs, 128) + 1) x num_params` numbers in the
+parameters' dtype: 100 rows of the 2.8M-parameter MNIST MLP take 1.1 GB (float32).
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from sam_eos import lanczos
+from sam_eos.effective_sharpness import effective_sharpness_operator, products_per_matvec
+from sam_eos.hessian import ProductTransform, resolve_hvp_mode
+from sam_eos.lanczos import EigenInfo
+from sam_eos.types import LossFn, PyTree
+
+# The products allowed per solve, over restarts from its Ritz vectors (the basis holds at most
+# lanczos.MAX_BASIS_STEPS of them at once, so a huge value costs nothing unused).
+DEFAULT_NUM_MATVECS = 100
+# Lanczos stops when min(res, res^2 / gap), its estimate of each eigenvalue's error, is below
+# tolerance * ||H||; 1e-5 leaves a margin of ten below the 1e-4 relative error asked of it.
+# On clustered spectra the risk is stopping on lambda_2 before lambda_1 shows,
+# and 1e-4 did so where 1e-5 did not (BENCHMARKS.md, warm-started checks).
+DEFAULT_TOLERANCE = 1e-5
+# Weight of the unit random vector added to a warm start's combination of Ritz vectors,
+# so that a direction that has become the top one since the last solve can still be found.
+DEFAULT_START_NOISE = 1e-2
+# Ritz vectors kept for the next warm start beyond the k asked for: the directions next in line
+# can overtake the top k between two solves (measured: BENCHMARKS.md, warm starts).
+DEFAULT_EXTRA_VECTORS = 2
+
+
+class SolverState(NamedTuple):
+    """What one solve leaves for the next: its Ritz vectors, float [block, num_params], flat in
+    `ravel_pytree(params)` order; all zeros: a cold start."""
+
+    ritz_vectors: jax.Array
+
+
+def warm_block_size(k: int, block_size: int | None = None) -> int:
+    """Rows of a state's Ritz vectors for k eigenvalues (default k + DEFAULT_EXTRA_VECTORS)."""
+    return k + DEFAULT_EXTRA_VECTORS if block_size is None else max(block_size, k)
+
+
+def init(params: PyTree, k: int = 1, block_size: int | None = None,
+         num_matvecs: int | None = None) -> SolverState:
+    """A cold start: zeros [rows, num_params] in the parameters' dtype, `warm_block_size(k,
+    block_size)` rows, fewer when one Lanczos cycle of `num_matvecs` products holds fewer
+    (it returns at most that many), never fewer than k. Nothing is compiled."""
+    flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
+    rows = warm_block_size(k, block_size)
+    if num_matvecs is not None:
+        rows = max(min(rows, lanczos.basis_steps(flat.size, num_matvecs)), k)
+    return SolverState(jnp.zeros((rows, flat.size), flat.dtype))
+
+
+def update(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    key: jax.Array,
+    state: SolverState,
+    *,
+    k: int = 1,
+    num_matvecs: int = DEFAULT_NUM_MATVECS,
+    tolerance: float | jax.Array = DEFAULT_TOLERANCE,
+    noise_floor: float | jax.Array = 0.0,
+    start_noise: float | jax.Array = DEFAULT_START_NOISE,
+    rho_eff: float | jax.Array = 0.0,
+    preconditioner: PyTree | None = None,
+    hvp_mode: str = "auto",
+    precision: str | None = None,
+    product_transform: ProductTransform | None = None,
+) -> tuple[EigenInfo, SolverState]:
+    """The top-k eigenpairs of the operator at `params` on `batch`, warm-started from `state`.
+
+    Pure; trace it inside a jit (k, num_matvecs, hvp_mode, precision, product_transform and
+    whether rho_eff is a Python 0 or preconditioner None are static; the rest may be traced).
+
+    Args:
+      loss_fn: `loss_fn(params, batch) -> scalar`; H is its Hessian in `params`.
+      key: PRNG key of the random start component and of breakdown restarts.
+      state: `init(...)`'s or the previous solve's; its rows are the block returned.
+      k: how many eigenvalues; num_matvecs: the operator products allowed, all restart cycles
+        together (each one HVP, two with a rho_eff that is not a Python 0).
+      tolerance: >= 0; stop when the estimated error of every top-k Ritz value, and of the
+        bottom one when it may be the largest in magnitude, is below
+        `max(tolerance, noise_floor) * ||A||`.
+      noise_floor: the products' relative error (`hessian.product_noise_floor`); the reported
+        bound is at least it.
+      start_noise: weight of a unit random vector added to a warm start; 0 to continue a
+        chunked solve exactly from the previous chunk.
+      rho_eff, preconditioner: the operator, as `effective_sharpness_operator`.
+      hvp_mode: "auto", "linearize" or "forward_over_reverse" (`hessian.hessian_operator`).
+      precision: matmul precision of the products (None: JAX's default; "highest" removes
+        the TF32 noise floor on GPUs at a cost in time).
+      product_transform: `(v, av) -> av'` applied to every product (tests: injected noise).
+    Returns:
+      `(info, next state)`; `info.hessian_vector_products` counts HVPs.
+    """
+    with jax.default_matmul_precision(precision):
+        flat_params, _, operator = effective_sharpness_operator(
+            loss_fn, params, batch, rho_eff=rho_eff, preconditioner=preconditioner,
+            hvp_mode=hvp_mode)
+
+    def matvec(v: jax.Array) -> jax.Array:
+        with jax.default_matmul_precision(precision):
+            product = operator(v)
+        return product if product_transform is None else product_transform(v, product)
+
+    dtype = flat_params.dtype
+    start = state.ritz_vectors
+    info = lanczos.solve(
+        matvec, start.astype(dtype), key, jnp.asarray(tolerance, dtype),
+        jnp.asarray(noise_floor, dtype), jnp.asarray(start_noise, dtype), k=k,
+        num_matvecs=num_matvecs, block_size=start.shape[0])
+    info = info._replace(
+        ritz_vectors=info.ritz_vectors.astype(start.dtype),
+        hessian_vector_products=info.hessian_vector_products * products_per_matvec(rho_eff))
+    return info, SolverState(info.ritz_vectors)
+
+
+def top_eigenvalues(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    key: jax.Array,
+    k: int = 1,
+    *,
+    num_matvecs: int = DEFAULT_NUM_MATVECS,
+    tolerance: float = DEFAULT_TOLERANCE,
+    start_vectors: jax.Array | None = None,
+    block_size: int | None = None,
+    start_noise: float | jax.Array = DEFAULT_START_NOISE,
+    noise_floor: float | jax.Array = 0.0,
+    hvp_mode: str = "auto",
+    precision: str | None = None,
+    product_transform: ProductTransform | None = None,
+) -> tuple[jax.Array, PyTree, EigenInfo]:
+    """The k algebraically largest eigenvalues of the Hessian of `loss_fn` at `params`.
+
+    One compiled `update` (exact HVPs, Lanczos with full reorthogonalisation): a run compiles
+    it once per parameter shape and every later call reuses the executable.
+
+    Args:
+      loss_fn: `loss_fn(params, batch) -> scalar`. It is a static argument of the compiled
+        solver: pass the same function object on every call (a new lambda compiles anew).
+      params, batch: pytrees; the Hessian is taken with respect to `params`.
+      key: PRNG key of the random start (component).
+      k: how many eigenvalues, a positive int; at most min(num_params,
+        lanczos.MAX_BASIS_STEPS = 128) in one call (its basis holds that many rows; a larger
+        budget restarts, it does not widen the basis). Checked before compiling.
+      num_matvecs: the HVP budget, an int >= k (static); Lanczos restarts from its Ritz
+        vectors every 128 steps, so any budget is allowed.
+      tolerance: >= 0, as `update`'s (traced).
+      start_vectors: float [warm_block_size(k, block_size), num_params] (flat, `ravel_pytree`
+        order), the previous call's `info.ritz_vectors`; None, all zeros or non-finite: a
+        cold start. Lanczos starts from the rows with random weights (random signs, magnitudes
+        in [0.5, 1.5]), so a top eigenvector that has turned across the rows is unlikely to
+        cancel out of the start.
+      block_size: Ritz vectors returned for the next warm start when `start_vectors` is None
+        (default k + 2; static); else as many as `start_vectors` has rows.
+      start_noise, noise_floor, hvp_mode, precision, product_transform: as `update`'s.
+    Returns:
+      `(eigenvalues, direction, info)`: eigenvalues float [k] in descending order, the unit
+      eigenvector (a params-shaped pytree) of the first, and an `EigenInfo`.
+    """
+    flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
+    lanczos.check_options(k, num_matvecs, tolerance, flat.size)
+    state = init(params, k, block_size) if start_vectors is None else SolverState(start_vectors)
+    return _top_eigenvalues(
+        loss_fn, params, batch, key, state, jnp.float32(tolerance), jnp.float32(noise_floor),
+        jnp.float32(start_noise), k=k, num_matvecs=num_matvecs,
+        hvp_mode=resolve_hvp_mode(hvp_mode), precision=precision,
+        product_transform=product_transform)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "k", "num_matvecs", "hvp_mode",
+                                             "precision", "product_transform"))
+def _top_eigenvalues(loss_fn, params, batch, key, state, tolerance, noise_floor, start_noise,
+                     **options):
+    info, _ = update(loss_fn, params, batch, key, state, tolerance=tolerance,
+                     noise_floor=noise_floor, start_noise=start_noise, **options)
+    unravel = ravel_pytree(params)[1]
+    direction = unravel(info.ritz_vectors[0].astype(ravel_pytree(params)[0].dtype))
+    return info.eigenvalues, direction, info
