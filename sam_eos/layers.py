@@ -128,8 +128,8 @@ def layer_sharpness(
                              jnp.float32(start_noise), block_arrays(indices),
                              tuple(starts.values()), num_matvecs=num_matvecs,
                              hvp_mode=hessian.resolve_hvp_mode(hvp_mode))
-    return ({name: value for name, (value, _) in zip(indices, found, strict=True)},
-            {name: info for name, (_, info) in zip(indices, found, strict=True)})
+    return ({name: info.eigenvalues[0] for name, info in zip(indices, found, strict=True)},
+            dict(zip(indices, found, strict=True)))
 
 
 def block_arrays(indices: dict[str, np.ndarray]) -> tuple[jax.Array, ...]:
@@ -142,9 +142,9 @@ def solve_blocks(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array,
                  tolerance: jax.Array, start_noise: jax.Array, blocks: tuple[jax.Array, ...],
                  starts: tuple[jax.Array, ...], *, num_matvecs: int, hvp_mode: str,
                  noise_floor: float | jax.Array = 0.0
-                 ) -> tuple[tuple[jax.Array, EigenInfo], ...]:
-    """Pure (jit it, or call it inside a jitted function): each block's (top eigenvalue,
-    `EigenInfo`), in `blocks`' order, on one linearisation of the gradient.
+                 ) -> tuple[EigenInfo, ...]:
+    """Pure (jit it, or call it inside a jitted function): each block's `EigenInfo` (k = 1),
+    in `blocks`' order, on one linearisation of the gradient.
 
     `blocks`: int32 [n_group] positions in the flat parameters per group (`block_arrays`);
     `starts`: float [rows, n_group] per group, zeros for a cold start; `hvp_mode` resolved
@@ -162,8 +162,7 @@ def solve_blocks(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array,
             block_matvec, start.astype(dtype), jax.random.fold_in(key, position), tolerance,
             jnp.asarray(noise_floor, dtype), start_noise.astype(dtype), k=1,
             num_matvecs=num_matvecs, block_size=start.shape[0])
-        found.append((info.eigenvalues[0],
-                      info._replace(ritz_vectors=info.ritz_vectors.astype(start.dtype))))
+        found.append(info._replace(ritz_vectors=info.ritz_vectors.astype(start.dtype)))
     return tuple(found)
 
 

@@ -237,9 +237,9 @@ class SharpnessTracker:
             hvp_mode=hessian.resolve_hvp_mode(self.hvp_mode))
         result = result._replace(
             hessian_vector_products=products + sum(info.hessian_vector_products
-                                                   for _, info in solved),
-            layer_sharpness=tuple(value for value, _ in solved),
+                                                   for info in solved),
+            layer_sharpness=tuple(info.eigenvalues[0] for info in solved),
             layer_shares=layers.block_shares(found.ritz_vectors[0], blocks),
-            layer_info=tuple(info for _, info in solved))
+            layer_info=solved)
         return result, TrackerState(found.ritz_vectors, next_key,
-                                    tuple(info.ritz_vectors for _, info in solved))
+                                    tuple(info.ritz_vectors for info in solved))

@@ -37,6 +37,7 @@ from absl import logging
 
 from sam_eos import eigensolver, hessian, layers, spectrum
 from sam_eos.errors import InputError
+from sam_eos.lanczos import EigenInfo
 from sam_eos.loop import steps
 from sam_eos.loop.feed import Feed
 from sam_eos.types import LossFn, PyTree
@@ -151,39 +152,30 @@ def make_batch_sharpness_samples(loss_fn: LossFn, select: Callable):
 
 def make_sam_point_sharpness(loss_fn: LossFn, rho: float, num_matvecs: int,
                              tolerance: float, variant: str = "sam"):
-    """A jitted `(params, batch, key, step, start_vectors) -> dict`: the top eigenvalue at the
-    SAM point (its last estimate when unconverged), its products and Ritz vectors for the next
-    warm start."""
+    """A jitted `(params, batch, key, step, start_vectors) -> EigenInfo` of the top eigenvalue
+    at the SAM point (unconverged: its last estimate, as the main check's)."""
     def sam_point_sharpness(params, batch, key, step, start_vectors):
         key = jax.random.fold_in(jax.random.fold_in(key, step), _SAM_POINT_SALT)
-        value, info = spectrum.sam_point_sharpness(
+        return spectrum.sam_point_sharpness(
             loss_fn, params, batch, key, rho, variant, num_matvecs=num_matvecs,
-            tolerance=tolerance, start_vectors=start_vectors)
-        return {"value": value,  # unconverged: the last estimate, as the main check's
-                "products": info.hessian_vector_products, "ritz_vectors": info.ritz_vectors}
+            tolerance=tolerance, start_vectors=start_vectors)[1]
     return jax.jit(sam_point_sharpness)
 
 
 def make_layer_sharpness(loss_fn: LossFn, num_matvecs: int, tolerance: float):
     """A jitted `(params, batch, key, step, blocks, start_vectors, direction, noise_floor) ->
-    dict`: each layer's sharpness (`sam_eos.layers.solve_blocks`, `blocks` its int32
-    positions, `start_vectors` its Ritz vectors, each a tuple in the layers' order), the
-    shares of the flat unit `direction` [n] (the check's top Ritz vector), the products
-    of all layers, the largest error bound and the Ritz vectors for the next warm start."""
+    (infos, shares)`: each layer's `EigenInfo` (`sam_eos.layers.solve_blocks`, `blocks` its
+    int32 positions, `start_vectors` its Ritz vectors, each a tuple in the layers' order) and
+    the shares of the flat unit `direction` [n] (the check's top Ritz vector)."""
     def layer_sharpness(params, batch, key, step, blocks, start_vectors, direction,
                         noise_floor):
         key = jax.random.fold_in(jax.random.fold_in(key, step), _LAYER_SALT)
-        solved = layers.solve_blocks(
+        infos = layers.solve_blocks(
             loss_fn, params, batch, key, jax.numpy.float32(tolerance),
             jax.numpy.float32(eigensolver.DEFAULT_START_NOISE), blocks, start_vectors,
             num_matvecs=num_matvecs, hvp_mode=hessian.resolve_hvp_mode("auto"),
             noise_floor=noise_floor)
-        return {"values": tuple(value for value, _ in solved),
-                "shares": layers.block_shares(direction, blocks),
-                "products": sum(info.hessian_vector_products for _, info in solved),
-                "error_bound": jax.numpy.max(jax.numpy.stack(
-                    [info.error_bound for _, info in solved])),
-                "ritz_vectors": tuple(info.ritz_vectors for _, info in solved)}
+        return infos, layers.block_shares(direction, blocks)
     return jax.jit(layer_sharpness)
 
 
@@ -243,20 +235,20 @@ class SpectrumChecks:
             columns.update(self._batch_sharpness(params, feed))
             seconds["batch sharpness"], started = time.perf_counter() - started, time.perf_counter()
         if self.sam_point is not None:
-            out = self.sam_point(params, batch, key, step, sam_point_vectors)
+            info = self.sam_point(params, batch, key, step, sam_point_vectors)
             # Kept where the compiled function expects its start (its output may sit elsewhere).
-            vectors = jax.device_put(out["ritz_vectors"], sam_point_vectors.sharding)
-            columns.update(sam_point_sharpness=float(out["value"]),
-                           sam_point_hessian_vector_products=float(out["products"]))
+            vectors = jax.device_put(info.ritz_vectors, sam_point_vectors.sharding)
+            columns.update(sam_point_sharpness=float(info.eigenvalues[0]),
+                           sam_point_hessian_vector_products=float(
+                               info.hessian_vector_products))
             seconds["SAM point"], started = time.perf_counter() - started, time.perf_counter()
         if self.layers is not None:
-            out = self.layers(params, batch, key, step, self.layer_blocks, layer_vectors,
-                              direction, np.float32(self.noise_floor))
+            infos, shares = self.layers(params, batch, key, step, self.layer_blocks,
+                                        layer_vectors, direction, np.float32(self.noise_floor))
             next_layer_vectors = tuple(
-                jax.device_put(new, old.sharding)
-                for new, old in zip(out["ritz_vectors"], layer_vectors, strict=True))
-            columns.update(self._layer_columns(jax.device_get(
-                {name: value for name, value in out.items() if name != "ritz_vectors"})))
+                jax.device_put(info.ritz_vectors, old.sharding)
+                for info, old in zip(infos, layer_vectors, strict=True))
+            columns.update(self._layer_columns(infos, shares))
             seconds["layers"], started = time.perf_counter() - started, time.perf_counter()
         every = self.options.spectral_density_every_checks
         if self.density is not None and check_index % every == 0:
@@ -269,13 +261,17 @@ class SpectrumChecks:
         return SpectrumResult(columns, density, sam_point_vectors=vectors,
                               layer_vectors=next_layer_vectors)
 
-    def _layer_columns(self, out: dict) -> dict[str, float]:
-        columns = {f"layer_sharpness/{name}": float(value)
-                   for name, value in zip(self.layer_names, out["values"], strict=True)}
-        columns.update({f"layer_share/{name}": float(value)
-                        for name, value in zip(self.layer_names, out["shares"], strict=True)})
-        columns["layer_hessian_vector_products"] = float(out["products"])
-        columns["layer_error_bound"] = float(out["error_bound"])
+    def _layer_columns(self, infos: tuple[EigenInfo, ...], shares: tuple[jax.Array, ...]
+                       ) -> dict[str, float]:
+        infos = [info._replace(ritz_vectors=None) for info in infos]  # only scalars to the host
+        infos, shares = jax.device_get((infos, shares))
+        columns = {f"layer_sharpness/{name}": float(info.eigenvalues[0])
+                   for name, info in zip(self.layer_names, infos, strict=True)}
+        columns.update({f"layer_share/{name}": float(share)
+                        for name, share in zip(self.layer_names, shares, strict=True)})
+        columns["layer_hessian_vector_products"] = float(
+            sum(int(info.hessian_vector_products) for info in infos))
+        columns["layer_error_bound"] = float(max(float(info.error_bound) for info in infos))
         return columns
 
     def _batch_sharpness(self, params: PyTree, feed: Feed) -> dict[str, float]:
