@@ -38,9 +38,8 @@ def forced_miss(audit_every: int, check_index: int):
     key = jax.random.PRNGKey(0)
     hessian_check = check.compile_check(quadratic_loss, config, state, batch, key,
                                         Placement(None))
-    measured, _, products = hessian_check.take(state, batch, key, 1, lambda: False,
-                                               check_index)
-    return measured, products
+    measurement, _ = hessian_check.take(state, batch, key, 1, lambda: False, check_index)
+    return measurement.columns, measurement.products
 
 
 def test_an_unaudited_warm_check_misses_the_turned_top_eigenvector_beyond_its_bound():

@@ -92,6 +92,24 @@ def solver_columns(info: EigenInfo) -> dict[str, Any]:
 
 
 @dataclasses.dataclass
+class Measurement:
+    """One check's result on the host: its `columns` (`solver_columns`, `steps.make_measure`'s
+    and, when audited, `audit_error`) and optional `extra` (`measurements.SpectrumResult`), or
+    the `error` it raised; neither: interrupted between chunks (no row). `seconds`: its wall
+    time; `products`: the HVPs of the main solve and its audit."""
+
+    columns: dict[str, Any] | None = None
+    extra: Any = None
+    error: Exception | None = None
+    seconds: float = math.nan
+    products: int = 0
+
+    @property
+    def interrupted(self) -> bool:
+        return self.columns is None and self.error is None
+
+
+@dataclasses.dataclass
 class HessianCheck:
     """A run's compiled check: `eigensolver_chunk(params, batch, key, step, chunk,
     start_vectors, start_noise, noise_floor)` run up to `max_chunks` times, then
@@ -164,10 +182,9 @@ class HessianCheck:
 
     def take(self, state: LoopState, batch: PyTree, key: jax.Array, step: int,
              stop_requested: Callable[[], bool], check_index: int = 0
-             ) -> tuple[dict[str, Any] | None, LoopState, int]:
-        """One check at `state`, the run's `check_index`-th (from 0): (its measurement on the
-        host, or None when interrupted between chunks; the state with this check's Ritz
-        vectors; the products used)."""
+             ) -> tuple[Measurement, LoopState]:
+        """One check at `state`, the run's `check_index`-th (from 0): (its `Measurement`,
+        without `extra` and `seconds`; the state with this check's Ritz vectors)."""
         start = start_block(state, "ritz_vectors", self.warm_start)
         solved, products = self.solve(state.params, batch, key, step, start, stop_requested)
         audit = {}
@@ -178,7 +195,7 @@ class HessianCheck:
             products += audited
             audit = {"audit_error": error}
         if solved is None:
-            return None, state, products
+            return Measurement(products=products), state
         measured = jax.device_get({
             **self.measure(state.params, batch, solved.ritz_vectors),
             **solver_columns(solved), **audit})
@@ -192,7 +209,7 @@ class HessianCheck:
             measured["hessian_vector_products"] = (int(measured["hessian_vector_products"])
                                                    + int(out.hessian_vector_products))
             state = state._replace(effective_ritz_vectors=out.ritz_vectors)
-        return measured, state, products
+        return Measurement(measured, products=products), state
 
     def measure_noise_floor(self, loss_fn: LossFn, config: TrainConfig,
                             state: LoopState, batch: PyTree, key: jax.Array,

@@ -14,6 +14,7 @@ from absl import logging
 
 from sam_eos import errors
 from sam_eos.loop import checkpoint, distributed, schedule
+from sam_eos.loop.check import Measurement
 from sam_eos.loop.state import LoopState
 from sam_eos.reports import paths
 from sam_eos.reports.figures import RunData, draw_density, draw_layers, draw_plots
@@ -30,17 +31,16 @@ from sam_eos.reports.tensorboard_writer import TensorBoardWriter
 from sam_eos.units import SECONDS_PER_HOUR
 
 
-def measured_row(step: int, seconds: float, m: dict[str, Any], *, step_size: float,
-                 eigensolver: str) -> dict[str, float]:
-    """One raw-data row from a check's measurement (`sam_eos.loop.train`: the eigensolver's
-    results, `sam_eos.loop.steps.make_measure`'s and `check_seconds`, the check's wall time), at
-    `seconds` of training time. An unconverged check keeps its last estimate, with its
-    `error_bound` and `converged` 0; only a non-finite estimate is nan. With a non-default
-    method's `stability_threshold` it adds the METHOD_COLUMNS: `effective_sharpness` is the
-    measured one (Adam's) or, with P = I, max f(lambda) over lambda_max and lambda_min for
-    f(lambda) = lambda + rho_eff lambda^2 (H + rho_eff H^2 shares H's eigenvectors). With
-    `power`, whose lambda_max is a magnitude, that is f(|lambda|): an upper bound when the
-    eigenvalue of largest magnitude is negative."""
+def measured_row(step: int, seconds: float, m: dict[str, Any], check_seconds: float, *,
+                 step_size: float, eigensolver: str) -> dict[str, float]:
+    """One raw-data row from a check's columns (`sam_eos.loop.check.Measurement.columns`) and
+    wall time `check_seconds`, at `seconds` of training time. An unconverged check keeps its
+    last estimate, with its `error_bound` and `converged` 0; only a non-finite estimate is
+    nan. With a non-default method's `stability_threshold` it adds the METHOD_COLUMNS:
+    `effective_sharpness` is the measured one (Adam's) or, with P = I, max f(lambda) over
+    lambda_max and lambda_min for f(lambda) = lambda + rho_eff lambda^2 (H + rho_eff H^2
+    shares H's eigenvectors). With `power`, whose lambda_max is a magnitude, that is
+    f(|lambda|): an upper bound when the eigenvalue of largest magnitude is negative."""
     eigenvalues = np.asarray(m["eigenvalues"], np.float64)
     lambda_min = float(m["lambda_min"])
     lambda_max = float(eigenvalues[0])
@@ -60,7 +60,7 @@ def measured_row(step: int, seconds: float, m: dict[str, Any], *, step_size: flo
         "lambda_max": lambda_max,
         "lambda_min": lambda_min,
         "hessian_vector_products": float(m["hessian_vector_products"]),
-        "check_seconds": float(m.get("check_seconds", math.nan)),
+        "check_seconds": float(check_seconds),
         "error_bound": float(m["error_bound"]),
         "converged": float(bool(m["converged"])),
     }
@@ -225,19 +225,18 @@ class Recorder:
                 f"--raw_data_output={self._raw_data} cannot be written ({error.strerror or error})")
         distributed.raise_if_any_process_failed(failure)
 
-    def check(self, step: int, seconds: float, measured: dict[str, Any] | BaseException,
-              seconds_taken: float, extra: Any = None) -> dict[str, float]:
-        """Records and logs one check at `seconds` of training time: its measurement, or the
-        error it raised (a nan row and a note); `extra`, a `spectrum_checks.SpectrumResult`,
-        adds its columns (and density)."""
-        if isinstance(measured, BaseException):
-            logging.error("Hessian check at step %d failed: %s", step, measured,
-                          exc_info=measured)
+    def check(self, step: int, seconds: float, measurement: Measurement) -> dict[str, float]:
+        """Records and logs one check at `seconds` of training time: its columns and extra
+        columns (and density), or the error it raised (a nan row and a note)."""
+        failure, measured = measurement.error, measurement.columns
+        if failure is not None:
+            logging.error("Hessian check at step %d failed: %s", step, failure,
+                          exc_info=failure)
             row = failed_row(step, seconds, step_size=self._step_size, columns=self.columns)
-            self.note(f"check at step {step} failed: {type(measured).__name__}: {measured}")
+            self.note(f"check at step {step} failed: {type(failure).__name__}: {failure}")
         else:
-            row = measured_row(step, seconds, measured, step_size=self._step_size,
-                               eigensolver=self._eigensolver)
+            row = measured_row(step, seconds, measured, measurement.seconds,
+                               step_size=self._step_size, eigensolver=self._eigensolver)
             if not bool(measured["converged"]):
                 message = (
                     f"check at step {step}: the eigensolver did not converge in "
@@ -248,13 +247,13 @@ class Recorder:
                 )
                 logging.warning(message)
                 self.note(message)
-            self._add_extra(row, extra)
+            self._add_extra(row, measurement.extra)
         self.rows.append(row)
         self._write(self._writer.row, row)
         if self._tensorboard is not None:
             self._tensorboard.write_row(row)
-        if not isinstance(measured, BaseException):
-            log_row(row, seconds_taken)
+        if failure is None:
+            log_row(row, measurement.seconds)
         return row
 
     def _add_extra(self, row: dict[str, float], extra: Any) -> None:

@@ -365,45 +365,52 @@ def _take_check(program: Program, feed: Feed, state: LoopState,
     not finite); INTERRUPTED (a stop requested mid-check: no row, a note). A check that
     raises gives a nan row and a note, and the next check starts cold."""
     started = time.perf_counter()
-    measured: dict[str, Any] | Exception | None = None  # None: interrupted
-    products, extra, checked = 0, None, state
     try:
-        batch = program.check_batch(feed.arrays(), np.int32(feed.row()))
-        measured, checked, products = program.check.take(state, batch, key, position.step,
-                                                         stop_requested, position.rows_written)
-        if measured is not None and program.spectrum:
-            extra = program.spectrum.measure(
-                checked.params, batch, feed, key, position.step, position.rows_written,
-                *(None if getattr(checked, name) is None
-                  else check.start_block(checked, name, program.check.warm_start)
-                  for name in ("sam_point_ritz_vectors", "layer_ritz_vectors")),
-                direction=checked.ritz_vectors[0])
-            if extra.sam_point_vectors is not None:
-                checked = checked._replace(sam_point_ritz_vectors=extra.sam_point_vectors)
-            if extra.layer_vectors is not None:
-                checked = checked._replace(layer_ritz_vectors=extra.layer_vectors)
+        measurement, checked = _measure(program, feed, state, position, key, stop_requested)
     except Exception as error:  # noqa: BLE001 - one failed check must not end the run
-        measured, extra = error, None
+        measurement = check.Measurement(error=error)
         checked = state._replace(ritz_vectors=program.check.cold_start)
-    seconds = time.perf_counter() - started
-    if measured is None:
-        message = (f"check at step {position.step} interrupted mid-check after {products} "
-                   f"HVPs ({seconds:.2f} s): no row")
+    measurement.seconds = seconds = time.perf_counter() - started
+    if measurement.interrupted:
+        message = (f"check at step {position.step} interrupted mid-check after "
+                   f"{measurement.products} HVPs ({seconds:.2f} s): no row")
         logging.warning(message[0].upper() + message[1:] + ".")
         recorder.note(message)
         return state, CheckOutcome.INTERRUPTED, seconds
-    if not isinstance(measured, Exception):
-        measured["check_seconds"] = seconds
-    row = recorder.check(position.step, position.training_seconds, measured, seconds, extra)
+    row = recorder.check(position.step, position.training_seconds, measurement)
     if recorder.output_failed:  # not on disk: a resume takes this check again
         return state, CheckOutcome.MEASURED, seconds
     position.rows_written += 1
     position.last_checked_step = position.step
-    if isinstance(measured, Exception) or np.isfinite(row["loss"]):
+    if measurement.error is not None or np.isfinite(row["loss"]):
         return checked, CheckOutcome.MEASURED, seconds
     logging.error("Diverged: the loss is %s at step %d.", row["loss"], position.step)
     recorder.note(f"diverged at step {position.step}: loss {row['loss']}")
     return checked, CheckOutcome.DIVERGED, seconds
+
+
+def _measure(program: Program, feed: Feed, state: LoopState, position: schedule.Position,
+             key: jax.Array, stop_requested: Callable[[], bool]
+             ) -> tuple[check.Measurement, LoopState]:
+    """The check at `position`, then its spectrum measurements (when on and not interrupted):
+    (the measurement, the state with every solve's Ritz vectors)."""
+    batch = program.check_batch(feed.arrays(), np.int32(feed.row()))
+    measurement, checked = program.check.take(state, batch, key, position.step,
+                                              stop_requested, position.rows_written)
+    if measurement.interrupted or not program.spectrum:
+        return measurement, checked
+    starts = (None if getattr(checked, name) is None
+              else check.start_block(checked, name, program.check.warm_start)
+              for name in ("sam_point_ritz_vectors", "layer_ritz_vectors"))
+    extra = program.spectrum.measure(checked.params, batch, feed, key, position.step,
+                                     position.rows_written, *starts,
+                                     direction=checked.ritz_vectors[0])
+    measurement.extra = extra
+    if extra.sam_point_vectors is not None:
+        checked = checked._replace(sam_point_ritz_vectors=extra.sam_point_vectors)
+    if extra.layer_vectors is not None:
+        checked = checked._replace(layer_ritz_vectors=extra.layer_vectors)
+    return measurement, checked
 
 
 def _loop(program: Program, feed: Feed, state: LoopState,
