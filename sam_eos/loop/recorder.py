@@ -15,6 +15,7 @@ from absl import logging
 from sam_eos import errors
 from sam_eos.loop import checkpoint, distributed, schedule
 from sam_eos.loop.check import Measurement
+from sam_eos.loop.config import Outputs, TrainConfig
 from sam_eos.loop.state import LoopState
 from sam_eos.reports import paths
 from sam_eos.reports.figures import RunData, draw_density, draw_layers, draw_plots
@@ -159,34 +160,29 @@ def _purge_step(position: schedule.Position, rows: list[dict[str, float]]) -> in
 class Recorder:
     """Rows (in memory and in the raw-data file), notes, checkpoints and the final plots.
 
-    `outputs` maps `raw_data` and the plot names to paths ('' skips one); `plot_paths` are
-    the plots'. `checkpoint_dir` '' means no checkpoints. `x_axis`: the plots' ("steps" or
-    "hours"). `extra_columns`: those of the optional measurements; `audits`: the run's checks
-    are audited (column `audit_error`); `with_density`: keep the
-    spectral densities (in `<raw stem>_density.npz` when there is raw data) and draw them into
-    `density_plot` ('' skips it). `layers_plot`: where to draw the layers' columns, when the
-    run has them ('' skips it).
+    `outputs`: the paths this process writes ('' skips one; only process 0 has any);
+    `settings`: the raw-data header's; `extra_columns`: those of the method and the optional
+    measurements. From `config`: the checkpoint directory ('' : none), the columns of its k
+    and audits, the plots' x axis and title, and whether spectral densities are kept (in
+    `<raw stem>_density.npz` when there is raw data, drawn into `outputs.density_curve`).
     """
 
-    def __init__(self, *, raw_data: str, plot_paths: dict[str, str], checkpoint_dir: str,
-                 settings: dict[str, Any], num_components: int, step_size: float,
-                 eigensolver: str, run_name: str, x_axis: str = "steps",
-                 extra_columns: Sequence[str] = (), audits: bool = False,
-                 with_density: bool = False,
-                 density_plot: str = "", tensorboard_dir: str = "", layers_plot: str = ""):
-        self.columns = column_names(num_components, extra_columns, audits)
-        self._with_density, self._density_plot = with_density, density_plot
-        self._layers_plot = layers_plot
+    def __init__(self, config: TrainConfig, outputs: Outputs, settings: dict[str, Any],
+                 extra_columns: Sequence[str] = ()):
+        self.columns = column_names(config.num_principal_components, extra_columns,
+                                    config.audits())
+        self._with_density = bool(config.spectrum.spectral_density_every_checks)
+        self._density_plot, self._layers_plot = outputs.density_curve, outputs.layers_curve
         self.densities: DensityWriter | None = None
         self.rows: list[dict[str, float]] = []
-        self._raw_data, self._plot_paths, self._settings = raw_data, plot_paths, settings
-        self._num_components, self._step_size = num_components, step_size
-        self._eigensolver, self._run_name = eigensolver, run_name
-        self._x_axis = x_axis
-        self._checkpointer = (checkpoint.Checkpointer(checkpoint_dir, settings)
-                              if checkpoint_dir else None)
+        self._raw_data, self._plot_paths, self._settings = (outputs.raw_data, outputs.plots(),
+                                                            settings)
+        self._step_size, self._eigensolver = config.step_size, config.eigensolver
+        self._run_name, self._x_axis = config.run_name, config.plot_x
+        self._checkpointer = (checkpoint.Checkpointer(config.checkpoint_dir, settings)
+                              if config.checkpoint_dir else None)
         self._writer: RawDataWriter | None = None
-        self._tensorboard_dir = tensorboard_dir
+        self._tensorboard_dir = outputs.tensorboard_dir
         self._tensorboard: TensorBoardWriter | None = None
         self.output_failed = False  # a raw-data write failed: the run should stop
 

@@ -148,6 +148,12 @@ def method_column_names(config: TrainConfig) -> list[str]:
     return [] if config.is_default_method() else list(METHOD_COLUMNS)
 
 
+def run_extra_columns(config: TrainConfig, params: PyTree) -> list[str]:
+    """The raw-data columns beyond the paper's: the method's, then the optional measurements'."""
+    layers_named = layer_names(params) if config.spectrum.layer_sharpness else []
+    return method_column_names(config) + extra_column_names(config.spectrum, layers_named)
+
+
 def make_schedule(config: TrainConfig) -> schedule.Schedule:
     return schedule.Schedule.from_hours(
         time_limit_in_hours=config.time_limit_in_hours,
@@ -292,18 +298,8 @@ def run(
                          "preconditioner follow config.optimizer")
     optimizer = optimizer or config.make_optimizer()
     outputs = config.outputs if distributed.is_main_process() else Outputs()
-    recorder = Recorder(
-        raw_data=outputs.raw_data, plot_paths=outputs.plots(),
-        checkpoint_dir=config.checkpoint_dir, settings=settings_record(config, settings or {}),
-        num_components=config.num_principal_components, step_size=config.step_size,
-        eigensolver=config.eigensolver, run_name=config.run_name, x_axis=config.plot_x,
-        audits=config.audits(),
-        extra_columns=method_column_names(config) + extra_column_names(
-            config.spectrum, layer_names(params) if config.spectrum.layer_sharpness else []),
-        with_density=bool(config.spectrum.spectral_density_every_checks),
-        density_plot=outputs.density_curve, tensorboard_dir=outputs.tensorboard_dir,
-        layers_plot=outputs.layers_curve,
-    )
+    recorder = Recorder(config, outputs, settings_record(config, settings or {}),
+                        run_extra_columns(config, params))
     state = place.replicated(check.initial_state(params, optimizer.init(params), config))
     position = schedule.Position()
     restored = recorder.restore(state)
@@ -424,16 +420,24 @@ def _loop(program: Program, feed: Feed, state: LoopState,
     clock = lambda: time.perf_counter() - start  # noqa: E731
     last_saved = position.training_seconds
     dispatch_size, signal_number, status, consistent = 1, None, Status.TIME_LIMIT, True
-    check_seconds = 0.0
+    check_seconds, just_checked = 0.0, False
     with stop:
         try:
             while True:
+                # The one agreement of the iteration: every process takes the same branches.
                 position.training_seconds, signal_number, dispatch_size, failed = _agree(
                     clock(), stop.signal_number, dispatch_size, recorder.output_failed)
                 if failed:
                     status = Status.OUTPUT_FAILED
                     break
-                if schedule.checkpoint_due(plan, position, last_saved):
+                if just_checked:  # the next check's gap counts from this one's end
+                    position.next_check_seconds = schedule.next_check_after(
+                        plan, position.training_seconds)
+                    progress.checked(position.step, position.training_seconds,
+                                     recorder.rows[-1])
+                    just_checked = False
+                # Saved before a step's check, never after it: a step's checkpoint is one state.
+                elif schedule.checkpoint_due(plan, position, last_saved):
                     recorder.save(state, position)
                     last_saved = position.training_seconds
                 if signal_number is not None:
@@ -453,13 +457,8 @@ def _loop(program: Program, feed: Feed, state: LoopState,
                         consistent = outcome is not CheckOutcome.DIVERGED
                         signal_number = stop.signal_number
                         break
-                    ended, _, _, failed = _agree(clock(), None, dispatch_size,
-                                                 recorder.output_failed)
-                    if failed:
-                        status = Status.OUTPUT_FAILED
-                        break
-                    position.next_check_seconds = schedule.next_check_after(plan, ended)
-                    progress.checked(position.step, ended, recorder.rows[-1])
+                    just_checked = True
+                    continue
                 if schedule.reached_max_steps(plan, position):
                     status = Status.MAX_STEPS
                     break
