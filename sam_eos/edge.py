@@ -88,12 +88,11 @@ def _fraction(name: str, value: float) -> float:
 
 
 def _module(*values):
-    """jax.numpy when any value is a jax array (usable under jit), else numpy in float64;
-    None values stay None."""
-    convert = (lambda x: jnp.asarray(x)) if any(isinstance(x, jax.Array) for x in values) else (
-        lambda x: np.asarray(x, np.float64))
-    xp = jnp if any(isinstance(x, jax.Array) for x in values) else np
-    return xp, [None if x is None else convert(x) for x in values]
+    """jax.numpy when any value is traced (under jit), else numpy in float64 (concrete jax
+    arrays too); None values stay None."""
+    if any(isinstance(x, jax.core.Tracer) for x in values):
+        return jnp, [None if x is None else jnp.asarray(x) for x in values]
+    return np, [None if x is None else np.asarray(x, np.float64) for x in values]
 
 
 def _quadratic_edge(xp, threshold, rho_eff):
@@ -120,8 +119,9 @@ def sam_edge(grad_norm, step_size, rho, threshold=None):
       threshold: the base optimizer's T (`stability_threshold`, in curvature units); None:
         2 / eta, plain gradient descent.
     Returns:
-      The edge in the units of `threshold`, broadcast over the inputs: a jax array when any
-      input is one (usable under jit), otherwise a numpy float64 value. With an Adam threshold
+      The edge in the units of `threshold`, broadcast over the inputs: a numpy float64 value
+      (array) for any concrete inputs, jax arrays included; a jax array only when traced
+      (under jit), where float64 is not available. With an Adam threshold
       T bounds the preconditioned sharpness, so the edge is in P^-1 H units: compare it with
       the top eigenvalue of `effective_sharpness_operator(..., preconditioner=P)`, never with
       the raw Hessian's lambda_max (whose units differ by the preconditioner's scale).
@@ -144,7 +144,7 @@ def usam_edge(step_size, rho, threshold=None):
       rho: the USAM radius, >= 0 (multiplies the gradient itself, not its direction).
       threshold: the base optimizer's T; None: 2 / eta.
     Returns:
-      The edge in curvature units; a jax array when any input is one, else numpy float64.
+      The edge in curvature units, as `sam_edge`'s: numpy float64, a jax array when traced.
     """
     xp, (step_size, rho, threshold) = _module(step_size, rho, threshold)
     threshold = 2.0 / step_size if threshold is None else threshold

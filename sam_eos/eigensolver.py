@@ -208,6 +208,6 @@ def _top_eigenvalues(loss_fn, params, batch, key, state, tolerance, noise_floor,
                      **options):
     info, _ = update(loss_fn, params, batch, key, state, tolerance=tolerance,
                      noise_floor=noise_floor, start_noise=start_noise, **options)
-    unravel = ravel_pytree(params)[1]
-    direction = unravel(info.ritz_vectors[0].astype(ravel_pytree(params)[0].dtype))
+    flat, unravel = ravel_pytree(params)
+    direction = unravel(info.ritz_vectors[0].astype(flat.dtype))
     return info.eigenvalues, direction, info
