@@ -143,15 +143,12 @@ def settings_record(config: TrainConfig, extra: dict[str, Any]) -> dict[str, Any
     return settings
 
 
-def method_column_names(config: TrainConfig) -> list[str]:
-    """The METHOD_COLUMNS for any method but plain SGD with the paper's SAM (none then)."""
-    return [] if config.is_default_method() else list(METHOD_COLUMNS)
-
-
 def run_extra_columns(config: TrainConfig, params: PyTree) -> list[str]:
-    """The raw-data columns beyond the paper's: the method's, then the optional measurements'."""
+    """The raw-data columns beyond the paper's: the METHOD_COLUMNS (for any method but plain SGD
+    with the paper's SAM), then the optional measurements'."""
+    method = [] if config.is_default_method() else list(METHOD_COLUMNS)
     layers_named = layer_names(params) if config.spectrum.layer_sharpness else []
-    return method_column_names(config) + extra_column_names(config.spectrum, layers_named)
+    return method + extra_column_names(config.spectrum, layers_named)
 
 
 def make_schedule(config: TrainConfig) -> schedule.Schedule:
