@@ -51,6 +51,7 @@ def test_finite_at_zero_and_huge_gradient():
 
 def test_jax_inputs_match():
     value = sam_edge(jnp.float32(0.7), jnp.float32(0.05), 0.2)
+    assert np.asarray(value).dtype == np.float64 and not isinstance(value, jnp.ndarray)
     np.testing.assert_allclose(float(value), paper_formula(0.7, 0.05, 0.2), rtol=1e-5)
     assert np.isfinite(float(sam_edge(jnp.float32(0.0), jnp.float32(0.05), 0.2)))
 

@@ -421,7 +421,7 @@ def _loop(program: Program, feed: Feed, state: LoopState,
     with stop:
         try:
             while True:
-                # The one agreement of the iteration: every process takes the same branches.
+                # The loop's one agreement per iteration: every process takes the same branches.
                 position.training_seconds, signal_number, dispatch_size, failed = _agree(
                     clock(), stop.signal_number, dispatch_size, recorder.output_failed)
                 if failed:
@@ -433,7 +433,10 @@ def _loop(program: Program, feed: Feed, state: LoopState,
                     progress.checked(position.step, position.training_seconds,
                                      recorder.rows[-1])
                     just_checked = False
-                # Saved before a step's check, never after it: a step's checkpoint is one state.
+                    if schedule.reached_max_steps(plan, position):  # the last check taken
+                        status = Status.MAX_STEPS
+                        break
+                # Periodic saves come before a step's check, never after it (one state a step).
                 elif schedule.checkpoint_due(plan, position, last_saved):
                     recorder.save(state, position)
                     last_saved = position.training_seconds
@@ -502,7 +505,8 @@ def _agree(seconds: float, signal_number: int | None, steps_per_dispatch: int,
     """Process 0's clock (seconds) and dispatch size, and any process's stop signal and output
     failure, on every process. Several processes must take the same checks, saves and steps,
     or their collectives deadlock; their own clocks and dispatch timings differ. One small
-    collective per dispatch, nothing on a single process."""
+    collective per loop iteration and one per eigensolver chunk of a check (its stop poll),
+    nothing on a single process."""
     if jax.process_count() == 1:
         return seconds, signal_number, steps_per_dispatch, output_failed
     microseconds = round(seconds * 1e6)
