@@ -28,6 +28,7 @@ from sam_eos.types import Matvec
 # orthogonalisation, O(rows x n), stays bounded.
 MAX_BASIS_STEPS = 128
 BLOCK_ROWS = 8  # basis rows orthogonalised against per block
+REORTHOGONALISE_BELOW = 2**-0.5  # sweep again when a sweep leaves less than this of ||w||
 # Bucket sizes of the tridiagonal eigenproblem: from 16, times 4, up to the basis (each bucket
 # is one more eigh to compile; an eigh of 64 x 64 is cheap next to a product).
 SMALLEST_RITZ_SIZE = 16
@@ -140,8 +141,9 @@ def _valid_rows(b: jax.Array, num_rows: jax.Array) -> jax.Array:
 def _orthogonalise(basis: jax.Array, w: jax.Array, num_rows: jax.Array) -> jax.Array:
     """w minus its projection on the first `num_rows` rows of `basis` [rows, n].
 
-    Block modified Gram-Schmidt, twice ("twice is enough"), sweeping only the blocks that hold
-    those rows; rows past `num_rows` (stale ones from an earlier cycle) get weight zero.
+    Block modified Gram-Schmidt over only the blocks that hold those rows, swept again when
+    the first sweep leaves less than REORTHOGONALISE_BELOW of ||w||; rows past `num_rows`
+    (stale ones from an earlier cycle) get weight zero.
     """
     num_blocks = (num_rows + BLOCK_ROWS - 1) // BLOCK_ROWS
 
@@ -150,9 +152,14 @@ def _orthogonalise(basis: jax.Array, w: jax.Array, num_rows: jax.Array) -> jax.A
         weights = jnp.where(_valid_rows(b, num_rows), block @ w, 0.0)
         return w - weights @ block
 
-    for _ in range(2):
-        w = jax.lax.fori_loop(0, num_blocks, project_out, w)
-    return w
+    def sweep(w):
+        return jax.lax.fori_loop(0, num_blocks, project_out, w)
+
+    once = sweep(w)
+    # A second sweep only when the first removed much of w: otherwise `once` is already
+    # orthogonal to working precision (the DGKS criterion, Daniel et al. 1976).
+    return jax.lax.cond(jnp.linalg.norm(once) < REORTHOGONALISE_BELOW * jnp.linalg.norm(w),
+                        sweep, lambda w: w, once)
 
 
 def _combine_rows(basis: jax.Array, coefficients: jax.Array, num_rows: jax.Array) -> jax.Array:
