@@ -27,44 +27,22 @@ from sam_eos.loop.state import LoopState
 from sam_eos.types import LossFn, PyTree
 
 
-@dataclasses.dataclass(frozen=True)
-class ChunkPlan:
-    """How a check's eigensolver budget is split: `chunks` chunks of `matvecs` products."""
-
-    matvecs: int
-    chunks: int
-
-    @classmethod
-    def from_config(cls, config: TrainConfig) -> "ChunkPlan":
-        return cls(*steps.chunk_plan(config.eigensolver, config.solver_budget()))
-
-
-def cold_ritz_block(params: PyTree, config: TrainConfig, plan: ChunkPlan) -> jax.Array:
-    """Zeros shaped like a check's Ritz block [rows, n]: k + 2 rows, fewer when a chunk's
-    Lanczos steps cannot hold them (a tiny model or --eigensolver_max_iterations)."""
-    k = config.num_principal_components
-    budget = plan.matvecs if config.eigensolver == "lanczos" else None
-    return eigensolver.init(params, k, num_matvecs=budget).ritz_vectors
-
-
 def initial_state(params: PyTree, opt_state: PyTree, config: TrainConfig) -> LoopState:
     """The loop's state before the first step: `params`, `opt_state` and every warm start
-    cold (the Adam and spectrum ones only when the run measures them)."""
+    cold (the Adam and spectrum ones only when the run measures them). A Ritz block has
+    k + 2 rows (3 for the one-eigenvalue solves), fewer when one chunk's Lanczos steps cannot
+    hold them (a tiny model or --eigensolver_max_iterations)."""
     budget = config.solver_budget("lanczos")
+    chunk = steps.chunk_plan(config.eigensolver, config.solver_budget())[0]
+    main = eigensolver.init(params, config.num_principal_components,
+                            num_matvecs=chunk if config.eigensolver == "lanczos" else None)
+    single = eigensolver.init(params, 1, num_matvecs=budget).ritz_vectors
     return LoopState(
-        params, opt_state, cold_ritz_block(params, config, ChunkPlan.from_config(config)),
-        effective_ritz_vectors=(_single_block(params, config)
-                                if config.optimizer == "adam" else None),
-        sam_point_ritz_vectors=(_single_block(params, config)
-                                if config.spectrum.sam_point_sharpness else None),
+        params, opt_state, main.ritz_vectors,
+        effective_ritz_vectors=single if config.optimizer == "adam" else None,
+        sam_point_ritz_vectors=single if config.spectrum.sam_point_sharpness else None,
         layer_ritz_vectors=(tuple(layers.cold_start_vectors(params, num_matvecs=budget).values())
                             if config.spectrum.layer_sharpness else None))
-
-
-def _single_block(params: PyTree, config: TrainConfig) -> jax.Array:
-    """Zeros shaped like the Ritz block of a one-eigenvalue Lanczos solve with the run's
-    budget (3 rows, fewer when its steps cannot hold them): the block it returns."""
-    return eigensolver.init(params, 1, num_matvecs=config.solver_budget("lanczos")).ritz_vectors
 
 
 def cold_like(vectors: PyTree) -> PyTree:
@@ -252,14 +230,14 @@ def _unit_or_random(vector: jax.Array, key: jax.Array) -> jax.Array:
     return chosen / jnp.linalg.norm(chosen)
 
 
-def make_check(loss_fn: LossFn, config: TrainConfig, plan: ChunkPlan,
+def make_check(loss_fn: LossFn, config: TrainConfig, matvecs: int,
                place: Placement | None = None) -> tuple[Callable, Callable]:
     """The jitted parts of a check with `config`'s settings: `(eigensolver_chunk, measure)`
-    (`sam_eos.loop.steps`); on a mesh (`place`) the chunk's outputs are replicated, as the
-    loop's state that holds its Ritz vectors."""
+    (`sam_eos.loop.steps`), a chunk being `matvecs` products; on a mesh (`place`) the chunk's
+    outputs are replicated, as the loop's state that holds its Ritz vectors."""
     chunk = steps.make_eigensolver_chunk(
         loss_fn, k=config.num_principal_components, method=config.eigensolver,
-        num_matvecs=plan.matvecs, tolerance=config.solver_tolerance(),
+        num_matvecs=matvecs, tolerance=config.solver_tolerance(),
         out_sharding=_replicated(place))
     threshold = None if config.is_default_method() else config.stability_threshold()
     return chunk, steps.make_measure(loss_fn, rho=config.rho, step_size=config.step_size,
@@ -277,9 +255,9 @@ def compile_check(loss_fn: LossFn, config: TrainConfig, state: LoopState,
     """The check compiled for this run's shapes (one executable for warm and cold starts and
     for every chunk). A part that cannot be compiled fails at every check instead (a nan row
     and a note), as a check that raises does; training goes on."""
-    plan = ChunkPlan.from_config(config)
+    matvecs, chunks = steps.chunk_plan(config.eigensolver, config.solver_budget())
     try:
-        chunk, measure = make_check(loss_fn, config, plan, place)
+        chunk, measure = make_check(loss_fn, config, matvecs, place)
         chunk = steps.compile_ahead(
             "the Hessian check", chunk, state.params, batch, key, np.int32(0), np.int32(0),
             state.ritz_vectors, np.float32(0), np.float32(0))
@@ -292,7 +270,7 @@ def compile_check(loss_fn: LossFn, config: TrainConfig, state: LoopState,
     if state.effective_ritz_vectors is not None:
         effective = _compile_effective(loss_fn, config, state, batch, key, place)
     return HessianCheck(chunk, measure, cold_start=cold_like(state.ritz_vectors),
-                        max_chunks=plan.chunks, warm_start=config.eigensolver_warm_start,
+                        max_chunks=chunks, warm_start=config.eigensolver_warm_start,
                         effective=effective,
                         audit_every=config.eigensolver_audit_every if config.audits() else 0)
 

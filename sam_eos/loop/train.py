@@ -70,14 +70,6 @@ class Status(enum.StrEnum):
     OUTPUT_FAILED = "output_failed"  # the raw data could not be written
 
 
-class CheckOutcome(enum.Enum):
-    """What a check asks of the loop: go on, or stop as diverged or interrupted."""
-
-    MEASURED = "measured"
-    DIVERGED = "diverged"
-    INTERRUPTED = "interrupted"
-
-
 @dataclasses.dataclass
 class RunResult:
     params: PyTree
@@ -352,11 +344,11 @@ def run(
 
 def _take_check(program: Program, feed: Feed, state: LoopState,
                 position: schedule.Position, recorder: Recorder, key: jax.Array,
-                stop_requested: Callable[[], bool]) -> tuple[LoopState, CheckOutcome, float]:
+                stop_requested: Callable[[], bool]) -> tuple[LoopState, Status | None, float]:
     """Takes and records the check at `position`: (the state with the check's Ritz vectors,
-    the outcome, the check's seconds). Outcomes: MEASURED; DIVERGED (a measured loss that is
-    not finite); INTERRUPTED (a stop requested mid-check: no row, a note). A check that
-    raises gives a nan row and a note, and the next check starts cold."""
+    the status that ends the run or None to go on, the check's seconds). DIVERGED: a measured
+    loss that is not finite; INTERRUPTED: a stop requested mid-check (no row, a note). A check
+    that raises gives a nan row and a note, and the next check starts cold."""
     started = time.perf_counter()
     try:
         measurement, checked = _measure(program, feed, state, position, key, stop_requested)
@@ -369,17 +361,17 @@ def _take_check(program: Program, feed: Feed, state: LoopState,
                    f"{measurement.products} HVPs ({seconds:.2f} s): no row")
         logging.warning(message[0].upper() + message[1:] + ".")
         recorder.note(message)
-        return state, CheckOutcome.INTERRUPTED, seconds
+        return state, Status.INTERRUPTED, seconds
     row = recorder.check(position.step, position.training_seconds, measurement)
     if recorder.output_failed:  # not on disk: a resume takes this check again
-        return state, CheckOutcome.MEASURED, seconds
+        return state, None, seconds
     position.rows_written += 1
     position.last_checked_step = position.step
     if measurement.error is not None or np.isfinite(row["loss"]):
-        return checked, CheckOutcome.MEASURED, seconds
+        return checked, None, seconds
     logging.error("Diverged: the loss is %s at step %d.", row["loss"], position.step)
     recorder.note(f"diverged at step {position.step}: loss {row['loss']}")
-    return checked, CheckOutcome.DIVERGED, seconds
+    return checked, Status.DIVERGED, seconds
 
 
 def _measure(program: Program, feed: Feed, state: LoopState, position: schedule.Position,
@@ -448,13 +440,12 @@ def _loop(program: Program, feed: Feed, state: LoopState,
                     break
                 if schedule.check_due(plan, position):
                     progress.clear()
-                    state, outcome, seconds = _take_check(
+                    state, ended, seconds = _take_check(
                         program, feed, state, position, recorder, key,
                         lambda: _agree(0.0, stop.signal_number, 1)[1] is not None)
                     check_seconds += seconds
-                    if outcome is not CheckOutcome.MEASURED:
-                        status = Status(outcome.value)
-                        consistent = outcome is not CheckOutcome.DIVERGED
+                    if ended is not None:
+                        status, consistent = ended, ended is not Status.DIVERGED
                         signal_number = stop.signal_number
                         break
                     just_checked = True
