@@ -22,15 +22,14 @@ import jax.numpy as jnp
 
 from sam_eos.types import Matvec
 
-# Basis rows held at once. Converging the top few eigenvalues to 1e-4 takes 3-30 steps; a run
-# that needs more restarts from its Ritz vectors every MAX_BASIS_STEPS steps, so memory stays
-# (MAX_BASIS_STEPS + 1) x n (1.4 GB for 2.8M float32 parameters) and a step's
-# orthogonalisation, O(rows x n), stays bounded.
+# Basis rows held at once (the top few eigenvalues take 3-30 steps to 1e-4): longer runs
+# restart from their Ritz vectors, so memory stays (MAX_BASIS_STEPS + 1) x n (1.4 GB for 2.8M
+# float32 parameters) and a step's orthogonalisation, O(rows x n), stays bounded.
 MAX_BASIS_STEPS = 128
 BLOCK_ROWS = 8  # basis rows orthogonalised against per block
 REORTHOGONALISE_BELOW = 2**-0.5  # sweep again when a sweep leaves less than this of ||w||
-# Bucket sizes of the tridiagonal eigenproblem: from 16, times 4, up to the basis (each bucket
-# is one more eigh to compile; an eigh of 64 x 64 is cheap next to a product).
+# Bucket sizes of the tridiagonal eigenproblem: 16, 64, ... up to the basis (one eigh each to
+# compile; a 64 x 64 eigh is cheap next to a product).
 SMALLEST_RITZ_SIZE = 16
 RITZ_SIZE_GROWTH = 4
 
@@ -102,11 +101,10 @@ def _ritz_sizes(k: int, capacity: int) -> tuple[int, ...]:
 
 
 # Weights of a warm block's rows in the start vector: a random sign times a magnitude in
-# [1 - ROW_WEIGHT_SPREAD, 1 + ROW_WEIGHT_SPREAD]. A plain sum lets a rotated top eigenvector
-# cancel: its overlaps with three warm rows (-0.74, +0.46, +0.26, measured on MNIST) summed to
-# -0.02 while the second eigenvector's summed to -1.56, and Lanczos converged on the second in
-# 8 products. Random weights make such a cancellation improbable, whatever the overlaps, and a
-# row that holds the top alone keeps at least half its weight.
+# [1 - ROW_WEIGHT_SPREAD, 1 + ROW_WEIGHT_SPREAD]. In a plain sum a turned top eigenvector can
+# cancel (overlaps -0.74, +0.46, +0.26 on MNIST summed to -0.02, and Lanczos converged on the
+# second eigenvalue); random weights make that improbable, and a row holding the top alone
+# keeps at least half its weight.
 ROW_WEIGHT_SPREAD = 0.5
 RESTART_SALT = 2**20  # folded into the key of a restart's row weights
 
@@ -307,16 +305,14 @@ def _run_cycle(matvec, basis, start, limit, key, stop_bound, *, k, block, sizes)
         following = jax.lax.cond(breakdown, fresh_direction, next_lanczos_vector, j, basis, w, b)
         basis = basis.at[j + 1].set(following)
         estimates = _estimates(alpha, beta, j, k=k, block=block, sizes=sizes, rows=rows)
-        # The estimate must hold at two successive steps: within a turning cluster the top
-        # Ritz vector can mix two eigenvectors, and its residual then dips below the tolerance
-        # for one step while the true error stays 100x the estimate. The larger of the two is
-        # reported; a cycle's first step keeps its own (and cannot stop alone).
+        # The larger estimate of two successive steps (a cycle's first keeps its own): in a
+        # turning cluster the top Ritz vector can mix two eigenvectors, and its residual dips
+        # below the tolerance for one step while the true error stays 100x the estimate.
         bound = jnp.where(j > 0, jnp.maximum(estimates.bound, state.previous_bound),
                           estimates.bound)
-        # At least `block` steps: a warm start sums `block` Ritz vectors, and when their
-        # eigenvalues are close that sum is itself nearly an eigenvector, with a small residual
-        # (seen: 2 steps, a bound below 1e-4 and a true error of 4e-2). A second breakdown in
-        # a row means the rest of the space is flat: stop.
+        # At least `block` steps: a warm start sums `block` Ritz vectors, and with close
+        # eigenvalues that sum is nearly an eigenvector (seen: 2 steps, a bound below 1e-4, a
+        # true error of 4e-2). A second breakdown in a row: the rest of the space is flat.
         converged = (
             (j + 1 >= max(block, 2)) & (bound <= stop_bound)
             & (~breakdown | state.previous_breakdown)

@@ -38,10 +38,6 @@ from sam_eos.layers import Grouping
 from sam_eos.sam import is_static_zero
 from sam_eos.types import LossFn, PyTree
 
-DEFAULT_NUM_MATVECS = eigensolver.DEFAULT_NUM_MATVECS
-DEFAULT_TOLERANCE = eigensolver.DEFAULT_TOLERANCE
-DEFAULT_EXTRA_VECTORS = eigensolver.DEFAULT_EXTRA_VECTORS
-DEFAULT_START_NOISE = eigensolver.DEFAULT_START_NOISE
 _LAYER_SALT = 1  # folded into the check's key for the per-layer starts
 
 
@@ -123,10 +119,11 @@ class SharpnessTracker:
         `num_matvecs` and `tolerance`; its products count in `hessian_vector_products`.
     """
 
-    def __init__(self, loss_fn: LossFn, k: int = 1, *, num_matvecs: int = DEFAULT_NUM_MATVECS,
-                 tolerance: float = DEFAULT_TOLERANCE,
-                 extra_vectors: int = DEFAULT_EXTRA_VECTORS,
-                 start_noise: float = DEFAULT_START_NOISE, hvp_mode: str = "auto",
+    def __init__(self, loss_fn: LossFn, k: int = 1, *,
+                 num_matvecs: int = eigensolver.DEFAULT_NUM_MATVECS,
+                 tolerance: float = eigensolver.DEFAULT_TOLERANCE,
+                 extra_vectors: int = eigensolver.DEFAULT_EXTRA_VECTORS,
+                 start_noise: float = eigensolver.DEFAULT_START_NOISE, hvp_mode: str = "auto",
                  per_layer: bool | Grouping = False):
         lanczos.check_options(k, num_matvecs, tolerance, num_params=k)
         if isinstance(extra_vectors, bool) or not isinstance(extra_vectors, int) or \

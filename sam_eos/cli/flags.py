@@ -37,9 +37,8 @@ CONFIG_FLAGS = (
     "step_size", "rho", "time_limit_in_hours", "hessian_check_gap", "hessian_check_every_steps",
     "max_steps", "num_principal_components", "eigensolver", "eigensolver_max_iterations",
     "eigensolver_tolerance", "eigensolver_warm_start", "eigensolver_audit_every", "seed",
-    "checkpoint_dir",
-    "checkpoint_every_minutes", "plot_x", "progress_every_seconds", "optimizer", "momentum",
-    "adam_b1", "adam_b2", "adam_eps", "sam_variant",
+    "checkpoint_dir", "checkpoint_every_minutes", "plot_x", "progress_every_seconds", "optimizer",
+    "momentum", "adam_b1", "adam_b2", "adam_eps", "sam_variant",
 )
 OUTPUT_FLAGS = {  # TrainConfig.outputs field -> flag name
     "raw_data": "raw_data_output",
@@ -250,8 +249,8 @@ def default_compilation_cache_dir() -> str:
 
 
 def use_compilation_cache() -> None:
-    """Turns JAX's persistent compilation cache on in `--compilation_cache_dir` (off when
-    empty). Call it before anything is compiled."""
+    """Turns JAX's persistent compilation cache on in `--compilation_cache_dir` (empty: off).
+    Call it before anything is compiled."""
     directory = FLAGS.compilation_cache_dir
     if directory:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
@@ -261,9 +260,7 @@ def use_compilation_cache() -> None:
 def train_config_from_flags(run_name: str,
                             input_paths: dict[str, str | None] | None = None) -> TrainConfig:
     """Validates the shared flags and returns the loop's config; raises InputError.
-
-    `input_paths` (flag name -> path) are the program's input files: no output may be one.
-    """
+    `input_paths` (flag name -> path): the program's input files, which no output may be."""
     _refuse_huge_integers()
     require_positive_int("batch_size", FLAGS.batch_size)
     _refuse_unused_optimizer_flags()
@@ -305,8 +302,7 @@ def tensorboard_dir_from_flags() -> str:
 
 
 def output_paths_from_flags() -> dict[str, tuple[str, str]]:
-    """Each output's (flag that names it, path) from --output_dir and the --*_output flags
-    (`choose_output_paths`)."""
+    """Each output's (flag that names it, path): `choose_output_paths` of the flags."""
     return choose_output_paths(
         {field: FLAGS[name].value for field, name in OUTPUT_FLAGS.items()},
         {field for field, name in OUTPUT_FLAGS.items() if not FLAGS[name].using_default_value},
@@ -375,9 +371,7 @@ def mesh_from_flags(batch_sizes: dict[str, int]) -> Mesh | None:
 
 def check_principal_components(config: TrainConfig, num_params: int) -> None:
     """The model must have at least k parameters for k eigenvalues."""
-    require(
-        config.num_principal_components <= num_params,
-        f"--num_principal_components={config.num_principal_components} exceeds the model's "
-        f"{num_params} parameters",
-    )
+    require(config.num_principal_components <= num_params,
+            f"--num_principal_components={config.num_principal_components} exceeds the model's "
+            f"{num_params} parameters")
 

@@ -1,9 +1,8 @@
 """The command line of every program: absl flag parsing with the documented exit codes, and the
 project's own flags (for the raw-data settings).
 
-absl exits 1 both for `--help` and for a flag it cannot parse; `parse_flags` (an
-`absl.app.run` flags_parser) exits 0 after help and EXIT_BAD_INPUT (2) after a parsing error,
-with absl's message.
+absl exits 1 both for `--help` and for a flag it cannot parse; `parse_flags` (an `absl.app.run`
+flags_parser) exits 0 after help and EXIT_BAD_INPUT (2), with absl's message, after an error.
 """
 
 import os

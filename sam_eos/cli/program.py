@@ -24,8 +24,7 @@ QUIET_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/xla_bridge")
 def _quiet_libraries(record: std_logging.LogRecord) -> bool:
     """Keeps the libraries' INFO chatter (checkpoint threads, TFDS readers) out of the log."""
     return record.levelno >= std_logging.WARNING or not any(
-        part in record.pathname for part in QUIET_LIBRARIES
-    )
+        part in record.pathname for part in QUIET_LIBRARIES)
 
 
 def run_main(main: Callable[[list[str]], int | None]) -> None:
@@ -54,10 +53,9 @@ def run_main(main: Callable[[list[str]], int | None]) -> None:
 
 
 def report_test_value(name: str, result: RunResult, evaluate: Callable[[Any], float]) -> int:
-    """Prints `Test <name>: <value>` on process 0 (or that it was not computed, when the run
-    diverged), then ends the run (`end_run`: summary and files written); returns the run's
-    exit code. Every process calls `evaluate` on its own copy of the trained parameters, so it
-    can evaluate its share of the test set and sum over processes."""
+    """Prints `Test <name>: <value>` on process 0 (not computed when the run diverged), then
+    `end_run`; returns the run's exit code. Every process calls `evaluate` on its own copy of
+    the trained parameters, so it can evaluate its share of the test set and sum over processes."""
     value = None
     if result.status == "diverged":
         message = f"Test {name}: not computed (the run diverged)"

@@ -7,12 +7,11 @@ and the fifth, the spectral densities, from a run's `<raw stem>_density.npz`.
 
 The files get the programs' names (`sam_eos.reports.paths.OUTPUT_FILE_NAMES`: eigs.pdf,
 eigs_se_only.pdf, alignment.pdf, loss.pdf) in `--output_dir`, after `--output_prefix`. One file
-draws next to itself by default; several need `--output_dir`. `--<plot>_output` flags name one
-plot's path (empty: skip it). The density plot (density.pdf) is drawn when one raw-data file
-has its densities file beside it, or from a densities file given as an argument or with
-`--density_data` (alone or with raw data); `--density_output` names its path. The layers plot
-(layers.pdf) is drawn when a run has layer columns (`--layer_sharpness`), one column of panels
-per such run; `--layers_output` names its path.
+draws next to itself by default; several need `--output_dir`. `--<plot>_output` names a plot's
+path (empty: skip it). The density plot (density.pdf) is drawn from the densities file beside
+the only raw-data file, or one given as an argument or `--density_data` (with or without raw
+data); the layers plot (layers.pdf) when a run has layer columns (`--layer_sharpness`), one
+column of panels per such run. `--density_output` and `--layers_output` name their paths.
 """
 
 import os
@@ -124,9 +123,8 @@ def density_plot_path(source: str, output_dir: str | None, prefix: str,
 
 def layers_plot_path(runs: list[RunData], raw_paths: list[str], output_dir: str | None,
                      prefix: str, override: str | None) -> str:
-    """The layers plot's path: '' when no run has layer columns, else `override` when
-    given, else LAYERS_FILE_NAME after `prefix` in `output_dir` (default: the only raw-data
-    file's directory)."""
+    """The layers plot's path: '' when no run has layer columns, else `override` when given,
+    else LAYERS_FILE_NAME after `prefix` in `output_dir` (default: the only raw-data file's)."""
     if not any(layer_names_of(run) for run in runs):
         return ""
     if override is not None:

@@ -9,10 +9,10 @@ SIGINT/SIGTERM, also during compiling (rows are on disk already; the plots are d
 exists). Process 0 holds exclusive locks on the raw-data file and the checkpoint directory for
 the whole run (`sam_eos.loop.locks`): a second run on them fails before training.
 
-The loop is split along the way data flows: `sam_eos.loop.schedule` decides (pure: check? save?
-stop? how many steps?), `sam_eos.loop.feed` places the data, `sam_eos.loop.steps` holds the compiled
-step and check (compiled ahead of time, once per run, before the clock starts), and
-`sam_eos.loop.recorder` writes rows, notes, checkpoints and plots. `run` wires them together.
+The loop is split along the way data flows: `schedule` decides (pure: check? save? stop? how
+many steps?), `feed` places the data, `steps` and `check` hold the step and check (compiled
+once per run, before the clock starts), and `recorder` writes rows, notes, checkpoints and
+plots (all in `sam_eos.loop`). `run` wires them together.
 
 Time: "training time" is the wall-clock time spent in the loop (steps and checks, not start-up
 or compiling), in seconds internally and in hours in flags and raw data. On several processes

@@ -1,20 +1,19 @@
 r"""The four PDF plots of one run, or of several overlaid (matplotlib, headless).
 
-Every plot is against steps (`x_axis="steps"`, the default) or training time
-(`x_axis="hours"`: hours, minutes or seconds, whichever reads best, named on the axis); files
-without a `step` column (the original program's) are drawn against time. Non-finite values (a
-diverged or failed check) are skipped; a plot whose output path is empty is not drawn.
+Plots are against steps (`x_axis="steps"`, the default) or training time (`x_axis="hours"`:
+hours, minutes or seconds, whichever reads best, named on the axis); files without a `step`
+column (the original program's) are drawn against time. Non-finite values are skipped; a plot
+whose output path is empty is not drawn.
 
-The eigenvalue plots draw the sharpness (the operator norm), lambda_max beside it wherever the
-two differ (lambda_min dominated), the `batch_sharpness` and `sam_point_sharpness` columns and
-further eigenvalues when the file has them, the SAM edge and (eigs_curve) 2/eta. Their y-axis is
-linear and clipped so one early outlier cannot squash the rest: its top is the smaller of the
-largest value and `OFF_SCALE_FACTOR` times the scale, the scale being the largest of 2/eta, the
-SAM edge and the 95th percentile of the second half of the checks. The reference lines are
-therefore always in view; values above the top are marked with a triangle on the top edge and
-counted in the title. Below zero the lower tail of the later checks sets the bottom the same way
-(values below it: a triangle on the bottom edge). Several runs share one figure: one colour per
-run, labelled from its settings (GD or SAM rho, eta); one 2/eta line when they share eta.
+The eigenvalue plots draw the sharpness (operator norm), lambda_max where the two differ
+(lambda_min dominated), the `batch_sharpness`, `sam_point_sharpness` and further eigenvalue
+columns when present, the SAM edge and (eigs_curve) 2/eta. The linear y-axis is clipped so one
+early outlier cannot squash the rest: its top is the smaller of the largest value and
+`OFF_SCALE_FACTOR` times the scale (the largest of 2/eta, the SAM edge and the 95th percentile of
+the second half of the checks), so the reference lines stay in view. Below zero the later
+checks' lower tail sets the bottom likewise. Values beyond the axis are marked with a triangle
+on its edge and counted in the title. Several runs share one figure: one colour per run,
+labelled from its settings (GD or SAM rho, eta); one 2/eta line when they share eta.
 """
 
 import dataclasses
@@ -85,8 +84,7 @@ def method_label(settings: dict[str, Any]) -> str:
 
 
 def run_label(settings: dict[str, Any]) -> str:
-    """A run's name in a legend: "GD, eta=1", "SAM rho=0.1, eta=1" or "momentum 0.9 + SAM
-    rho=0.1, eta=1" (what the settings say)."""
+    """A run's legend name from its settings: "GD, eta=1", "momentum 0.9 + SAM rho=0.1, eta=1"."""
     rho, eta = settings.get("rho"), settings.get("step_size")
     parts = []
     if rho is not None:
@@ -112,11 +110,9 @@ def _finite(values: np.ndarray) -> np.ndarray:
 def eigenvalue_limits(
     series: Sequence[np.ndarray], references: Sequence[np.ndarray]
 ) -> tuple[float, float] | None:
-    """The eigenvalue plots' y-range (bottom, top); None leaves matplotlib's.
-
-    `series`: the drawn eigenvalue columns, each in check order; `references`: the drawn SAM
-    edge and 2/eta columns. See the module docstring for the rule.
-    """
+    """The eigenvalue plots' y-range (bottom, top), by the module docstring's rule; None leaves
+    matplotlib's. `series`: the drawn eigenvalue columns in check order; `references`: the drawn
+    SAM edge and 2/eta columns."""
     values = np.concatenate([_finite(v) for v in (*series, *references)] or [np.zeros(0)])
     if values.size == 0:
         return None
@@ -128,9 +124,8 @@ def eigenvalue_limits(
     largest = float(np.max(values))
     top = min(1.05 * largest, OFF_SCALE_FACTOR * scale) if scale > 0 else 1.05 * largest
     smallest = float(np.min(values))
-    # Below zero, the same idea: the lower tail of the later checks (5th percentile) sets the
-    # scale, plus a margin of BELOW_AXIS_FRACTION of the top, so one early negative value (a
-    # batch sharpness of -40 at step 0 beside a sharpness of 10) cannot squash the rest.
+    # Below zero likewise: the later checks' 5th percentile plus a margin of BELOW_AXIS_FRACTION
+    # of the top, so one early negative value (a batch sharpness of -40 at step 0) cannot squash.
     low = min(0.0, float(np.quantile(later, 0.05))) if later.size else 0.0
     bottom = 0.0 if smallest >= 0 else max(1.05 * smallest, 1.05 * low - BELOW_AXIS_FRACTION * top)
     if not top > bottom:
@@ -147,8 +142,7 @@ def _common_title(runs: Sequence[RunData]) -> str:
 
 
 def _x_data(runs: Sequence[RunData], x_axis: str) -> tuple[list[np.ndarray], str, str]:
-    """Per run x values, the axis label, and the unit for notes (x_axis "steps" falls back to
-    time when a run has no step column)."""
+    """(x values per run, axis label, unit for notes); "steps" without step columns gives time."""
     if x_axis not in X_AXES:
         raise ValueError(f"x_axis must be one of {X_AXES} (got {x_axis!r})")
     if x_axis == "steps" and all(run.column("step") is not None for run in runs):
@@ -191,8 +185,7 @@ class _Figure:
         self.below_scale: list[tuple[float, float]] = []  # (value, x) below it
 
     def style(self, i: int, column: str, label: str, **style) -> dict[str, Any]:
-        """One colour per run when there are several (series told apart by line style),
-        else one colour per column."""
+        """One colour per run when there are several (series differ by style), else per column."""
         colour = f"C{i % 10}" if self.several else SINGLE_RUN_COLOURS.get(column, "C6")
         return {"color": colour, "label": f"{self.labels[i]}: {label}" if self.several else label,
                 **style}
@@ -245,8 +238,7 @@ class _Figure:
 
     def _effective(self, i: int, run: RunData, x: np.ndarray,
                    threshold: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Draws a run's effective sharpness and its method's threshold T; returns the series
-        drawn (for the y-range)."""
+        """Draws the effective sharpness and threshold T; returns the series drawn (y-range)."""
         effective = run.column("effective_sharpness")
         method = method_label(run.settings)
         drawn = []
@@ -343,8 +335,7 @@ def make_figure(name: str, runs: Sequence[RunData], x_axis: str = "steps"):
 
 
 def _finish(figure, ax, title: str) -> None:
-    """The finishing touches every figure shares: title, legend (when a line has a label),
-    grid, layout."""
+    """Every figure's title, legend (when a line has a label), grid and layout."""
     ax.set_title(title, fontsize=9)
     if any(not line.get_label().startswith("_") for line in ax.lines):
         ax.legend(fontsize=7)
@@ -357,15 +348,10 @@ def _save(figure: Figure, path: str) -> None:
     figure.savefig(path)
 
 
-def draw_runs(
-    runs: Sequence[RunData], outputs: dict[str, str], x_axis: str = "steps"
-) -> list[str]:
-    """Draws the plots named in `outputs` (keys from PLOT_NAMES, values file paths; empty
-    skips), each with every run of `runs` overlaid, against `x_axis` ("steps" or "hours").
-
-    Returns:
-      The paths written. Raises RuntimeError naming the plots that failed (after the others).
-    """
+def draw_runs(runs: Sequence[RunData], outputs: dict[str, str], x_axis: str = "steps") -> list[str]:
+    """Draws the plots named in `outputs` (PLOT_NAMES key -> file path; empty skips), every run
+    overlaid, against `x_axis` ("steps" or "hours"); returns the paths written. Raises
+    RuntimeError naming the plots that failed (after drawing the others)."""
     written, failed = [], []
     for name, path in outputs.items():
         if not path:
@@ -380,26 +366,15 @@ def draw_runs(
     return written
 
 
-def draw_plots(
-    rows: np.ndarray,
-    columns: Sequence[str],
-    settings: dict[str, Any],
-    outputs: dict[str, str],
-    x_axis: str = "steps",
-) -> list[str]:
-    """Draws one run's plots named in `outputs` (keys from PLOT_NAMES, values PDF paths).
-
-    Args:
-      rows: [num_checks, num_columns] raw data; columns: their names; settings: the run's
-        settings (its `run_name` becomes the title); x_axis: "steps" or "hours".
-    Returns:
-      The paths written.
-    """
+def draw_plots(rows: np.ndarray, columns: Sequence[str], settings: dict[str, Any],
+               outputs: dict[str, str], x_axis: str = "steps") -> list[str]:
+    """Draws one run's plots named in `outputs` (PLOT_NAMES key -> PDF path); returns the paths
+    written. `rows`: [num_checks, num_columns] raw data; `columns`: their names; `settings`: the
+    run's (its `run_name` becomes the title); `x_axis`: "steps" or "hours"."""
     rows = np.asarray(rows, np.float64)
     if rows.size == 0:
         rows = np.zeros((0, len(columns)))
     return draw_runs([RunData(settings, list(columns), rows)], outputs, x_axis)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,9 +415,8 @@ def smoothed_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray,
 
 def make_density_figure(checks: dict[int, dict[str, np.ndarray]], title: str = ""):
     """The Figure of the densities at up to MAX_DENSITY_CURVES evenly spaced checks (step ->
-    {"nodes", "weights", "marks": [lambda_max, 2/eta, SAM edge]}): log-scale y, each check's
-    lambda_max (dotted) and SAM edge (dashed) in its colour, 2/eta in black. The caller saves
-    it."""
+    {"nodes", "weights", "marks": [lambda_max, 2/eta, SAM edge]}), log y: each check's lambda_max
+    (dotted) and SAM edge (dashed) in its colour, 2/eta in black. The caller saves it."""
     ordered = sorted(checks.items())
     chosen = [ordered[i] for i in evenly_spaced(len(ordered))]
     figure = Figure(figsize=(6.4, 4.2))
@@ -498,10 +472,10 @@ def layer_names_of(run: RunData) -> list[str]:
 
 
 def make_layers_figure(runs: Sequence[RunData], x_axis: str = "steps"):
-    """The Figure of the layers plot: one column per run that measured layers; on top each
-    layer's sharpness (top eigenvalue of its diagonal Hessian block) with the whole network's
-    lambda_max, the SAM edge and 2/eta; below, the shares of the top eigenvector per layer as
-    a stacked area (they sum to 1). Raises ValueError when no run has layer columns."""
+    """The layers plot's Figure, one column per run that measured layers: on top each layer's
+    sharpness (top eigenvalue of its diagonal Hessian block) with the network's lambda_max, the
+    SAM edge and 2/eta; below, the top eigenvector's share per layer, stacked (summing to 1).
+    Raises ValueError when no run has layer columns."""
     runs = [run for run in runs if layer_names_of(run)]
     if not runs:
         raise ValueError("no run has layer_sharpness columns (run with --layer_sharpness)")
@@ -556,8 +530,7 @@ def _layer_shares_panel(ax, run: RunData, x: np.ndarray) -> None:
 
 
 def draw_layers(runs: Sequence[RunData], path: str, x_axis: str = "steps") -> bool:
-    """Draws the layers plot into `path`; False (nothing written) with no path, or when no
-    run measured layers."""
+    """Draws the layers plot into `path`; False (nothing written) with no path or layer columns."""
     if not path or not any(layer_names_of(run) for run in runs):
         return False
     _save(make_layers_figure(runs, x_axis), path)

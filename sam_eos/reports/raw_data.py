@@ -11,8 +11,8 @@ lines between rows; a finished run ends with a `# summary:` JSON line. Counts (`
 
 (`numpy.loadtxt(path, skiprows=1)` gives the bare table.) The first eight columns keep the
 original program's order: time, hessian_norm, 2/eta, sam_edge, grad_norm, loss, g_alignment,
-sg_alignment. `read_raw_data` also reads files written before the names line existed (names
-in a `# columns:` comment); `read_original_raw_data` reads the original program's files.
+sg_alignment. `read_raw_data` also reads the older format (names in a `# columns:` comment);
+`read_original_raw_data` reads the original program's files.
 """
 
 import contextlib
@@ -87,10 +87,8 @@ def untimed(columns: Sequence[str], rows: np.ndarray) -> np.ndarray:
 
 
 def check_output_path(path: str, flag_name: str) -> None:
-    """Fail now, not after hours of training, if `path` cannot be written.
-
-    Creates the file's directory and writes (then removes) a scratch file in it. An empty path
-    means "no output" and passes.
+    """Fail now (InputError), not after hours of training, if `path` cannot be written: creates
+    its directory and writes (then removes) a scratch file there. An empty path (no output) passes.
     """
     if not path:
         return
@@ -111,13 +109,12 @@ def check_output_path(path: str, flag_name: str) -> None:
 
 
 class RawDataWriter:
-    """Writes the raw-data file of one run: afresh (truncating any old file) with its header,
-    or, with `append=True` (a resumed run), continuing the file after its existing rows.
+    """Writes one run's raw-data file: afresh (truncating any old file) with its header, or, with
+    `append=True` (a resumed run), after the file's existing rows.
 
-    Each line goes to the file in one unbuffered write, so nothing waits in a buffer and a
-    failed write (a full disk) raises at once, from that line's call, after cutting the file
-    back to its last whole line. Should even that fail, readers drop a last line without its
-    newline. `close` never raises.
+    Each line is one unbuffered write: a failed write (a full disk) raises at once, from that
+    line's call, after cutting the file back to its last whole line (should that fail too,
+    readers drop a last line without its newline). `close` never raises.
     """
 
     def __init__(
@@ -194,10 +191,9 @@ def complete_lines(path: str) -> list[str]:
 
 
 def keep_first_rows(path: str, num_rows: int) -> int:
-    """Truncates a raw-data file after its `num_rows`-th row (the header and the notes before
-    that row stay; a `# summary:` line goes, as the resumed run writes its own; a last line cut
-    short goes): what a resumed run does with rows written after its last checkpoint. Returns
-    the rows kept (fewer than `num_rows` when the file holds fewer)."""
+    """Truncates a raw-data file after its `num_rows`-th row, as a resumed run does with rows
+    written after its last checkpoint: the header and earlier notes stay; a `# summary:` line
+    and a last line cut short go. Returns the rows kept (fewer if the file holds fewer)."""
     lines = complete_lines(path)
     kept, rows = [], 0
     for number, line in enumerate(lines):
@@ -217,12 +213,9 @@ def keep_first_rows(path: str, num_rows: int) -> int:
 
 
 def read_raw_data(path: str) -> tuple[dict[str, Any], list[str], np.ndarray]:
-    """(settings, column names, rows [num_checks, num_columns] as floats) of a raw-data file.
-
-    Reads this format and the one before it (names in a `# columns:` comment). Raises
-    ValueError for a file without column names, e.g. one of the original program's
-    (`read_original_raw_data` reads those).
-    """
+    """(settings, column names, rows [num_checks, num_columns] as floats) of a raw-data file, in
+    this format or the older one (names in a `# columns:` comment). Raises ValueError for a file
+    without column names, e.g. the original program's (`read_original_raw_data` reads those)."""
     settings: dict[str, Any] = {}
     columns: list[str] | None = None
     skip = 0
@@ -281,9 +274,8 @@ def read_original_raw_data(path: str) -> tuple[dict[str, Any], list[str], np.nda
 
 
 def _rho_from_sam_edge(edge: np.ndarray, grad_norm: np.ndarray, step_size: float) -> float | None:
-    """rho such that sam_edge(||g||, eta, rho) = edge (median over the rows; 6 digits).
-
-    From edge = (4/eta) / (1 + sqrt(1 + t)), t = 8 rho / (eta ||g||)."""
+    """rho such that sam_edge(||g||, eta, rho) = edge (median over the rows; 6 digits), from
+    edge = (4/eta) / (1 + sqrt(1 + t)), t = 8 rho / (eta ||g||)."""
     usable = np.isfinite(edge) & np.isfinite(grad_norm) & (edge > 0) & (grad_norm > 0)
     if not np.any(usable):
         return None
@@ -313,8 +305,7 @@ def _finite_or_none(value: Any) -> Any:
 
 
 def read_summary(path: str) -> dict[str, Any] | None:
-    """The last `# summary:` of a raw-data file, or None (a run still going, or interrupted
-    before it could write one)."""
+    """The last `# summary:` of a raw-data file, or None (a run still going, or interrupted)."""
     summary = None
     with open(path) as file:
         for line in file:
@@ -364,8 +355,7 @@ def is_same_run(path: str, settings: dict[str, Any], columns: Sequence[str]) -> 
 # The spectral densities beside the raw data
 
 DENSITY_SUFFIX = "_density.npz"
-# Per check step s: nodes_s, weights_s (float [probes, lanczos_steps]) and marks_s (float [3]:
-# DENSITY_MARKS at that check).
+# Check step s: nodes_s, weights_s, float [probes, lanczos_steps]; marks_s, float [3]: DENSITY_MARKS
 DENSITY_MARKS = ("lambda_max", "two_over_eta", "sam_edge")
 
 

@@ -1,10 +1,10 @@
 """TensorBoard event files of a run, written while it goes: one scalar per raw-data column.
 
-Fed the same rows as the raw-data file (`Recorder.check`), so TensorBoard's curves equal the
-raw data's columns (to float32, TensorBoard's scalar type). The writer is tensorboardX: it
-writes event files with protobuf alone, without TensorFlow or the `tensorboard` package
-(`tensorboard --logdir DIR` reads them). It is optional for the library: `pip install
-tensorboardX`, or the `tensorboard` extra; `requirements.txt` pins it for the programs.
+Fed the raw-data file's rows (`Recorder.check`), so the curves equal its columns (to float32,
+TensorBoard's scalar type). tensorboardX writes the event files with protobuf alone, without
+TensorFlow or the `tensorboard` package (`tensorboard --logdir DIR` reads them); it is optional
+for the library (`pip install tensorboardX`, or the `tensorboard` extra) and pinned in
+`requirements.txt` for the programs.
 """
 
 import glob
@@ -39,14 +39,13 @@ class TensorBoardWriter:
     Args:
       log_dir: the event files' folder (created).
       settings: the run's settings, written once as text ("settings").
-      purge_step: a resumed run's first step not on record: TensorBoard hides the points at
-        this step and later from the run before, so repeated steps show once. None: a run
-        that starts afresh, which hides every earlier point in `log_dir` (as purge_step 0)
-        and writes the settings.
-    A non-finite value (a failed check's nan, a column a check does not measure) is left out:
-    TensorBoard shows a gap where the raw data holds nan. Events are written synchronously
-    (tensorboardX's `EventsWriter`, not its `SummaryWriter`, whose background thread can
-    still hold events after `flush`), so a row is on disk when `write_row` returns.
+      purge_step: a resumed run's first step not on record: TensorBoard hides the earlier run's
+        points at this step and later, so repeated steps show once. None: a fresh run, which
+        hides every earlier point in `log_dir` (as purge_step 0) and writes the settings.
+    Non-finite values (a failed check's nan, an unmeasured column) are left out: a gap where the
+    raw data holds nan. Events are written synchronously (tensorboardX's `EventsWriter`, not the
+    `SummaryWriter`, whose thread can hold events past `flush`): a row is on disk when
+    `write_row` returns.
     """
 
     def __init__(self, log_dir: str, settings: dict[str, Any], purge_step: int | None = None):
@@ -58,8 +57,7 @@ class TensorBoardWriter:
         # A unique suffix: two writers started in one second get two files, in order.
         self._events = EventsWriter(os.path.join(log_dir, "events"), f".{time.time_ns()}")
         step = 0 if purge_step is None else purge_step
-        self._write(step=step, session_log=event_pb2.SessionLog(
-            status=event_pb2.SessionLog.START))
+        self._write(step=step, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
         if purge_step is None:
             from tensorboardX.summary import text
 
