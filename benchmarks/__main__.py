@@ -21,8 +21,8 @@ import time
 
 from benchmarks import harness, report
 
-BENCHMARKS = ("sam_step", "check_cost", "check_misses", "stopping_rules", "layer_cost",
-              "loop_overhead", "compile_time", "memory")
+BENCHMARKS = ("sam_step", "check_cost", "check_misses", "stopping_rules", "solver_step",
+              "layer_cost", "loop_overhead", "compile_time", "memory")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
