@@ -3,6 +3,7 @@
 import os
 import pathlib
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -199,3 +200,15 @@ def shakespeare_like_text(num_lines: int = 600) -> str:
     rng = np.random.default_rng(0)
     words = ["the", "king", "and", "queen", "of", "rome", "shall", "speak", "to", "thee"]
     return "".join(" ".join(rng.choice(words, 8)) + ".\n" for _ in range(num_lines))
+
+
+def run_program(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python <args>` from the repository root with the tests' environment."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=environment(), text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def run_plot(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+    """The plot program (`python -m sam_eos.cli.replot`) on `args`."""
+    return subprocess.run([sys.executable, "-m", "sam_eos.cli.replot", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)

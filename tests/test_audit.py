@@ -69,7 +69,8 @@ def test_an_audited_check_reports_a_bound_that_covers_the_miss():
 
 
 def test_a_run_audits_every_tenth_check_and_summarizes_the_audits(tmp_path):
-    from tests.test_train import mlp_loss, mlp_problem
+    from tests.conftest import two_layer_loss as mlp_loss
+    from tests.conftest import two_layer_problem as mlp_problem
 
     params, batch = mlp_problem()
     config = train.TrainConfig(step_size=0.1, rho=0.05, max_steps=20,

@@ -17,10 +17,9 @@ from sam_eos import errors, hessian
 from sam_eos.eigensolver import top_eigenvalues
 from sam_eos.loop import check, checkpoint, measurements, schedule, steps, train
 from sam_eos.reports.raw_data import read_raw_data
-from tests.conftest import TINY_TRANSFORMER, environment, output_flags, outputs
+from tests.conftest import ROOT, TINY_TRANSFORMER, environment, output_flags, outputs
 from tests.conftest import two_layer_loss as mlp_loss
 from tests.conftest import two_layer_problem as mlp_problem
-from tests.test_programs import ROOT
 
 
 def run_mlp(tmp_path, name, max_steps=40, **changes):

@@ -15,10 +15,9 @@ from sam_eos import errors
 from sam_eos.loop import check, checkpoint, schedule, train
 from sam_eos.reports import raw_data
 from sam_eos.reports.raw_data import keep_first_rows, read_raw_data
-from tests.conftest import TINY_TRANSFORMER, environment, shakespeare_like_text
+from tests.conftest import ROOT, TINY_TRANSFORMER, environment, shakespeare_like_text
 from tests.conftest import two_layer_loss as mlp_loss
 from tests.conftest import two_layer_problem as mlp_problem
-from tests.test_programs import ROOT
 
 
 def config(tmp_path, name: str, max_steps: int, **changes) -> train.TrainConfig:

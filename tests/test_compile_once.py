@@ -5,8 +5,7 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import environment, shakespeare_like_text
-from tests.test_programs import ROOT
+from tests.conftest import ROOT, environment, shakespeare_like_text
 
 NO_OUTPUTS = ["--raw_data_output=", "--eigs_curve_output=", "--eigs_se_only_output=",
               "--alignment_curve_output=", "--loss_curve_output="]

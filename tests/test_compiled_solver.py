@@ -9,8 +9,7 @@ import jax
 from jax.flatten_util import ravel_pytree
 
 from sam_eos import eigensolver, lanczos
-from tests.conftest import environment, make_mlp, mlp_loss
-from tests.test_programs import ROOT
+from tests.conftest import ROOT, environment, make_mlp, mlp_loss
 
 
 def test_the_compiled_default_solver_never_transposes_its_basis():

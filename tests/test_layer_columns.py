@@ -136,7 +136,7 @@ def test_replot_draws_the_layers_plot_for_runs_that_have_layer_columns(layer_run
     import subprocess
     import sys
 
-    from tests.test_programs import ROOT
+    from tests.conftest import ROOT
 
     _, _, _, result = layer_run
     plain = tmp_path / "plain.txt"
@@ -162,7 +162,7 @@ def test_the_image_program_writes_layer_columns_and_layers_pdf_into_its_output_d
     import subprocess
     import sys
 
-    from tests.test_programs import ROOT, environment
+    from tests.conftest import ROOT, environment
 
     run_dir = tmp_path / "run"
     result = subprocess.run(

@@ -1,14 +1,12 @@
 """The plots, tested by what they draw (lines, labels, x data, y-range, scale), and
 `python3 -m sam_eos.cli.replot` on our files, several files and the original program's files."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from sam_eos.reports import figures, raw_data
-from tests.conftest import ROOT
+from tests.conftest import run_plot
 
 COLUMNS = ["time_hours", "hessian_norm", "two_over_eta", "sam_edge", "grad_norm", "loss",
            "g_alignment", "sg_alignment", "step", "lambda_max", "lambda_min",
@@ -154,11 +152,6 @@ def test_figure_marks_values_below_the_axis():
     figure = figures.make_figure("eigs_curve", [figures.RunData(run.settings, run.columns, rows)])
     title = figure.axes[0].get_title()
     assert "1 value below the axis (smallest -40 at step 0)" in title
-
-
-def run_plot(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "sam_eos.cli.replot", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
 
 
 def write_raw(path, run):

@@ -15,20 +15,16 @@ from sam_eos.reports.raw_data import read_raw_data, read_summary, untimed
 from sam_eos.reports.tensorboard_writer import read_scalars
 from tests import processes as processes_
 from tests.conftest import (
+    ROOT,
     TINY_TRANSFORMER,
     assert_tensorboard_equals_raw_data,
     environment,
     output_flags,
     shakespeare_like_text,
 )
+from tests.conftest import run_program as run
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PDFS = ("eigs.pdf", "eigs_se_only.pdf", "a.pdf", "ell.pdf")
-
-
-def run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=environment(), text=True,
-                          capture_output=True, timeout=timeout)
 
 
 def assert_outputs(directory: pathlib.Path, min_rows: int) -> np.ndarray:

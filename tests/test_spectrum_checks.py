@@ -206,7 +206,7 @@ def test_the_sam_point_sharpness_is_warm_started_and_matches_a_cold_solve(tmp_pa
 
 
 def test_sam_eos_plot_redraws_the_density_from_the_saved_file(tmp_path):
-    from tests.test_plots import run_plot
+    from tests.conftest import run_plot
 
     raw = tmp_path / "raw.txt"
     columns = raw_data.column_names(1)
@@ -229,12 +229,12 @@ def test_sam_eos_plot_redraws_the_density_from_the_saved_file(tmp_path):
 
 def test_the_trace_flags_reject_a_negative_value_with_exit_code_2(tmp_path):
     from sam_eos import errors
-    from tests.test_programs import run, shakespeare_like_text
+    from tests.conftest import run_program, shakespeare_like_text
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(shakespeare_like_text())
-    result = run(["-m", "transformer", f"--corpus={corpus}", "--test_lines=100",
-                  "--hessian_trace_matvecs=-1", f"--output_dir={tmp_path}"], timeout=120)
+    result = run_program(["-m", "transformer", f"--corpus={corpus}", "--test_lines=100",
+                          "--hessian_trace_matvecs=-1", f"--output_dir={tmp_path}"], timeout=120)
     assert result.returncode == errors.EXIT_BAD_INPUT == 2
     assert "--hessian_trace_matvecs must be 0 (off) or at least 4 (XTrace" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "raw.txt").exists()
