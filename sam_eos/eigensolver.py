@@ -18,9 +18,9 @@ checks), once per parameter shape for warm and cold starts alike. The original's
 power iteration on finite differences, is its own function (`sam_eos.power_iteration`).
 
 Accelerators: `sam_eos.hessian.product_noise_floor` measures the products' relative error at
-the default matmul precision (once per run); passed as `noise_floor`, it bounds `error_bound`
-from below. A tolerance below it cannot be met: solve with `precision="highest"`, or keep the
-default and report `error_bound` as it is.
+the default matmul precision against "highest" (once per run); passed as `noise_floor`, it
+bounds `error_bound` from below. A tolerance below it cannot be met: solve with
+`precision="highest"`, or keep the default and report `error_bound` as it is.
 
 Memory: Lanczos stores its basis, `(min(num_matvecs, 128) + 1) x num_params` numbers in the
 parameters' dtype: 100 rows of the 2.8M-parameter MNIST MLP take 1.1 GB (float32).

@@ -154,8 +154,8 @@ def _orthogonalise(basis: jax.Array, w: jax.Array, num_rows: jax.Array) -> jax.A
         return jax.lax.fori_loop(0, num_blocks, project_out, w)
 
     once = sweep(w)
-    # A second sweep only when the first removed much of w: otherwise `once` is already
-    # orthogonal to working precision (the DGKS criterion, Daniel et al. 1976).
+    # A second sweep only when the first removed much of w: otherwise what `once` keeps of the
+    # basis is about eps times the part removed (the DGKS criterion, Daniel et al. 1976).
     return jax.lax.cond(jnp.linalg.norm(once) < REORTHOGONALISE_BELOW * jnp.linalg.norm(w),
                         sweep, lambda w: w, once)
 

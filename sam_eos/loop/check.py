@@ -29,9 +29,10 @@ from sam_eos.types import LossFn, PyTree
 
 def initial_state(params: PyTree, opt_state: PyTree, config: TrainConfig) -> LoopState:
     """The loop's state before the first step: `params`, `opt_state` and every warm start
-    cold (the Adam and spectrum ones only when the run measures them). A Ritz block has
-    k + 2 rows (3 for the one-eigenvalue solves), fewer when one chunk's Lanczos steps cannot
-    hold them (a tiny model or --eigensolver_max_iterations)."""
+    cold (the Adam and spectrum ones only when the run measures them). The main Ritz block has
+    k + 2 rows, fewer when one chunk's Lanczos steps cannot hold them (a tiny model or
+    --eigensolver_max_iterations); the one-eigenvalue solves' have 3, fewer when their whole
+    budget cannot."""
     budget = config.solver_budget("lanczos")
     chunk = steps.chunk_plan(config.eigensolver, config.solver_budget())[0]
     main = eigensolver.init(params, config.num_principal_components,
