@@ -62,12 +62,12 @@ def pytest_sessionfinish(session):
 
 
 def assert_tensorboard_equals_raw_data(log_dir, raw_path) -> None:
-    """Every finite raw-data column is a TensorBoard scalar of the same name whose points are
-    the rows' (steps, values) to float32, each step once."""
+    """Every finite raw-data column is a TensorBoard scalar, tagged `tag_for` its name, whose
+    points are the rows' (steps, values) to float32, each step once."""
     import numpy as np
 
     from sam_eos.reports.raw_data import read_raw_data
-    from sam_eos.reports.tensorboard_writer import read_scalars
+    from sam_eos.reports.tensorboard_writer import read_scalars, tag_for
 
     _, columns, rows = read_raw_data(str(raw_path))
     scalars = read_scalars(str(log_dir))
@@ -76,9 +76,9 @@ def assert_tensorboard_equals_raw_data(log_dir, raw_path) -> None:
         if name == "step":
             continue
         finite = np.isfinite(rows[:, i])
-        assert name in scalars or not finite.any(), name
+        assert tag_for(name) in scalars or not finite.any(), name
         if finite.any():
-            written_steps, values = scalars[name]
+            written_steps, values = scalars[tag_for(name)]
             np.testing.assert_array_equal(written_steps, steps[finite], err_msg=name)
             np.testing.assert_array_equal(values, rows[finite, i].astype(np.float32),
                                           err_msg=name)

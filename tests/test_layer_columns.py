@@ -111,7 +111,7 @@ def test_a_resumed_run_starts_each_layer_warm_and_matches_one_run(tmp_path):
 
 def test_the_layer_columns_reach_tensorboard_like_any_column(tmp_path):
     pytest.importorskip("tensorboardX")
-    from sam_eos.reports.tensorboard_writer import read_scalars
+    from sam_eos.reports.tensorboard_writer import read_layouts, read_scalars, tag_for
 
     params, batch = make_problem()
     config = layer_config(tmp_path, max_steps=10)
@@ -121,9 +121,14 @@ def test_the_layer_columns_reach_tensorboard_like_any_column(tmp_path):
     result = train.run(tanh_mlp_loss, params, train.FullBatch(batch), config)
     scalars = read_scalars(str(tmp_path / "tb"))
     for name in (f"layer_sharpness/{LAYERS[1]}", f"layer_share/{LAYERS[2]}"):
-        steps, values = scalars[name]
+        steps, values = scalars[tag_for(name)]  # layers/layer_sharpness/<layer>, ...
         assert list(steps) == [0, 10]
         np.testing.assert_allclose(values, [row[name] for row in result.rows], rtol=1e-6)
+    # The Custom Scalars page gets the layers' charts (and no method chart: a plain SGD run).
+    (layout,) = read_layouts(str(tmp_path / "tb"))
+    assert list(layout["layers"]) == ["each layer's sharpness",
+                                      "each layer's share of the top eigenvector"]
+    assert list(layout["edge of stability"]) == ["lambda_max, the SAM edge and 2/eta"]
 
 
 def test_layer_names_with_blanks_become_one_column_each():

@@ -64,8 +64,8 @@ def test_image_classification_with_adam_and_usam_writes_the_method_columns(tmp_p
     settings, columns, rows = read_raw_data(str(tmp_path / "raw.txt"))
     assert (settings["optimizer"], settings["sam_variant"]) == ("adam", "usam")
     assert_tensorboard_equals_raw_data(tmp_path / "tb", tmp_path / "raw.txt")
-    assert {"effective_sharpness", "stability_threshold", "lambda_max"} <= set(
-        read_scalars(str(tmp_path / "tb")))
+    assert {"sharpness/effective_sharpness", "edge/stability_threshold",
+            "sharpness/lambda_max"} <= set(read_scalars(str(tmp_path / "tb")))
     assert columns[-3:] == ["converged", "stability_threshold", "effective_sharpness"]
     np.testing.assert_allclose(rows[:, -2], 3.6 / (0.2 * 0.01))  # (2 + 2 b1) / ((1 - b1) eta)
     assert np.all(np.isfinite(rows[1:, -1])) and np.all(rows[1:, -1] > 0)
