@@ -4,8 +4,10 @@ measured every few steps against Adam's edge, written to TensorBoard.
 
     python3 examples/flax_nnx_loop.py [--steps 400] [--every 25] [--tensorboard_dir DIR]
 
-`nnx.split(model)` gives a static graph and a pytree of parameters; the tracker measures in
-that pytree, with a loss that merges it back into a model. Adam's edge is
+`nnx.split(model, nnx.Param, ...)` gives a static graph, the parameters' pytree and the rest
+of the model's state (empty for this MLP; BatchNorm's statistics and Dropout's RNG state for a
+CNN); the tracker measures in the parameters, with a loss that merges them back into a model
+with the current rest, passed in the batch (README, "Tracking your own model"). Adam's edge is
 (2 + 2 b1) / ((1 - b1) eta), 38 / eta at b1 = 0.9, on lambda_max(P^-1 H) with P = sqrt(v_hat)
 + eps read from the optimizer's state.
 """
@@ -51,10 +53,11 @@ def run(steps: int = 400, every: int = 25, learning_rate: float = 0.01,
     optimizer = nnx.Optimizer(model, optax.adam(learning_rate, b1=B1, b2=B2, eps=EPS),
                               wrt=nnx.Param)
     batch = generated_data(jax.random.key(1))
-    graphdef, _ = nnx.split(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_fn(params, batch):  # a pure function of the parameters' pytree
-        return mean_squared_error(nnx.merge(graphdef, params), batch)
+        batch, rest = batch  # the model's other state, current at each update
+        return mean_squared_error(nnx.merge(graphdef, params, rest, copy=True), batch)
 
     @nnx.jit
     def train_step(model, optimizer, batch):
@@ -65,7 +68,6 @@ def run(steps: int = 400, every: int = 25, learning_rate: float = 0.01,
     edge = sam_eos.stability_threshold("adam", learning_rate, b1=B1)
     sharpness = sam_eos.SharpnessTracker(loss_fn, k=1)
     effective = sam_eos.SharpnessTracker(loss_fn, k=1)
-    _, params = nnx.split(model)
     sharpness_state = sharpness.init(params, jax.random.key(2))
     effective_state = effective.init(params, jax.random.key(3))
     writer = _writer(tensorboard_dir)
@@ -74,13 +76,11 @@ def run(steps: int = 400, every: int = 25, learning_rate: float = 0.01,
         loss = train_step(model, optimizer, batch)
         if step % every:
             continue
-        _, params = nnx.split(model)
-        # The optimizer's state as plain arrays: an optax ScaleByAdamState holds nu.
-        opt_state = nnx.to_pure_dict(nnx.state(optimizer, nnx.OptState))
-        preconditioner = sam_eos.adam_preconditioner(_adam_state(opt_state, params), b2=B2,
-                                                     eps=EPS)
-        result, sharpness_state = sharpness.update(sharpness_state, params, batch)
-        adam, effective_state = effective.update(effective_state, params, batch,
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        # nnx.Optimizer's state holds optax's ScaleByAdamState, laid out like the parameters.
+        preconditioner = sam_eos.adam_preconditioner(optimizer.opt_state, b2=B2, eps=EPS)
+        result, sharpness_state = sharpness.update(sharpness_state, params, (batch, rest))
+        adam, effective_state = effective.update(effective_state, params, (batch, rest),
                                                  preconditioner=preconditioner)
         record = {"loss": float(loss), **result.scalars("sharpness"),
                   **adam.scalars("effective_sharpness"), "stability_threshold": edge}
@@ -90,18 +90,6 @@ def run(steps: int = 400, every: int = 25, learning_rate: float = 0.01,
     if writer is not None:
         writer.close()
     return records
-
-
-def _adam_state(opt_state: dict, params) -> optax.ScaleByAdamState:
-    """optax's Adam state rebuilt from NNX's pure dict (`opt_state` of `nnx.Optimizer`):
-    count and nu, the latter shaped like `params`."""
-    adam = opt_state["opt_state"][0]
-    leaves = jax.tree.leaves(adam["nu"])
-    shapes = [jnp.shape(x) for x in jax.tree.leaves(params)]
-    if [jnp.shape(x) for x in leaves] != shapes:
-        raise ValueError("Adam's nu is not laid out like the parameters")
-    nu = jax.tree.unflatten(jax.tree.structure(params), leaves)
-    return optax.ScaleByAdamState(count=adam["count"], mu=None, nu=nu)
 
 
 def _writer(tensorboard_dir: str):

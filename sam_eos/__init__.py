@@ -12,6 +12,8 @@ The functional core, re-exported here, is pure functions over parameter pytrees:
 - `layers`: which layer is at the edge: each layer's block sharpness and its share of a
   direction;
 - `tracker`: `SharpnessTracker`, warm-started tracking inside any training loop;
+- `trainable`: `check_params`, which refuses a params pytree holding anything but trainable
+  floating-point parameters (running statistics, RNG state, keys, integers);
 - `spectrum`: trace, spectral density, batch sharpness, sharpness at the SAM point.
 
 The harness lives below: `sam_eos.loop` (the training loop), `sam_eos.reports` (raw data,
@@ -38,6 +40,7 @@ from sam_eos.spectrum import (
     spectral_density,
 )
 from sam_eos.tracker import SharpnessResult, SharpnessTracker, TrackerState
+from sam_eos.trainable import check_params
 from sam_eos.types import LossFn, PyTree
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "TrackerState",
     "adam_preconditioner",
     "batch_sharpness",
+    "check_params",
     "effective_radius",
     "effective_sharpness_operator",
     "hessian_operator",

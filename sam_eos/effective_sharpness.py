@@ -87,14 +87,46 @@ def effective_sharpness_operator(
     return flat_params, unravel, matvec
 
 
-def _adam_state(opt_state: PyTree) -> optax.ScaleByAdamState:
-    found = [s for s in jax.tree.leaves(
-        opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-        if isinstance(s, optax.ScaleByAdamState)]
-    if len(found) != 1:
-        raise ValueError(f"expected one optax ScaleByAdamState in the optimizer state, found "
-                         f"{len(found)}")
-    return found[0]
+def _adam_states(opt_state: PyTree) -> list[tuple[str, optax.ScaleByAdamState]]:
+    """Every optax ScaleByAdamState in `opt_state`, with its path (`opt_state...`)."""
+    found = jax.tree_util.tree_flatten_with_path(
+        opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))[0]
+    return [(f"opt_state{jax.tree_util.keystr(path)}", state) for path, state in found
+            if isinstance(state, optax.ScaleByAdamState)]
+
+
+def _is_masked(tree) -> bool:
+    return isinstance(tree, optax.MaskedNode)
+
+
+def _merge_masked(trees: list, names: list[str]):
+    """One params-shaped tree from trees that each hold `optax.MaskedNode` where another one
+    holds the values (the states of `optax.multi_transform`'s or `optax.masked`'s groups).
+    Raises ValueError when two hold the same entry."""
+    present = [(tree, name) for tree, name in zip(trees, names, strict=True)
+               if not _is_masked(tree)]
+    if len(present) <= 1:
+        return present[0][0] if present else optax.MaskedNode()
+    children = [jax.tree_util.tree_flatten(tree, is_leaf=lambda x, t=tree: x is not t)
+                for tree, _ in present]
+    treedef = children[0][1]
+    if any(len(leaves) == 1 and leaves[0] is tree
+           for (tree, _), (leaves, _) in zip(present, children, strict=True)) \
+            or any(other != treedef for _, other in children):
+        raise ValueError(
+            f"the Adam states {', '.join(name for _, name in present)} each precondition the "
+            f"same parameters; "
+            f"pass the state of the one that preconditions the update, e.g. "
+            f"adam_preconditioner({present[0][1]})")
+    merged = [_merge_masked(list(group), [name for _, name in present])
+              for group in zip(*(leaves for leaves, _ in children), strict=True)]
+    return jax.tree_util.tree_unflatten(treedef, merged)
+
+
+def _one_preconditioner(state: optax.ScaleByAdamState, b2: float, eps: float) -> PyTree:
+    count = jnp.asarray(state.count)
+    correction = jnp.where(count > 0, 1.0 - b2 ** count.astype(jnp.float32), jnp.nan)
+    return jax.tree.map(lambda nu: jnp.sqrt(nu / correction.astype(nu.dtype)) + eps, state.nu)
 
 
 def adam_preconditioner(opt_state: PyTree, *, b2: float = 0.999, eps: float = 1e-8) -> PyTree:
@@ -104,9 +136,33 @@ def adam_preconditioner(opt_state: PyTree, *, b2: float = 0.999, eps: float = 1e
     `scale_by_adam` divided the last update by (its state holds that step's `nu` and `count`).
     `b2` and `eps` must be the optimizer's own (the state does not record them). Before the
     first step (count 0) Adam has applied no preconditioner: every entry is then nan.
+    `opt_state` is any state that holds the Adam state: an `optax.adam` or `optax.adamw`
+    chain's, or `nnx.Optimizer`'s `optimizer.opt_state`.
+
+    `optax.multi_transform` (or `optax.masked`) with one Adam per group of parameters holds
+    several Adam states, each masked to its group: P is read from each and put together, with
+    the same `b2` and `eps` for all. The threshold then needs one learning rate: when the groups
+    train with different rates eta_g, the update is eta_g m_hat / P_g, so multiply group g's
+    entries of P by eta / eta_g to compare with `stability_threshold("adam", eta)`. A
+    parameter that no Adam state preconditions (a group trained by another optimizer), or two
+    Adam states over the same parameter (e.g. a chain of two Adams), is refused with a message
+    naming the states.
     Returns a params-shaped pytree of positive entries.
     """
-    state = _adam_state(opt_state)
-    count = jnp.asarray(state.count)
-    correction = jnp.where(count > 0, 1.0 - b2 ** count.astype(jnp.float32), jnp.nan)
-    return jax.tree.map(lambda nu: jnp.sqrt(nu / correction.astype(nu.dtype)) + eps, state.nu)
+    found = _adam_states(opt_state)
+    if not found:
+        raise ValueError("opt_state holds no optax ScaleByAdamState: pass the state of an "
+                         "optax.adam or optax.adamw optimizer (or nnx.Optimizer's opt_state)")
+    names = [name for name, _ in found]
+    merged = _merge_masked([_one_preconditioner(state, b2, eps) for _, state in found], names)
+    uncovered = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(
+        merged, is_leaf=_is_masked)[0] if _is_masked(leaf)]
+    if uncovered:
+        shown = ", ".join(f"params{path}" for path in uncovered[:4])
+        raise ValueError(
+            f"no Adam state in opt_state ({', '.join(names)}) preconditions {shown}"
+            f"{' and more' if len(uncovered) > 4 else ''}: another optimizer (or none) trains "
+            f"them, so they are without a preconditioner and no one Adam threshold applies. "
+            f"Measure the Hessian without a preconditioner, or track only the Adam-trained "
+            f"parameters (a loss over them, the others passed in the batch)")
+    return merged

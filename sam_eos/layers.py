@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import eigensolver, hessian, lanczos
+from sam_eos import eigensolver, hessian, lanczos, trainable
 from sam_eos.lanczos import EigenInfo
 from sam_eos.types import LossFn, PyTree
 
@@ -119,6 +119,7 @@ def layer_sharpness(
       relative to ||H_GG||, promises what `top_eigenvalues`' does; `ritz_vectors` hold the
       group's own coordinates, [block, n_group]).
     """
+    trainable.check_params(params)
     indices = group_indices(params, group)
     for index in indices.values():
         lanczos.check_options(1, num_matvecs, tolerance, index.size)

@@ -40,7 +40,7 @@ import numpy as np
 import optax.tree_utils as otu
 from matfree import stochtrace
 
-from sam_eos import eigensolver, hessian, lanczos, sam
+from sam_eos import eigensolver, hessian, lanczos, sam, trainable
 from sam_eos.lanczos import EigenInfo
 from sam_eos.types import LossFn, PyTree
 
@@ -85,6 +85,7 @@ def hessian_trace(
     `num_matvecs < num_params` or it forms the whole Hessian (matfree does so when the
     probes are half the dimension or more: exact, at num_params products).
     """
+    trainable.check_params(params)  # at trace time
     flat_params, _, matvec = hessian.hessian_operator(
         loss_fn, params, batch, hessian.resolve_hvp_mode(hvp_mode)
     )
@@ -134,6 +135,7 @@ def spectral_density(
     estimates tr f(H) / num_params. `density_on_grid` smooths them. Costs
     num_probes x num_matvecs products (num_matvecs <= num_params).
     """
+    trainable.check_params(params)  # at trace time
     flat_params, _, matvec = hessian.hessian_operator(
         loss_fn, params, batch, hessian.resolve_hvp_mode(hvp_mode)
     )

@@ -15,11 +15,18 @@ directions move little between calls, so later calls need fewer products than th
 (params, batch) shape. The state is a pytree of arrays, so it can be checkpointed with the
 rest of a loop's state.
 
-Any params pytree works. Flax NNX and Equinox models hold their parameters in objects: split
-them into a pytree and a static part and close `loss_fn` over the static part, e.g.
-`graphdef, params = nnx.split(model)` with `loss_fn = lambda p, b: loss(nnx.merge(graphdef, p),
-b)`, or `params, static = eqx.partition(model, eqx.is_inexact_array)` with
-`loss_fn = lambda p, b: loss(eqx.combine(p, static), b)`. Pass the pytree part as `params`.
+The Hessian is taken in every leaf of `params`, so `params` holds the trained parameters and
+nothing else: `init` and `update` refuse, naming the leaf's path, an integer, bool or key leaf,
+and the state Flax NNX and Equinox keep beside the parameters (`sam_eos.trainable`). Anything
+else the loss reads, such as BatchNorm's running statistics or a dropout key, goes in `batch`, so
+that every update reads its current value (a loss that closes over it keeps the value it had
+when `update` compiled). Flax NNX: `graphdef, params, rest = nnx.split(model, nnx.Param, ...)`,
+`loss_fn = lambda p, b: loss(nnx.merge(graphdef, p, b[1], copy=True), b[0])` and
+`update(state, params, (batch, rest))`. Equinox: `model, layer_state =
+eqx.nn.make_with_state(Model)(...)`, `params, static = eqx.partition(model,
+eqx.is_inexact_array)`, a loss over `eqx.combine(p, static)` and `(batch, layer_state)`. The
+README's "Tracking your own model" has both recipes with BatchNorm and Dropout, and says what
+is measured under them.
 
 With `per_layer=True` each `update` also measures every layer's sharpness, the top eigenvalue
 of its diagonal Hessian block (`sam_eos.layer_sharpness`, each layer warm-started from its own
@@ -32,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import eigensolver, hessian, lanczos, layers
+from sam_eos import eigensolver, hessian, lanczos, layers, trainable
 from sam_eos.lanczos import EigenInfo
 from sam_eos.layers import Grouping
 from sam_eos.sam import is_static_zero
@@ -145,6 +152,7 @@ class SharpnessTracker:
         if not _is_prng_key(key):
             raise ValueError(f"key must be a PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)),"
                              f" not {key!r}")
+        trainable.check_params(params)
         flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)  # traced: nothing compiled
         lanczos.check_options(self.k, self.num_matvecs, self.tolerance, flat.size)
         solver = eigensolver.init(params, self.k, self.block_size, self.num_matvecs)
@@ -170,6 +178,7 @@ class SharpnessTracker:
           `(SharpnessResult, the next state)`. Compiled once per shape and per choice of
           None / not None for `rho_eff` and `preconditioner`.
         """
+        trainable.check_params(params)
         flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
         rows = state.ritz_vectors.shape
         if len(rows) != 2 or rows[1] != flat.size:
