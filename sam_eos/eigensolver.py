@@ -22,8 +22,11 @@ the default matmul precision against "highest" (once per run); passed as `noise_
 bounds `error_bound` from below. A tolerance below it cannot be met: solve with
 `precision="highest"`, or keep the default and report `error_bound` as it is.
 
-Memory: Lanczos stores its basis, `(min(num_matvecs, 128) + 1) x num_params` numbers in the
-parameters' dtype: 100 rows of the 2.8M-parameter MNIST MLP take 1.1 GB (float32).
+Memory: the Lanczos basis holds `basis_size` vectors of num_params (default
+`lanczos.default_basis_size(block)`, 12 for k = 1), float32 or wider, whatever the budget: a
+thick restart keeps the top Ritz vectors when it is full. Low-precision parameters (bfloat16,
+float16) are solved in float32: each product casts its vector to the parameters' dtype and its
+result back.
 """
 
 import functools
@@ -33,14 +36,14 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import lanczos
+from sam_eos import lanczos, trainable
 from sam_eos.effective_sharpness import effective_sharpness_operator, products_per_matvec
 from sam_eos.hessian import ProductTransform, resolve_hvp_mode
 from sam_eos.lanczos import EigenInfo
 from sam_eos.types import LossFn, PyTree
 
-# The products allowed per solve, over restarts from its Ritz vectors (the basis holds at most
-# lanczos.MAX_BASIS_STEPS of them at once, so a huge value costs nothing unused).
+# The products allowed per solve, over thick restarts (the basis holds `basis_size` vectors
+# whatever the budget, so a huge value costs nothing unused).
 DEFAULT_NUM_MATVECS = 100
 # Lanczos stops when min(res, res^2 / gap), its estimate of each eigenvalue's error, is below
 # tolerance * ||H||; 1e-5 leaves a margin of ten below the 1e-4 relative error asked of it.
@@ -57,9 +60,14 @@ DEFAULT_EXTRA_VECTORS = 2
 
 class SolverState(NamedTuple):
     """What one solve leaves for the next: its Ritz vectors, float [block, num_params], flat in
-    `ravel_pytree(params)` order; all zeros: a cold start."""
+    `ravel_pytree(params)` order, in `solver_dtype`; all zeros: a cold start."""
 
     ritz_vectors: jax.Array
+
+
+def solver_dtype(dtype) -> jnp.dtype:
+    """The dtype of the solver's vectors for parameters of `dtype`: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def warm_block_size(k: int, block_size: int | None = None) -> int:
@@ -68,15 +76,16 @@ def warm_block_size(k: int, block_size: int | None = None) -> int:
 
 
 def init(params: PyTree, k: int = 1, block_size: int | None = None,
-         num_matvecs: int | None = None) -> SolverState:
-    """A cold start: zeros [rows, num_params] in the parameters' dtype, `warm_block_size(k,
-    block_size)` rows, fewer when one Lanczos cycle of `num_matvecs` products holds fewer
-    (it returns at most that many), never fewer than k. Nothing is compiled."""
+         num_matvecs: int | None = None, basis_size: int | None = None) -> SolverState:
+    """A cold start: zeros [rows, num_params] in `solver_dtype`, `warm_block_size(k,
+    block_size)` rows, fewer when one basis of `basis_size` vectors or `num_matvecs` products
+    holds fewer (a solve returns at most that many), never fewer than k. Nothing is compiled."""
     flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
     rows = warm_block_size(k, block_size)
     if num_matvecs is not None:
-        rows = max(min(rows, lanczos.basis_steps(flat.size, num_matvecs)), k)
-    return SolverState(jnp.zeros((rows, flat.size), flat.dtype))
+        basis = lanczos.default_basis_size(rows) if basis_size is None else basis_size
+        rows = max(min(rows, lanczos.basis_steps(flat.size, num_matvecs, basis)), k)
+    return SolverState(jnp.zeros((rows, flat.size), solver_dtype(flat.dtype)))
 
 
 def update(
@@ -96,6 +105,7 @@ def update(
     hvp_mode: str = "auto",
     precision: str | None = None,
     product_transform: ProductTransform | None = None,
+    basis_size: int | None = None,
 ) -> tuple[EigenInfo, SolverState]:
     """The top-k eigenpairs of the operator at `params` on `batch`, warm-started from `state`.
 
@@ -120,6 +130,8 @@ def update(
       precision: matmul precision of the products (None: JAX's default; "highest" removes
         the TF32 noise floor on GPUs at a cost in time).
       product_transform: `(v, av) -> av'` applied to every product (tests: injected noise).
+      basis_size: vectors of num_params the Lanczos basis holds, >= k + 2 (static; None:
+        `lanczos.default_basis_size`): memory against products.
     Returns:
       `(info, next state)`; `info.hessian_vector_products` counts HVPs.
     """
@@ -128,17 +140,20 @@ def update(
             loss_fn, params, batch, rho_eff=rho_eff, preconditioner=preconditioner,
             hvp_mode=hvp_mode)
 
+    dtype = solver_dtype(flat_params.dtype)
+
     def matvec(v: jax.Array) -> jax.Array:
         with jax.default_matmul_precision(precision):
-            product = operator(v)
-        return product if product_transform is None else product_transform(v, product)
+            product = operator(v.astype(flat_params.dtype))
+        if product_transform is not None:
+            product = product_transform(v.astype(flat_params.dtype), product)
+        return product.astype(dtype)
 
-    dtype = flat_params.dtype
     start = state.ritz_vectors
     info = lanczos.solve(
         matvec, start.astype(dtype), key, jnp.asarray(tolerance, dtype),
         jnp.asarray(noise_floor, dtype), jnp.asarray(start_noise, dtype), k=k,
-        num_matvecs=num_matvecs, block_size=start.shape[0])
+        num_matvecs=num_matvecs, block_size=start.shape[0], basis_size=basis_size)
     info = info._replace(
         ritz_vectors=info.ritz_vectors.astype(start.dtype),
         hessian_vector_products=info.hessian_vector_products * products_per_matvec(rho_eff))
@@ -161,6 +176,7 @@ def top_eigenvalues(
     hvp_mode: str = "auto",
     precision: str | None = None,
     product_transform: ProductTransform | None = None,
+    basis_size: int | None = None,
 ) -> tuple[jax.Array, PyTree, EigenInfo]:
     """The k algebraically largest eigenvalues of the Hessian of `loss_fn` at `params`.
 
@@ -172,34 +188,35 @@ def top_eigenvalues(
         solver: pass the same function object on every call (a new lambda compiles anew).
       params, batch: pytrees; the Hessian is taken with respect to `params`.
       key: PRNG key of the random start (component).
-      k: how many eigenvalues, a positive int; at most min(num_params,
-        lanczos.MAX_BASIS_STEPS = 128) in one call (its basis holds that many rows; a larger
-        budget restarts, it does not widen the basis). Checked before compiling.
-      num_matvecs: the HVP budget, an int >= k (static); Lanczos restarts from its Ritz
-        vectors every 128 steps, so any budget is allowed.
+      k: how many eigenvalues, a positive int, at most num_params and `basis_size - 2`.
+        Checked before compiling.
+      num_matvecs: the HVP budget, an int >= k (static); the basis restarts from its Ritz
+        vectors whenever it is full, so any budget is allowed.
       tolerance: >= 0, as `update`'s (traced).
       start_vectors: float [warm_block_size(k, block_size), num_params] (flat, `ravel_pytree`
         order), the previous call's `info.ritz_vectors`, combined with random weights
         (`lanczos.start_vector`); None, all zeros or non-finite: a cold start.
       block_size: Ritz vectors returned for the next warm start when `start_vectors` is None
         (default k + 2; static); else as many as `start_vectors` has rows.
-      start_noise, noise_floor, hvp_mode, precision, product_transform: as `update`'s.
+      start_noise, noise_floor, hvp_mode, precision, product_transform, basis_size: as
+        `update`'s.
     Returns:
       `(eigenvalues, direction, info)`: eigenvalues float [k] in descending order, the unit
       eigenvector (a params-shaped pytree) of the first, and an `EigenInfo`.
     """
+    trainable.check_params(params)
     flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
-    lanczos.check_options(k, num_matvecs, tolerance, flat.size)
+    lanczos.check_options(k, num_matvecs, tolerance, flat.size, basis_size=basis_size)
     state = init(params, k, block_size) if start_vectors is None else SolverState(start_vectors)
     return _top_eigenvalues(
         loss_fn, params, batch, key, state, jnp.float32(tolerance), jnp.float32(noise_floor),
         jnp.float32(start_noise), k=k, num_matvecs=num_matvecs,
         hvp_mode=resolve_hvp_mode(hvp_mode), precision=precision,
-        product_transform=product_transform)
+        product_transform=product_transform, basis_size=basis_size)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "k", "num_matvecs", "hvp_mode",
-                                             "precision", "product_transform"))
+                                             "precision", "product_transform", "basis_size"))
 def _top_eigenvalues(loss_fn, params, batch, key, state, tolerance, noise_floor, start_noise,
                      **options):
     info, _ = update(loss_fn, params, batch, key, state, tolerance=tolerance,

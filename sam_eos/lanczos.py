@@ -1,20 +1,22 @@
-"""Lanczos for the top of a symmetric operator's spectrum: warm starts, restarts, bounded work.
+"""Thick-restart Lanczos for the top of a symmetric operator's spectrum, in bounded memory.
 
 `solve` runs Lanczos with full reorthogonalisation on a flat `matvec` (`[n] -> [n]`), traced
 inside the caller's jit. It starts from a block of previous Ritz vectors when given one (a warm
-start: the rows with random weights, `start_vector`) plus a small random component, and
-restarts from its own top-k Ritz vectors whenever the basis is full, so the number of products
-allowed (`num_matvecs`) is a budget, not a size:
+start: the rows with random weights, `start_vector`) plus a small random component. Its basis
+holds `basis_size` vectors of length n whatever the budget: when the basis is full it keeps its
+top Ritz vectors and the last residual direction and goes on from there (a thick restart, Wu
+and Simon 2000), so what the Krylov space knows of the top of the spectrum survives, and
+`num_matvecs` is a budget, not a size:
 
-- the basis holds at most `MAX_BASIS_STEPS + 1` vectors, whatever `num_matvecs`;
-- each step's tridiagonal eigenproblem has the size of the smallest bucket in `_ritz_sizes`
-  that holds the steps taken so far, not the size of the basis;
-- orthogonalisation sweeps only the rows filled so far.
+- memory: `basis_size` vectors of n (beside the operator's own); `basis_size` is the one knob
+  of memory against products (BENCHMARKS.md, `scale`);
+- each step's projected eigenproblem is at most (basis_size - 1) square;
+- a step costs one product and O(basis_size x n) for its orthogonalisation.
 
-So a step costs O(steps so far x n) and a huge `num_matvecs` costs nothing until it is used.
+The projected matrix is V^T A V itself, built from each product's Gram-Schmidt coefficients,
+so the plain (tridiagonal) and the restarted (arrow-shaped) phases share one code path.
 """
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -22,16 +24,17 @@ import jax.numpy as jnp
 
 from sam_eos.types import Matvec
 
-# Basis rows held at once (the top few eigenvalues take 3-30 steps to 1e-4): longer runs
-# restart from their Ritz vectors, so memory stays (MAX_BASIS_STEPS + 1) x n (1.4 GB for 2.8M
-# float32 parameters) and a step's orthogonalisation, O(rows x n), stays bounded.
-MAX_BASIS_STEPS = 128
-BLOCK_ROWS = 8  # basis rows orthogonalised against per block
+# Vectors of length n the basis holds unless told otherwise: memory against products, measured
+# in BENCHMARKS.md (`scale` for memory, `check_misses` for products).
+DEFAULT_BASIS_SIZE = 12
+# Ritz vectors kept at a restart: the block asked for, and at least this fraction of the
+# basis's columns; new products refill the rest.
+KEEP_FRACTION = 0.5
 REORTHOGONALISE_BELOW = 2**-0.5  # sweep again when a sweep leaves less than this of ||w||
-# Bucket sizes of the tridiagonal eigenproblem: 16, 64, ... up to the basis (one eigh each to
-# compile; a 64 x 64 eigh is cheap next to a product).
-SMALLEST_RITZ_SIZE = 16
-RITZ_SIZE_GROWTH = 4
+# A restart rotates the basis in place, in at most ROTATION_CHUNKS chunks of columns, each at
+# least ROTATION_COLUMNS wide: its temporary is 1/ROTATION_CHUNKS of the basis at most.
+ROTATION_CHUNKS = 64
+ROTATION_COLUMNS = 2**14
 
 
 class EigenInfo(NamedTuple):
@@ -59,11 +62,13 @@ class EigenInfo(NamedTuple):
     converged: jax.Array  # bool scalar: bound <= max(tolerance, noise_floor), or space exhausted
 
 
-def check_options(k, num_matvecs, tolerance, num_params: int, solver: str = "lanczos") -> None:
+def check_options(k, num_matvecs, tolerance, num_params: int, solver: str = "lanczos",
+                  basis_size: int | None = None) -> None:
     """ValueError, naming the argument, unless k and `num_matvecs` are positive ints,
-    k <= num_params and, for Lanczos, `tolerance` >= 0 (a traced one is not checked) and k <=
-    the budget and the steps one cycle holds. Power iteration takes a negative tolerance: only
-    its budget then stops it, as in the original."""
+    k <= num_params and, for Lanczos, `tolerance` >= 0 (a traced one is not checked), k <= the
+    budget and `basis_size` (None: `default_basis_size`) an int >= k + 2 (k Ritz vectors, the
+    residual and one new direction). Power iteration takes a negative tolerance: only its budget
+    then stops it, as in the original."""
     for name, value in (("k", k), ("num_matvecs", num_matvecs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, not {value!r}")
@@ -79,25 +84,38 @@ def check_options(k, num_matvecs, tolerance, num_params: int, solver: str = "lan
         raise ValueError(f"tolerance must be >= 0, not {tolerance!r}")
     if k > num_matvecs:
         raise ValueError(f"k={k} eigenvalues need num_matvecs >= k, not {num_matvecs}")
-    allowed = basis_steps(num_params, num_matvecs)
-    if k > allowed:
+    if basis_size is not None and (isinstance(basis_size, bool) or
+                                   not isinstance(basis_size, int) or basis_size < k + 2):
         raise ValueError(
-            f"k={k} is more than one Lanczos cycle holds: min(num_params={num_params}, "
-            f"MAX_BASIS_STEPS={MAX_BASIS_STEPS}) = {allowed}; ask for k <= {allowed}")
+            f"basis_size must be an int >= k + 2 = {k + 2} (k Ritz vectors, the residual and "
+            f"one new direction), not {basis_size!r}")
 
 
-def basis_steps(n: int, num_matvecs: int) -> int:
-    """Steps one cycle holds: at most `n` (a Krylov space's dimension) and MAX_BASIS_STEPS."""
-    return min(num_matvecs, n, MAX_BASIS_STEPS)
+def default_basis_size(block: int) -> int:
+    """The basis for a warm block of `block` Ritz vectors: DEFAULT_BASIS_SIZE, or twice the
+    block and two when that is more (a restart keeps the block and refills as many)."""
+    return max(DEFAULT_BASIS_SIZE, 2 * block + 2)
 
 
-def _ritz_sizes(k: int, capacity: int) -> tuple[int, ...]:
-    """Bucket sizes of the tridiagonal eigenproblem, from max(k, 16) to `capacity`."""
-    sizes, size = [], max(k, SMALLEST_RITZ_SIZE)
-    while size < capacity:
-        sizes.append(size)
-        size *= RITZ_SIZE_GROWTH
-    return (*sizes, capacity)
+def basis_steps(n: int, num_matvecs: int, basis_size: int = DEFAULT_BASIS_SIZE) -> int:
+    """Products one basis holds before a restart: at most `n` (a Krylov space's dimension),
+    the budget, and `basis_size - 1` (one row holds the next direction)."""
+    return min(num_matvecs, n, basis_size - 1)
+
+
+def random_vector(key: jax.Array, n: int, dtype) -> jax.Array:
+    """Uniform entries in [-1/2, 1/2) [n] from `key`: a hash of each entry's index and two
+    random words, one fused elementwise pass. `jax.random.normal` holds several n-sized
+    temporaries while it runs, as much as a quarter of a small basis; a start or restart
+    direction needs only to be generic."""
+    words = jax.random.bits(key, (2,), jnp.uint32)
+    x = jax.lax.iota(jnp.uint32, n) * jnp.uint32(0x9E3779B1) + words[0]
+    for multiplier in (0x85EBCA6B, 0xC2B2AE35):  # murmur3's finaliser, twice with the second word
+        x = (x ^ (x >> 16)) * jnp.uint32(multiplier)
+        x = x ^ (x >> 13)
+    x = (x ^ words[1]) * jnp.uint32(0x27D4EB2F)
+    x = x ^ (x >> 15)
+    return (x >> 8).astype(dtype) * (2.0**-24) - 0.5
 
 
 # Weights of a warm block's rows in the start vector: a random sign times a magnitude in
@@ -115,14 +133,18 @@ def start_vector(start_block: jax.Array, key: jax.Array, start_noise: jax.Array)
     random vector alone (a cold start) when no row is finite and nonzero."""
     norms = jnp.linalg.norm(start_block, axis=1)
     usable = jnp.isfinite(norms) & (norms > 0)
-    rows = jnp.where(usable[:, None], start_block / jnp.where(usable, norms, 1.0)[:, None], 0.0)
     weight_key, noise_key = jax.random.split(key)
     signs = jnp.where(jax.random.bernoulli(weight_key, shape=norms.shape), 1.0, -1.0)
     magnitudes = jax.random.uniform(jax.random.fold_in(weight_key, 1), norms.shape,
                                     minval=1 - ROW_WEIGHT_SPREAD, maxval=1 + ROW_WEIGHT_SPREAD)
-    combined = (signs * magnitudes).astype(rows.dtype) @ rows
+    # Row by row, the weights divided by the norms: no temporary the size of the block, and a
+    # non-finite row is left out rather than multiplied by zero (nan).
+    weights = (signs * magnitudes / jnp.where(usable, norms, 1.0)).astype(start_block.dtype)
+    combined = jnp.zeros_like(start_block[0])
+    for i in range(start_block.shape[0]):
+        combined = combined + jnp.where(usable[i], weights[i] * start_block[i], 0.0)
     combined_norm = jnp.linalg.norm(combined)
-    random = jax.random.normal(noise_key, combined.shape, combined.dtype)
+    random = random_vector(noise_key, combined.shape[0], combined.dtype)
     random = random / jnp.linalg.norm(random)
     warm = combined_norm > 0
     vector = jnp.where(
@@ -131,46 +153,30 @@ def start_vector(start_block: jax.Array, key: jax.Array, start_noise: jax.Array)
     return vector / jnp.linalg.norm(vector)
 
 
-def _valid_rows(b: jax.Array, num_rows: jax.Array) -> jax.Array:
-    """bool [BLOCK_ROWS]: which rows of block `b` are among the first `num_rows`."""
-    return b * BLOCK_ROWS + jnp.arange(BLOCK_ROWS) < num_rows
+def _orthogonalise(basis: jax.Array, w: jax.Array, num_rows: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+    """`(w', coefficients [rows])`: w minus its projection on the first `num_rows` rows of
+    `basis` [rows, n], and the projection's coefficients (rows past `num_rows`, stale ones from
+    before a restart, get zero).
 
-
-def _orthogonalise(basis: jax.Array, w: jax.Array, num_rows: jax.Array) -> jax.Array:
-    """w minus its projection on the first `num_rows` rows of `basis` [rows, n].
-
-    Block modified Gram-Schmidt over only the blocks that hold those rows, swept again when
-    the first sweep leaves less than REORTHOGONALISE_BELOW of ||w||; rows past `num_rows`
-    (stale ones from an earlier cycle) get weight zero.
+    Classical Gram-Schmidt, swept again when the first sweep leaves less than
+    REORTHOGONALISE_BELOW of ||w||: otherwise what is left of the basis is about eps times the
+    part removed (the DGKS criterion, Daniel et al. 1976).
     """
-    num_blocks = (num_rows + BLOCK_ROWS - 1) // BLOCK_ROWS
-
-    def project_out(b, w):
-        block = jax.lax.dynamic_slice_in_dim(basis, b * BLOCK_ROWS, BLOCK_ROWS)
-        weights = jnp.where(_valid_rows(b, num_rows), block @ w, 0.0)
-        return w - weights @ block
+    used = jnp.arange(basis.shape[0]) < num_rows
 
     def sweep(w):
-        return jax.lax.fori_loop(0, num_blocks, project_out, w)
+        coefficients = jnp.where(used, basis @ w, 0.0)
+        return w - coefficients @ basis, coefficients
 
-    once = sweep(w)
-    # A second sweep only when the first removed much of w: otherwise what `once` keeps of the
-    # basis is about eps times the part removed (the DGKS criterion, Daniel et al. 1976).
+    once, first = sweep(w)
+
+    def again(once):
+        twice, second = sweep(once)
+        return twice, first + second
+
     return jax.lax.cond(jnp.linalg.norm(once) < REORTHOGONALISE_BELOW * jnp.linalg.norm(w),
-                        sweep, lambda w: w, once)
-
-
-def _combine_rows(basis: jax.Array, coefficients: jax.Array, num_rows: jax.Array) -> jax.Array:
-    """[k, n]: coefficients [k, rows] times the first `num_rows` rows of `basis`, by blocks."""
-
-    def add_block(b, total):
-        rows = jax.lax.dynamic_slice_in_dim(basis, b * BLOCK_ROWS, BLOCK_ROWS)
-        weights = jax.lax.dynamic_slice_in_dim(coefficients, b * BLOCK_ROWS, BLOCK_ROWS, axis=1)
-        return total + jnp.where(_valid_rows(b, num_rows), weights, 0.0) @ rows
-
-    num_blocks = (num_rows + BLOCK_ROWS - 1) // BLOCK_ROWS
-    zeros = jnp.zeros((coefficients.shape[0], basis.shape[1]), basis.dtype)
-    return jax.lax.fori_loop(0, num_blocks, add_block, zeros)
+                        again, lambda once: (once, first), once)
 
 
 def _gaps(chosen, values, residuals, active) -> jax.Array:
@@ -196,140 +202,160 @@ def _error_bound(residual: jax.Array, gap: jax.Array) -> jax.Array:
 
 class _Estimates(NamedTuple):
     top: jax.Array  # [block] descending Ritz values
-    coordinates: jax.Array  # [block, rows] the Ritz vectors' coefficients (0: none yet)
+    coordinates: jax.Array  # [block, rows] the Ritz vectors' coefficients in the basis
     bottom: jax.Array  # smallest Ritz value
     bound: jax.Array  # relative error estimate of `top` (and of `bottom` when it is ||H||)
 
 
-def _estimates_at_size(alpha, beta, j, *, k: int, block: int, size: int, rows: int
-                       ) -> _Estimates:
-    """Ritz estimates from the leading (j+1) x (j+1) block of T, diagonalised at `size`:
-    the top `block` Ritz pairs, and the error bound of the top k."""
-    alpha, beta = alpha[:size], beta[:size]
-    index = jnp.arange(size)
-    active = index <= j
-    scale = jnp.max(jnp.abs(jnp.where(active, alpha, 0.0))) + 2 * jnp.max(jnp.abs(beta))
-    # Padding: a far-away diagonal, decoupled, so its eigenvalues sort below the block's.
-    diagonal = jnp.where(active, alpha, -4.0 * scale - 1.0)
-    off_diagonal = jnp.where(index[:-1] < j, beta[:-1], 0.0)
-    t = jnp.diag(diagonal) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
-    values, vectors = jnp.linalg.eigh(t)  # ascending: the padding first, the block last
-    bottom_index = size - (j + 1)
+def _no_estimates(block: int, rows: int, dtype) -> _Estimates:
+    """Estimates before any step: zeros, with an infinite bound."""
+    return _Estimates(jnp.zeros((block,), dtype), jnp.zeros((block, rows), dtype),
+                      jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype))
+
+
+def _ritz_pairs(projected: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Eigenpairs of the leading (j+1) x (j+1) block of `projected` [cols, cols], ascending.
+    The rest is replaced by a far-away decoupled diagonal, so its values sort first."""
+    cols = projected.shape[0]
+    active = jnp.arange(cols) <= j
+    both = active[:, None] & active[None, :]
+    scale = jnp.max(jnp.sum(jnp.abs(jnp.where(both, projected, 0.0)), axis=1))  # >= ||block||
+    t = jnp.where(both, projected, 0.0) + jnp.diag(jnp.where(active, 0.0, -4.0 * scale - 1.0))
+    return jnp.linalg.eigh(t)
+
+
+def _estimates(projected, residual_norm, j, *, k: int, block: int, rows: int) -> _Estimates:
+    """Ritz estimates after the product of column j: the top `block` Ritz pairs of the basis'
+    first j + 1 columns, and the error bound of the top k (relative to ||A||). A Ritz pair's
+    residual is `residual_norm` times its vector's last coordinate (the Arnoldi relation)."""
+    cols = projected.shape[0]
+    values, vectors = _ritz_pairs(projected, j)
+    index = jnp.arange(cols)
+    bottom_index = cols - (j + 1)
     sorted_active = index >= bottom_index
-    top = jnp.flip(values)[:block]  # padding values past j + 1
-    top_vectors = jnp.flip(vectors, axis=1)[:, :block]  # [size, block]
+    top = jnp.flip(values)[:block]
+    top_vectors = jnp.flip(vectors, axis=1)[:, :block]  # [cols, block]
     bottom = values[bottom_index]
     norm_estimate = jnp.maximum(jnp.abs(top[0]), jnp.abs(bottom))
-    residuals = jnp.abs(beta[j] * vectors[j])  # [size], of every Ritz pair
+    residuals = jnp.abs(residual_norm * vectors[j])  # [cols], of every Ritz pair
     residual = jnp.flip(residuals)[:k]
     gaps = _gaps(top[:k], values, residuals, sorted_active)
-    bound = jnp.max(_error_bound(residual[:k], gaps))
+    bound = jnp.max(_error_bound(residual, gaps))
     # The bottom Ritz value must converge too when it may be the operator norm.
     bottom_residual = residuals[bottom_index]
     bottom_gap = _gaps(bottom[None], values, residuals, sorted_active)[0]
     matters = (jnp.abs(bottom) + bottom_residual >= jnp.abs(top[0])) & (j > 0)
     bound = jnp.maximum(bound, jnp.where(matters, _error_bound(bottom_residual, bottom_gap), 0.0))
-    relative = bound / jnp.maximum(norm_estimate, jnp.finfo(alpha.dtype).tiny)
-    found = jnp.arange(block) <= j  # Ritz pairs that exist after j + 1 steps
-    coordinates = jnp.zeros((block, rows), alpha.dtype).at[:, :size].set(
+    relative = bound / jnp.maximum(norm_estimate, jnp.finfo(projected.dtype).tiny)
+    found = jnp.arange(block) <= j  # Ritz pairs that exist after j + 1 products
+    coordinates = jnp.zeros((block, rows), projected.dtype).at[:, :cols].set(
         jnp.where(found[:, None], top_vectors.T, 0.0))
     return _Estimates(top, coordinates, bottom, relative)
 
 
-def _no_estimates(k: int, rows: int, dtype) -> _Estimates:
-    """Estimates before any step: zeros, with an infinite bound."""
-    return _Estimates(jnp.zeros((k,), dtype), jnp.zeros((k, rows), dtype), jnp.zeros((), dtype),
-                      jnp.asarray(jnp.inf, dtype))
+class _Run(NamedTuple):
+    """Lanczos' state between steps."""
 
-
-def _estimates(alpha, beta, j, *, k: int, block: int, sizes: tuple[int, ...], rows: int
-               ) -> _Estimates:
-    """Ritz estimates after step j, diagonalising at the smallest bucket holding j + 1 steps."""
-    bucket = jnp.searchsorted(jnp.asarray(sizes), j + 1)
-    branches = [
-        functools.partial(_estimates_at_size, k=k, block=block, size=size, rows=rows)
-        for size in sizes
-    ]
-    return jax.lax.switch(bucket, branches, alpha, beta, j)
-
-
-class _Cycle(NamedTuple):
-    """The state of one Lanczos cycle (a run from one start vector)."""
-
-    j: jax.Array  # steps taken in this cycle
-    basis: jax.Array  # [rows, n]; rows 0..j hold the Lanczos vectors
-    alpha: jax.Array  # [rows] diagonal of T
-    beta: jax.Array  # [rows] off-diagonal of T
+    basis: jax.Array  # [rows, n]; rows 0..j hold orthonormal vectors, row j is multiplied next
+    projected: jax.Array  # [rows - 1, rows - 1]: V^T A V over the columns multiplied so far
+    beta: jax.Array  # [rows - 1]: the residual's norm after each column (0: a breakdown)
+    j: jax.Array  # columns multiplied in the current basis
+    used: jax.Array  # products, all together
+    estimates: _Estimates  # after the last step
     converged: jax.Array
-    estimates: "_Estimates"  # after the last step
     previous_breakdown: jax.Array
-    norm_bound: jax.Array  # a cheap bound on ||T||, the scale of the breakdown test
+    norm_bound: jax.Array  # a cheap bound on ||A||, the scale of the breakdown test
     previous_bound: jax.Array  # the error estimate of the step before (inf before step 2)
 
 
-def _run_cycle(matvec, basis, start, limit, key, stop_bound, *, k, block, sizes) -> _Cycle:
-    """Lanczos from the unit vector `start` for at most `limit` (traced) steps."""
-    rows, n = basis.shape
-    dtype = basis.dtype
-    eps = jnp.finfo(dtype).eps
-    basis = basis.at[0].set(start)
-
-    def fresh_direction(j, basis, w, b):
-        """A random unit vector orthogonal to the basis (a restart after a breakdown)."""
-        fresh = jax.random.normal(jax.random.fold_in(key, j), (n,), dtype)
-        fresh = _orthogonalise(basis, fresh, j + 1)
-        norm = jnp.linalg.norm(fresh)
-        return fresh / jnp.where(norm > 0, norm, 1.0)
-
-    def next_lanczos_vector(j, basis, w, b):
-        return w / b
-
-    def body(state: _Cycle) -> _Cycle:
-        j, basis, alpha, beta = state.j, state.basis, state.alpha, state.beta
-        v = basis[j]
-        w = matvec(v)
-        a = jnp.vdot(v, w)
-        previous = jnp.where(j > 0, beta[j - 1], 0.0) * basis[jnp.maximum(j - 1, 0)]
-        w = _orthogonalise(basis, w - a * v - previous, j + 1)
-        b = jnp.linalg.norm(w)
-        alpha = alpha.at[j].set(a)
-        norm_bound = jnp.maximum(
-            state.norm_bound, jnp.abs(a) + jnp.abs(beta[jnp.maximum(j - 1, 0)]) + b
-        )
-        # Breakdown: the Krylov space is invariant. Continue from a fresh random direction
-        # orthogonal to the basis, decoupled from it (beta = 0): a low-rank operator does not
-        # divide by zero, and a copy of a repeated eigenvalue can still be found.
-        breakdown = b <= 100 * eps * norm_bound
-        b = jnp.where(breakdown, 0.0, b)
-        beta = beta.at[j].set(b)
-        following = jax.lax.cond(breakdown, fresh_direction, next_lanczos_vector, j, basis, w, b)
-        basis = basis.at[j + 1].set(following)
-        estimates = _estimates(alpha, beta, j, k=k, block=block, sizes=sizes, rows=rows)
-        # The larger estimate of two successive steps (a cycle's first keeps its own): in a
-        # turning cluster the top Ritz vector can mix two eigenvectors, and its residual dips
-        # below the tolerance for one step while the true error stays 100x the estimate.
-        bound = jnp.where(j > 0, jnp.maximum(estimates.bound, state.previous_bound),
-                          estimates.bound)
-        # At least `block` steps: a warm start sums `block` Ritz vectors, and with close
-        # eigenvalues that sum is nearly an eigenvector (seen: 2 steps, a bound below 1e-4, a
-        # true error of 4e-2). A second breakdown in a row: the rest of the space is flat.
-        converged = (
-            (j + 1 >= max(block, 2)) & (bound <= stop_bound)
-            & (~breakdown | state.previous_breakdown)
-        )
-        return _Cycle(j + 1, basis, alpha, beta, converged, estimates._replace(bound=bound),
-                      breakdown, norm_bound, estimates.bound)
-
-    def cond(state: _Cycle):
-        # A nan or inf operator (a diverged run) stops at once, unconverged.
-        finite = (state.j == 0) | jnp.isfinite(state.estimates.bound)
-        return (state.j < limit) & ~state.converged & finite
-
-    zeros = jnp.zeros((rows,), dtype)
+def _start(start: jax.Array, rows: int, block: int) -> _Run:
+    """The state before the first product from the unit vector `start` [n]."""
+    dtype = start.dtype
+    cols = rows - 1
+    basis = jnp.zeros((rows, start.shape[0]), dtype).at[0].set(start)
     no = jnp.bool_(False)
-    initial = _Cycle(jnp.int32(0), basis, zeros, zeros, no, _no_estimates(block, rows, dtype),
-                     no, zeros[0], jnp.asarray(jnp.inf, dtype))
-    return jax.lax.while_loop(cond, body, initial)
+    return _Run(basis, jnp.zeros((cols, cols), dtype), jnp.zeros((cols,), dtype), jnp.int32(0),
+                jnp.int32(0), _no_estimates(block, rows, dtype), no, no,
+                jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype))
+
+
+def _step(matvec, run: _Run, key, stop_bound, *, k: int, block: int, estimate: bool) -> _Run:
+    """One product: column j of the projected matrix, the next basis vector and, with
+    `estimate`, the Ritz estimates and the stopping test."""
+    basis, j = run.basis, run.j
+    rows, n = basis.shape
+    eps = jnp.finfo(basis.dtype).eps
+    w, coefficients = _orthogonalise(basis, matvec(basis[j]), j + 1)
+    coefficients = coefficients[:-1]
+    projected = run.projected.at[j].set(coefficients).at[:, j].set(coefficients)
+    b = jnp.linalg.norm(w)
+    norm_bound = jnp.maximum(run.norm_bound, jnp.sum(jnp.abs(coefficients)) + b)
+    # Breakdown: the Krylov space is invariant. Continue from a fresh random direction
+    # orthogonal to the basis, decoupled from it (beta = 0): a low-rank operator does not
+    # divide by zero, and a copy of a repeated eigenvalue can still be found.
+    breakdown = b <= 100 * eps * norm_bound
+    b = jnp.where(breakdown, 0.0, b)
+
+    def fresh_direction(w):
+        fresh = random_vector(jax.random.fold_in(key, run.used), n, basis.dtype)
+        fresh, _ = _orthogonalise(basis, fresh, j + 1)
+        return fresh / jnp.maximum(jnp.linalg.norm(fresh), jnp.finfo(basis.dtype).tiny)
+
+    following = jax.lax.cond(breakdown, fresh_direction, lambda w: w / jnp.where(b > 0, b, 1.0),
+                             w)
+    run = run._replace(basis=basis.at[j + 1].set(following), projected=projected,
+                       beta=run.beta.at[j].set(b), j=j + 1, used=run.used + 1,
+                       previous_breakdown=breakdown, norm_bound=norm_bound)
+    if not estimate:
+        return run
+    estimates = _estimates(projected, b, j, k=k, block=block, rows=rows)
+    # The larger estimate of two successive steps: in a turning cluster the top Ritz vector
+    # can mix two eigenvectors, and its residual dips below the tolerance for one step while
+    # the true error stays 100x the estimate.
+    bound = jnp.where(run.used > 1, jnp.maximum(estimates.bound, run.previous_bound),
+                      estimates.bound)
+    # At least `block` products: a warm start sums `block` Ritz vectors, and with close
+    # eigenvalues that sum is nearly an eigenvector (seen: 2 steps, a bound below 1e-4, a true
+    # error of 4e-2). Two breakdowns in a row: the rest of the space is flat. A whole space
+    # (j + 1 = n columns): exact.
+    converged = (
+        (run.used >= max(block, 2)) & (bound <= stop_bound)
+        & (~breakdown | (run.previous_breakdown & breakdown))
+    ) | (j + 1 == n)
+    return run._replace(estimates=estimates._replace(bound=bound), converged=converged,
+                        previous_bound=estimates.bound)
+
+
+def _rotate_rows(basis: jax.Array, mixing: jax.Array) -> jax.Array:
+    """`mixing @ basis` for a small square `mixing` [rows, rows], written over `basis` in
+    place, a chunk of columns at a time: the temporaries hold one chunk, not a second basis."""
+    rows, n = basis.shape
+    width = min(n, max(ROTATION_COLUMNS, -(-n // ROTATION_CHUNKS)))
+    count = -(-n // width)
+
+    def rotate(i, basis):
+        begin = jnp.minimum(i * width, n - width)  # the last chunk overlaps the one before
+        chunk = jax.lax.dynamic_slice_in_dim(basis, begin, width, axis=1)
+        done = begin + jnp.arange(width) < i * width  # rotated with the chunk before
+        rotated = jnp.where(done[None, :], chunk, mixing @ chunk)
+        return jax.lax.dynamic_update_slice_in_dim(basis, rotated, begin, axis=1)
+
+    return jax.lax.fori_loop(0, count, rotate, basis)
+
+
+def _thick_restart(run: _Run, keep: int) -> _Run:
+    """The basis' top `keep` Ritz vectors and its last vector (the residual direction) as the
+    new basis' first rows; the projected matrix becomes their Ritz values' diagonal, and the
+    next product couples the residual direction to each (an arrow)."""
+    rows = run.basis.shape[0]
+    values, vectors = _ritz_pairs(run.projected, run.j - 1)
+    kept = jnp.flip(vectors, axis=1)[:, :keep].T  # [keep, cols]
+    mixing = jnp.zeros((rows, rows), kept.dtype).at[:keep, :-1].set(kept)
+    mixing = mixing.at[keep, rows - 1].set(1.0)
+    projected = jnp.zeros_like(run.projected).at[jnp.arange(keep), jnp.arange(keep)].set(
+        jnp.flip(values)[:keep])
+    return run._replace(basis=_rotate_rows(run.basis, mixing), projected=projected,
+                        j=jnp.int32(keep))
 
 
 def solve(
@@ -343,6 +369,7 @@ def solve(
     k: int,
     num_matvecs: int,
     block_size: int,
+    basis_size: int | None = None,
 ) -> EigenInfo:
     """The top-k eigenpairs of the symmetric operator `matvec` on R^n (trace inside a jit).
 
@@ -355,56 +382,41 @@ def solve(
         max(tolerance, noise_floor), since the products cannot resolve less, and the bound
         reported is at least it.
       start_noise: weight of the unit random vector added to a warm start (0: none).
-      k: how many eigenpairs; num_matvecs: the products allowed, all restart cycles together.
-      block_size: how many Ritz vectors to return (at least k; at most the steps one cycle
+      k: how many eigenpairs; num_matvecs: the products allowed, all restarts together.
+      block_size: how many Ritz vectors to return (at least k; at most the columns one basis
         holds), the next warm start's block: a couple more than k keep the directions that
         may overtake the top k by the next check.
+      basis_size: vectors of n the basis holds, >= k + 2 (None: `default_basis_size`).
     """
     n = start_block.shape[1]
-    dtype = start_block.dtype
-    steps_per_cycle = basis_steps(n, num_matvecs)
-    if k > steps_per_cycle:
-        raise ValueError(
-            f"k={k} eigenvalues need at least k Lanczos steps; only {steps_per_cycle} allowed"
-        )
-    rows = -(-(steps_per_cycle + 1) // BLOCK_ROWS) * BLOCK_ROWS  # whole blocks
-    block = min(max(block_size, k), steps_per_cycle)
-    sizes = _ritz_sizes(block, steps_per_cycle)
+    block = max(block_size, k)
+    if basis_size is None:
+        basis_size = default_basis_size(block)
+    check_options(k, num_matvecs, 0.0, n, basis_size=basis_size)
+    cols = basis_steps(n, num_matvecs, basis_size)
+    rows = cols + 1
+    block = min(block, cols)
+    keep = min(max(block, int(KEEP_FRACTION * cols)), cols - 1)
     stop_bound = jnp.maximum(tolerance, noise_floor)
     start = start_vector(start_block, key, start_noise)
 
-    def cycle_body(state):
-        cycle, used, start, basis, _, _, _, _ = state
-        limit = jnp.minimum(steps_per_cycle, num_matvecs - used)
-        # The basis is reused: rows past a cycle's steps are stale and get weight zero.
-        run = _run_cycle(
-            matvec, basis, start, limit, jax.random.fold_in(key, cycle + 1), stop_bound,
-            k=k, block=block, sizes=sizes,
-        )
-        estimates = run.estimates
-        vectors = _combine_rows(run.basis, estimates.coordinates, run.j)
-        norms = jnp.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors = vectors / jnp.where(norms > 0, norms, 1.0)
-        exhausted = run.j == n  # a whole space: exact
-        converged = run.converged | exhausted
-        restart = start_vector(vectors, jax.random.fold_in(key, cycle + RESTART_SALT),
-                               jnp.zeros((), dtype))  # no random component
-        return (cycle + 1, used + run.j, restart, run.basis, estimates, vectors, converged,
-                jnp.isfinite(estimates.bound))
+    def body(run: _Run) -> _Run:
+        run = _step(matvec, run, key, stop_bound, k=k, block=block, estimate=True)
+        full = (run.j == cols) & ~run.converged & (run.used < num_matvecs)
+        return jax.lax.cond(full, lambda run: _thick_restart(run, keep), lambda run: run, run)
 
-    def cycle_cond(state):
-        _, used, _, _, _, _, converged, finite = state
-        return (used < num_matvecs) & ~converged & finite
+    def cond(run: _Run):
+        # A nan or inf operator (a diverged run) stops at once, unconverged.
+        finite = (run.used == 0) | jnp.isfinite(run.estimates.bound)
+        return (run.used < num_matvecs) & ~run.converged & finite
 
-    empty = _no_estimates(block, rows, dtype)
-    basis = jnp.zeros((rows, n), dtype)
-    initial = (jnp.int32(0), jnp.int32(0), start, basis, empty, jnp.zeros((block, n), dtype),
-               jnp.bool_(False), jnp.bool_(True))
-    _, used, _, _, estimates, vectors, converged, _ = jax.lax.while_loop(
-        cycle_cond, cycle_body, initial
-    )
-    return EigenInfo(estimates.top[:k], vectors, estimates.bottom, used,
-                     jnp.maximum(estimates.bound, noise_floor), converged)
+    run = jax.lax.while_loop(cond, body, _start(start, rows, block))
+    estimates = run.estimates
+    # The basis is orthonormal, so a Ritz vector's norm is its coordinates'.
+    norms = jnp.linalg.norm(estimates.coordinates, axis=1, keepdims=True)
+    vectors = (estimates.coordinates / jnp.where(norms > 0, norms, 1.0)) @ run.basis
+    return EigenInfo(estimates.top[:k], vectors, estimates.bottom, run.used,
+                     jnp.maximum(estimates.bound, noise_floor), run.converged)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,18 +429,17 @@ def tridiagonal(
     """`(alpha [steps], beta [steps - 1])`: the Lanczos tridiagonal T of `matvec` after exactly
     `steps` products from the unit vector `start` [n] (trace inside a jit; steps <= n).
 
-    The same cycle as `solve` (full reorthogonalisation), with no stopping test and no restart.
-    After a breakdown beta is 0 and the run continues from a random direction (`key`)
-    orthogonal to the basis, so every eigenvalue of T still lies in the operator's spectrum's
-    range and T's later blocks carry no weight of `start`.
+    The same steps as `solve` (full reorthogonalisation, a basis of steps + 1 vectors), with no
+    stopping test and no restart. After a breakdown beta is 0 and the run continues from a
+    random direction (`key`) orthogonal to the basis, so every eigenvalue of T still lies in
+    the operator's spectrum's range and T's later blocks carry no weight of `start`.
     """
     n = start.shape[0]
     if not 1 <= steps <= n:
         raise ValueError(f"steps={steps} must be between 1 and the dimension {n}")
-    rows = -(-(steps + 1) // BLOCK_ROWS) * BLOCK_ROWS  # whole blocks
-    basis = jnp.zeros((rows, n), start.dtype)
-    never = jnp.asarray(-jnp.inf, start.dtype)  # no stopping test: exactly `steps` products
-    run = _run_cycle(
-        matvec, basis, start, steps, key, never, k=1, block=1, sizes=_ritz_sizes(1, steps)
-    )
-    return run.alpha[:steps], run.beta[: steps - 1]
+    never = jnp.asarray(-jnp.inf, start.dtype)
+    run = jax.lax.fori_loop(
+        0, steps,
+        lambda _, run: _step(matvec, run, key, never, k=1, block=1, estimate=False),
+        _start(start, steps + 1, 1))
+    return jnp.diagonal(run.projected), run.beta[: steps - 1]

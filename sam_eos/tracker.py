@@ -13,7 +13,8 @@ the Ritz vectors the previous call left in `state`: along a training trajectory 
 directions move little between calls, so later calls need fewer products than the first.
 `update` is one jit-compiled function per tracker: calling it every few steps compiles once per
 (params, batch) shape. The state is a pytree of arrays, so it can be checkpointed with the
-rest of a loop's state.
+rest of a loop's state. `update` consumes it (its memory is donated to the next state): keep
+the state it returns, as with an optax optimizer's.
 
 The Hessian is taken in every leaf of `params`, so `params` holds the trained parameters and
 nothing else: `init` and `update` refuse, naming the leaf's path, an integer, bool or key leaf,
@@ -120,6 +121,9 @@ class SharpnessTracker:
       start_noise: weight of the unit random vector added to each warm start, so that a
         direction that became the top one since the last call is still found.
       hvp_mode: "auto", "linearize" or "forward_over_reverse" (`sam_eos.hessian`).
+      basis_size: vectors of num_params the Lanczos basis holds, >= k + 2 (None:
+        `sam_eos.lanczos.default_basis_size`, 12 for k = 1): memory against products
+        (README, "Memory").
       per_layer: False; True to also measure each layer (the first level of params, as
         `sam_eos.layer_sharpness`); or a grouping function `keystr(path) -> name | None` for
         other splits. Each layer costs one more Lanczos solve per `update`, with the same
@@ -131,12 +135,13 @@ class SharpnessTracker:
                  tolerance: float = eigensolver.DEFAULT_TOLERANCE,
                  extra_vectors: int = eigensolver.DEFAULT_EXTRA_VECTORS,
                  start_noise: float = eigensolver.DEFAULT_START_NOISE, hvp_mode: str = "auto",
-                 per_layer: bool | Grouping = False):
-        lanczos.check_options(k, num_matvecs, tolerance, num_params=k)
+                 basis_size: int | None = None, per_layer: bool | Grouping = False):
+        lanczos.check_options(k, num_matvecs, tolerance, num_params=k, basis_size=basis_size)
         if isinstance(extra_vectors, bool) or not isinstance(extra_vectors, int) or \
                 extra_vectors < 0:
             raise ValueError(f"extra_vectors must be an int >= 0, not {extra_vectors!r}")
         self.loss_fn, self.k, self.num_matvecs = loss_fn, k, num_matvecs
+        self.basis_size = basis_size
         self.tolerance, self.start_noise, self.hvp_mode = tolerance, start_noise, hvp_mode
         self.block_size = k + extra_vectors
         if not (isinstance(per_layer, bool) or callable(per_layer)):
@@ -144,7 +149,8 @@ class SharpnessTracker:
                              f"{per_layer!r}")
         self.per_layer = per_layer is not False
         self.grouping = per_layer if callable(per_layer) else None
-        self._update = jax.jit(self._measure)
+        # The state is donated: its Ritz vectors' memory holds the next state's.
+        self._update = jax.jit(self._measure, donate_argnums=0)
         self._blocks: dict = {}  # (treedef, leaf shapes) -> (names, indices, device positions)
 
     def init(self, params: PyTree, key: jax.Array) -> TrackerState:
@@ -154,8 +160,10 @@ class SharpnessTracker:
                              f" not {key!r}")
         trainable.check_params(params)
         flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)  # traced: nothing compiled
-        lanczos.check_options(self.k, self.num_matvecs, self.tolerance, flat.size)
-        solver = eigensolver.init(params, self.k, self.block_size, self.num_matvecs)
+        lanczos.check_options(self.k, self.num_matvecs, self.tolerance, flat.size,
+                              basis_size=self.basis_size)
+        solver = eigensolver.init(params, self.k, self.block_size, self.num_matvecs,
+                                  self.basis_size)
         layer_vectors = ()
         if self.per_layer:
             layer_vectors = tuple(layers.cold_start_vectors(
@@ -223,6 +231,7 @@ class SharpnessTracker:
         found, _ = eigensolver.update(
             self.loss_fn, params, batch, key, eigensolver.SolverState(state.ritz_vectors),
             k=self.k, num_matvecs=self.num_matvecs, tolerance=self.tolerance,
+            basis_size=self.basis_size,
             start_noise=self.start_noise, rho_eff=0.0 if rho_eff is None else rho_eff,
             preconditioner=preconditioner, hvp_mode=self.hvp_mode)
         flat_params, unravel = ravel_pytree(params)

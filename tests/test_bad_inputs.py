@@ -40,10 +40,12 @@ def test_power_iteration_names_the_bad_argument(options, message):
         power_iteration(loss, PARAMS, BATCH, KEY, **options)
 
 
-def test_the_basis_limit_is_named():
+def test_a_basis_too_small_for_k_is_named_before_compiling():
     params = {"w": jnp.zeros(200)}
-    with pytest.raises(ValueError, match="MAX_BASIS_STEPS=128"):
-        sam_eos.top_eigenvalues(loss, params, jnp.eye(200), KEY, k=129, num_matvecs=400)
+    with pytest.raises(ValueError, match=r"basis_size must be an int >= k \+ 2 = 5"):
+        sam_eos.top_eigenvalues(loss, params, jnp.eye(200), KEY, k=3, basis_size=4)
+    with pytest.raises(ValueError, match="basis_size must be an int"):
+        sam_eos.SharpnessTracker(loss, basis_size=2)
 
 
 def test_tracker_refuses_bad_settings_keys_and_states():

@@ -15,8 +15,8 @@ from tests.conftest import ROOT, environment, make_mlp, mlp_loss
 def test_the_compiled_default_solver_never_transposes_its_basis():
     params, batch = make_mlp([12, 40, 30, 3], num_examples=32)
     size = ravel_pytree(params)[0].size
-    steps = lanczos.basis_steps(size, eigensolver.DEFAULT_NUM_MATVECS)
-    rows = -(-(steps + 1) // lanczos.BLOCK_ROWS) * lanczos.BLOCK_ROWS  # the basis's rows
+    basis_size = lanczos.default_basis_size(eigensolver.warm_block_size(1))
+    rows = lanczos.basis_steps(size, eigensolver.DEFAULT_NUM_MATVECS, basis_size) + 1
     solver = jax.jit(lambda p, b, key: eigensolver.top_eigenvalues(mlp_loss, p, b, key)[0])
     text = solver.lower(params, batch, jax.random.key(0)).compile().as_text()
     basis = re.compile(rf"f32\[{rows},{size}\]")

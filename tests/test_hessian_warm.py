@@ -121,7 +121,7 @@ def test_noise_floor_is_measured_and_included_in_the_bound(moving_mlp):
 def test_huge_max_iterations_is_harmless(moving_mlp):
     _, moved, batch, _, spectrum, _ = moving_mlp
     num_params = ravel_pytree(moved)[0].size
-    assert lanczos.basis_steps(num_params, 10**6) == lanczos.MAX_BASIS_STEPS
+    assert lanczos.basis_steps(num_params, 10**6) == lanczos.DEFAULT_BASIS_SIZE - 1
     eigenvalues, _, info = top_eigenvalues(
         mlp_loss, moved, batch, jax.random.PRNGKey(0), 1, num_matvecs=10**6
     )
@@ -146,7 +146,7 @@ def test_work_does_not_grow_with_num_matvecs():
                                  jnp.float32(0), k=1, num_matvecs=num_matvecs, block_size=3)
         return jax.make_jaxpr(run)(matrix, jnp.zeros((1, n)), jax.random.PRNGKey(0)).jaxpr
 
-    rows = -(-(lanczos.MAX_BASIS_STEPS + 1) // lanczos.BLOCK_ROWS) * lanczos.BLOCK_ROWS
+    rows = lanczos.default_basis_size(3)  # the basis, whatever the budget
     assert largest_array(solve(10**7)) == largest_array(solve(200)) == rows * n
 
 
@@ -162,7 +162,7 @@ def clustered_spectrum(n=400):
 
 
 def test_restarts_when_the_basis_is_full(monkeypatch):
-    monkeypatch.setattr(lanczos, "MAX_BASIS_STEPS", 12)
+    monkeypatch.setattr(lanczos, "DEFAULT_BASIS_SIZE", 13)
     matrix, spectrum = clustered_spectrum()
     solve = jax.jit(functools.partial(dense_solve, k=1, num_matvecs=2000))
     result = solve(matrix, jnp.zeros((1, 400)), jax.random.PRNGKey(1), jnp.float32(1e-6))
