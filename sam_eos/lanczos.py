@@ -26,7 +26,7 @@ from sam_eos.types import Matvec
 
 # Vectors of length n the basis holds unless told otherwise: memory against products, measured
 # in BENCHMARKS.md (`scale` for memory, `check_misses` for products).
-DEFAULT_BASIS_SIZE = 12
+DEFAULT_BASIS_SIZE = 9
 # Ritz vectors kept at a restart: the block asked for, and at least this fraction of the
 # basis's columns; new products refill the rest.
 KEEP_FRACTION = 0.5
