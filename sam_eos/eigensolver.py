@@ -26,7 +26,9 @@ Memory: the Lanczos basis holds `basis_size` vectors of num_params (default
 `lanczos.default_basis_size(block)`, 9 for k = 1), float32 or wider, whatever the budget: a
 thick restart keeps the top Ritz vectors when it is full. Low-precision parameters (bfloat16,
 float16) are solved in float32: each product casts its vector to the parameters' dtype and its
-result back.
+result back. The products keep their precision's rounding: measure it with
+`hessian.product_noise_floor` (against float32 products at the upcast parameters) on a first
+solve's top Ritz vector and pass it as `noise_floor` (`SharpnessTracker` does this itself).
 """
 
 import functools
@@ -121,8 +123,9 @@ def update(
       tolerance: >= 0; stop when the estimated error of every top-k Ritz value, and of the
         bottom one when it may be the largest in magnitude, is below
         `max(tolerance, noise_floor) * ||A||`.
-      noise_floor: the products' relative error (`hessian.product_noise_floor`); the reported
-        bound is at least it.
+      noise_floor: the products' relative error (`hessian.product_noise_floor`: TF32 matmuls,
+        bfloat16/float16 params, or mixed precision given its `reference_loss_fn`); the
+        reported bound is at least it.
       start_noise: weight of a unit random vector added to a warm start; 0 to continue a
         chunked solve exactly from the previous chunk.
       rho_eff, preconditioner: the operator, as `effective_sharpness_operator`.

@@ -4,7 +4,6 @@
 The top of the spectrum is found from these products by `sam_eos.eigensolver` (Lanczos).
 """
 
-import functools
 from collections.abc import Callable
 
 import jax
@@ -68,6 +67,20 @@ def hessian_operator(
 EXACT_DEFAULT_PRECISION_BACKENDS = ("cpu",)
 
 
+def low_precision(params: PyTree) -> bool:
+    """Whether some floating leaf of `params` is narrower than float32 (bfloat16, float16): its
+    products then carry that precision's rounding. Static: reads dtypes only."""
+    return any(jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+               and jnp.finfo(jnp.result_type(leaf)).bits < 32
+               for leaf in jax.tree.leaves(params))
+
+
+def upcast_params(params: PyTree) -> PyTree:
+    """`params` with every leaf at least float32 (bfloat16 and float16 leaves cast up)."""
+    return jax.tree.map(
+        lambda p: jnp.asarray(p, jnp.promote_types(jnp.result_type(p), jnp.float32)), params)
+
+
 def product_noise_floor(
     loss_fn: LossFn,
     params: PyTree,
@@ -77,35 +90,61 @@ def product_noise_floor(
     precision: str | None = None,
     product_transform: ProductTransform | None = None,
     always_measure: bool = False,
+    reference_loss_fn: LossFn | None = None,
 ) -> jax.Array:
-    """Relative error of the solver's products: ||H_p v - H v|| / ||H v|| (float scalar).
+    """Relative error of the solver's products: ||H_p v - H v|| / ||H v|| (float32 scalar).
 
-    0 without measuring on EXACT_DEFAULT_PRECISION_BACKENDS when neither `precision` nor
-    `product_transform` is given, unless `always_measure`.
+    H_p v is the product the solver forms: `loss_fn` at `params` as they are (bfloat16 or
+    float16 leaves: in that dtype, `vector` cast to it), at matmul `precision` (None: JAX's
+    default, e.g. TF32 on recent GPUs), through `product_transform` if given. H v is the
+    reference: `reference_loss_fn` (default `loss_fn`) at `params` upcast to float32, `vector`
+    in float32, at "highest" precision. So it measures TF32 matmuls, low-precision parameters
+    (a loss that computes in the parameters' dtype computes in float32 on the upcast ones), and,
+    given `reference_loss_fn`, mixed precision: float32 parameters with a `loss_fn` that
+    computes in bfloat16 inside, against `reference_loss_fn`, the same loss in float32.
+    A loss that casts to a low precision inside whatever its parameters' dtype needs
+    `reference_loss_fn` too: else the reference computes in that precision and the value is low.
 
-    H_p v is the product at matmul `precision` (None: JAX's default, e.g. TF32 on recent
-    GPUs), through `product_transform` if given; H v is the product at "highest" precision.
+    0 without measuring on EXACT_DEFAULT_PRECISION_BACKENDS when nothing differs from the
+    reference but the matmuls (no `precision`, `product_transform` or `reference_loss_fn`, no
+    low-precision leaf), unless `always_measure`.
+
     `vector` is flat [num_params]; pass the first check's top Ritz vector
     (`info.ritz_vectors[0]`): then ||H v|| ~ ||H|| and the value bounds the products' shift of
     the top Ritz value relative to ||H|| (|v^T E v| <= ||E v||). Measure it once per run and
     pass it as `noise_floor` to later checks.
     """
     exact = (jax.default_backend() in EXACT_DEFAULT_PRECISION_BACKENDS and precision is None
-             and product_transform is None)
+             and product_transform is None and reference_loss_fn is None
+             and not low_precision(params))
     if exact and not always_measure:
-        return jnp.zeros((), vector.dtype)
+        return jnp.zeros((), jnp.promote_types(vector.dtype, jnp.float32))
     return _measured_noise_floor(loss_fn, params, batch, vector, precision=precision,
-                                 product_transform=product_transform)
+                                 product_transform=product_transform,
+                                 reference_loss_fn=reference_loss_fn)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "precision", "product_transform"))
-def _measured_noise_floor(loss_fn, params, batch, vector, *, precision, product_transform):
-    """`product_noise_floor`, measured: the product at `precision` against "highest"."""
+def measured_noise_floor(loss_fn, params, batch, vector, *, precision=None,
+                         product_transform=None, reference_loss_fn=None) -> jax.Array:
+    """`product_noise_floor`, always measured; pure, to trace inside a jit."""
     _, _, matvec = hessian_operator(loss_fn, params, batch, "forward_over_reverse")
+    flat_params, _ = ravel_pytree(params)
+    low = vector.astype(flat_params.dtype)
     with jax.default_matmul_precision(precision):
-        product = matvec(vector)
+        product = matvec(low)
     if product_transform is not None:
-        product = product_transform(vector, product)
+        product = product_transform(low, product)
+    dtype = jnp.promote_types(vector.dtype, jnp.float32)
+    reference_matvec = matvec  # float32 params, the same loss: only the precision differs
+    if low_precision(params) or reference_loss_fn is not None:
+        _, _, reference_matvec = hessian_operator(
+            loss_fn if reference_loss_fn is None else reference_loss_fn, upcast_params(params),
+            batch, "forward_over_reverse")
     with jax.default_matmul_precision("highest"):
-        reference = matvec(vector)
-    return jnp.linalg.norm(product - reference) / jnp.linalg.norm(reference)
+        reference = reference_matvec(vector.astype(dtype)).astype(dtype)
+    return jnp.linalg.norm(product.astype(dtype) - reference) / jnp.linalg.norm(reference)
+
+
+_measured_noise_floor = jax.jit(
+    measured_noise_floor,
+    static_argnames=("loss_fn", "precision", "product_transform", "reference_loss_fn"))

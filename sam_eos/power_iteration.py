@@ -12,6 +12,11 @@ value) and v_t. So the value is a magnitude, >= 0: the largest |eigenvalue| when
 converges, biased upwards on ReLU networks, where a gradient difference across the kinks of
 the activations adds to H v (see BENCHMARKS.md).
 
+Low-precision parameters (bfloat16, float16) are upcast to float32 first: the loss is called on
+float32 copies and the vectors and differences are float32 (in bfloat16 a step of 1e-3 is below
+the rounding of most weights, and the differences round away). A loss that casts the parameters
+back to their low precision inside still loses the step: it sees the original values.
+
 For k > 1 the same runs on a block of k vectors: the products are orthonormalised by
 Gram-Schmidt (in order) and the values are the norms of the orthogonalised products (|R_ii| of
 a QR factorisation), which approach the k largest |eigenvalues|; iteration stops when every
@@ -25,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from sam_eos.hessian import upcast_params
 from sam_eos.lanczos import EigenInfo, check_options
 from sam_eos.types import LossFn, PyTree
 
@@ -105,6 +111,8 @@ def power_iteration(
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "k", "num_matvecs"))
 def _power_iteration(loss_fn, params, batch, key, tolerance, *, k, num_matvecs):
+    original_flat, original_unravel = ravel_pytree(params)
+    params = upcast_params(params)  # float32 finite differences (module docstring)
     flat_params, unravel = ravel_pytree(params)
     dtype = flat_params.dtype
 
@@ -128,7 +136,8 @@ def _power_iteration(loss_fn, params, batch, key, tolerance, *, k, num_matvecs):
     iterations, vectors, norms, going = jax.lax.while_loop(cond, body, state)
     order = jnp.argsort(-norms)
     converged = ~going & jnp.all(jnp.isfinite(norms))
-    return PowerResult(norms[order], unravel(vectors[order[0]]), iterations, converged)
+    direction = original_unravel(vectors[order[0]].astype(original_flat.dtype))
+    return PowerResult(norms[order], direction, iterations, converged)
 
 
 def eigen_info(result: PowerResult, block: jax.Array) -> EigenInfo:

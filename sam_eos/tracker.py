@@ -128,6 +128,14 @@ class SharpnessTracker:
         `sam_eos.layer_sharpness`); or a grouping function `keystr(path) -> name | None` for
         other splits. Each layer costs one more Lanczos solve per `update`, with the same
         `num_matvecs` and `tolerance`; its products count in `hessian_vector_products`.
+      reference_loss_fn: None, or `loss_fn` computing in float32, for mixed precision (float32
+        params, a `loss_fn` that computes in bfloat16 inside): see below.
+
+    Low precision: with bfloat16 or float16 leaves in `params` (decided from their dtypes when
+    `update` compiles), or a `reference_loss_fn`, each `update` also measures the products'
+    noise, `hessian.measured_noise_floor` on the top Ritz vector (the previous call's; on a cold
+    start, this call's), 2 more products, and `error_bound` is at least it; the warm solves stop
+    at it. Float32 params without `reference_loss_fn` measure nothing.
     """
 
     def __init__(self, loss_fn: LossFn, k: int = 1, *,
@@ -135,13 +143,15 @@ class SharpnessTracker:
                  tolerance: float = eigensolver.DEFAULT_TOLERANCE,
                  extra_vectors: int = eigensolver.DEFAULT_EXTRA_VECTORS,
                  start_noise: float = eigensolver.DEFAULT_START_NOISE, hvp_mode: str = "auto",
-                 basis_size: int | None = None, per_layer: bool | Grouping = False):
+                 basis_size: int | None = None, per_layer: bool | Grouping = False,
+                 reference_loss_fn: LossFn | None = None):
         lanczos.check_options(k, num_matvecs, tolerance, num_params=k, basis_size=basis_size)
         if isinstance(extra_vectors, bool) or not isinstance(extra_vectors, int) or \
                 extra_vectors < 0:
             raise ValueError(f"extra_vectors must be an int >= 0, not {extra_vectors!r}")
         self.loss_fn, self.k, self.num_matvecs = loss_fn, k, num_matvecs
         self.basis_size = basis_size
+        self.reference_loss_fn = reference_loss_fn
         self.tolerance, self.start_noise, self.hvp_mode = tolerance, start_noise, hvp_mode
         self.block_size = k + extra_vectors
         if not (isinstance(per_layer, bool) or callable(per_layer)):
@@ -226,14 +236,35 @@ class SharpnessTracker:
                 " tracker.init(params, key) for them")
         return tuple(indices), blocks
 
+    def _noise_floor(self, params, batch, vector):
+        """||H_low v - H_f32 v|| / ||H_f32 v|| at the unit `vector` (`hessian`)."""
+        vector = vector / jnp.maximum(jnp.linalg.norm(vector), jnp.finfo(vector.dtype).tiny)
+        return hessian.measured_noise_floor(
+            self.loss_fn, params, batch, vector,
+            reference_loss_fn=self.reference_loss_fn).astype(vector.dtype)
+
     def _measure(self, state, params, batch, rho_eff, preconditioner, blocks):
         key, next_key = jax.random.split(state.key)
+        noisy = hessian.low_precision(params) or self.reference_loss_fn is not None  # static
+        previous = state.ritz_vectors[0]
+        warm = jnp.any(previous != 0)
+        floor = 0.0
+        if noisy:  # the products' noise on the previous top Ritz vector; 0 on a cold start
+            floor = jax.lax.cond(warm, lambda: self._noise_floor(params, batch, previous),
+                                 lambda: jnp.zeros((), previous.dtype))
         found, _ = eigensolver.update(
             self.loss_fn, params, batch, key, eigensolver.SolverState(state.ritz_vectors),
             k=self.k, num_matvecs=self.num_matvecs, tolerance=self.tolerance,
             basis_size=self.basis_size,
             start_noise=self.start_noise, rho_eff=0.0 if rho_eff is None else rho_eff,
-            preconditioner=preconditioner, hvp_mode=self.hvp_mode)
+            preconditioner=preconditioner, hvp_mode=self.hvp_mode,
+            noise_floor=floor)
+        if noisy:  # a cold start measures it on the Ritz vector it found
+            floor = jax.lax.cond(warm, lambda: floor, lambda: self._noise_floor(
+                params, batch, found.ritz_vectors[0]))
+            found = found._replace(
+                error_bound=jnp.maximum(found.error_bound, floor),
+                hessian_vector_products=found.hessian_vector_products + 2)
         flat_params, unravel = ravel_pytree(params)
         products = found.hessian_vector_products
         result = SharpnessResult(
