@@ -44,7 +44,10 @@ def test_shares_of_the_top_eigenvector_match_the_dense_one_and_sum_to_one(proble
     top = np.linalg.eigh(hessian)[1][:, -1]
     for name, index in group_indices(params).items():
         assert float(shares[name]) == pytest.approx(np.sum(top[index] ** 2), abs=1e-4)
-    assert sum(float(v) for v in shares.values()) == pytest.approx(1.0, abs=1e-6)
+    # ||v_G||^2 / ||v||^2 summed over the groups: float32 sums of 215 squares in two orders
+    # that depend on XLA's vector width, each within ~(215 / width) eps ~ 3e-6 (measured here:
+    # 9e-8); a group missed or counted twice is off by its share, 0.17 or more.
+    assert sum(float(v) for v in shares.values()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_a_one_layer_model_equals_top_eigenvalues():
@@ -115,7 +118,8 @@ def test_the_tracker_per_layer_matches_the_dense_blocks_and_starts_warm(problem)
                                                                 abs=1e-4)
         assert bool(first.layer_info[name].converged)
         layer_products += int(first.layer_info[name].hessian_vector_products)
-    assert sum(float(v) for v in first.layer_shares.values()) == pytest.approx(1.0, abs=1e-6)
+    # Float32 sums of squares in two orders, as in the test of layer_shares.
+    assert sum(float(v) for v in first.layer_shares.values()) == pytest.approx(1.0, abs=1e-5)
     # The whole network's solve and every layer's count in the products.
     assert int(first.hessian_vector_products) > layer_products > 0
     scalars = first.scalars()

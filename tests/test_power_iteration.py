@@ -14,6 +14,18 @@ from tests.conftest import dense_hessian, make_mlp, mlp_loss, tanh_mlp_loss
 # The original's finite difference divides by 2 * 1e-3 + 1e-5 instead of 2 * 1e-3: on a
 # quadratic every product, and so the estimate, is this fraction of the exact one.
 DENOMINATOR_SHRINK = 2e-3 / (2e-3 + 1e-5)
+# How far two float32 programs of the same iteration (the jitted loop, the original's op by op)
+# may disagree: the estimate (relative) and the unit direction's components (absolute, ~0.03
+# each). A product is a gradient difference divided by 2e-3, so the rounding of
+# theta +- 1e-3 v to float32 (ulp(theta) <= 6e-8 here) enters it times 500: where the two
+# programs' v differ in the last bit (norms summed in another order, with or without FMA),
+# some of these roundings flip and move a product by up to ~3e-5 relative. Measured over 30
+# starts each, ReLU and tanh, with XLA's AVX2+FMA, AVX and SSE4.2 code, and with its default
+# optimisation: estimates up to 1.5e-5 apart, components up to 2.3e-5. A wrong product or stop
+# is off by far more: the denominator's 5e-3, or one iteration more or fewer, 5e-4 to 1e-3
+# (estimate) and ~3e-3 (components).
+ESTIMATE_RTOL = 1e-4
+DIRECTION_ATOL = 2e-4
 
 
 def original_power_iteration(loss_fn, params, batch, key, tolerance=1e-3, limit=100):
@@ -66,16 +78,19 @@ def test_matches_the_original_loop(relu_mlp, loss_fn):
         assert bool(result.converged)
         iterations = int(result.iterations)
         if iterations != expected_iterations:
-            # Only a stop test decided by rounding may differ, and by one iteration. The
-            # central difference cancels about 3 of float32's 7 digits in each product, so the
-            # norms agree to ~1e-5 and their relative change (~1e-3) to a few percent.
+            # Only a stop test decided by rounding may differ, and by one iteration: with
+            # norms within ESTIMATE_RTOL, their relative change (~1e-3, the tolerance) is
+            # within 2 * 1e-4 / 1e-3 = 0.2 of the test's threshold (measured: up to 0.011).
             assert abs(iterations - expected_iterations) == 1
-            assert margins[min(iterations, expected_iterations) - 1] < 0.05, margins
-            np.testing.assert_allclose(float(result.magnitudes[0]), expected, rtol=1e-3)
+            assert margins[min(iterations, expected_iterations) - 1] < 0.2, margins
+            # The extra iteration moves the estimate by the relative change that stopped one
+            # of the two runs: at most the tolerance 1e-3, plus rounding (measured: 6.8e-4).
+            np.testing.assert_allclose(float(result.magnitudes[0]), expected, rtol=2e-3)
             continue
-        np.testing.assert_allclose(float(result.magnitudes[0]), expected, rtol=1e-5)
+        np.testing.assert_allclose(float(result.magnitudes[0]), expected, rtol=ESTIMATE_RTOL)
         direction = ravel_pytree(result.direction)[0]
-        np.testing.assert_allclose(np.asarray(direction), expected_direction, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(direction), expected_direction,
+                                   atol=DIRECTION_ATOL)
 
 
 def test_its_result_reads_as_an_eigen_info(relu_mlp):
@@ -158,7 +173,7 @@ def test_max_iterations_is_respected(relu_mlp):
     assert not bool(result.converged)
     expected, _, iterations, _ = original_power_iteration(mlp_loss, params, batch, key, -1.0, 7)
     assert iterations == 7
-    np.testing.assert_allclose(float(result.magnitudes[0]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(result.magnitudes[0]), expected, rtol=ESTIMATE_RTOL)
     block = power_iteration(mlp_loss, params, batch, key, -1.0, k=2, num_matvecs=4)
     info = eigen_info(block, jnp.zeros((4, ravel_pytree(params)[0].size)))
     assert int(info.hessian_vector_products) == 8  # 4 iterations of a block of 2

@@ -143,10 +143,12 @@ def test_initial_loss_is_about_log_vocab_size(params, jit_loss):
     # The read-out has haiku's default init (logit variance ~0.77 after the final LayerNorm),
     # which adds about var/2 nats to log(128).
     assert math.log(128) - 0.1 < loss < math.log(128) + 0.6
-    # With a zero read-out the prediction is uniform: exactly log(128).
+    # With a zero read-out the prediction is uniform: exactly log(128), up to the float32 mean
+    # of 512 equal terms, whose roundings need not cancel, summed in an order set by XLA's
+    # vector width: up to 512 eps / 2 = 3e-5 relative (measured here: 3.2e-6).
     zeroed = dict(params)
     zeroed["output"] = jax.tree_util.tree_map(jnp.zeros_like, params["output"])
-    assert float(jit_loss(zeroed, (inputs, targets))) == pytest.approx(math.log(128), rel=1e-5)
+    assert float(jit_loss(zeroed, (inputs, targets))) == pytest.approx(math.log(128), rel=1e-4)
 
 
 def test_evaluate_loss_weights_batches_by_tokens(network, params, loss_fn, apply):
