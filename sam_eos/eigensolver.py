@@ -23,7 +23,7 @@ bounds `error_bound` from below. A tolerance below it cannot be met: solve with
 `precision="highest"`, or keep the default and report `error_bound` as it is.
 
 Memory: the Lanczos basis holds `basis_size` vectors of num_params (default
-`lanczos.default_basis_size(block)`, 9 for k = 1), float32 or wider, whatever the budget: a
+`lanczos.default_basis_size(block)`, 10 for k = 1), float32 or wider, whatever the budget: a
 thick restart keeps the top Ritz vectors when it is full. Low-precision parameters (bfloat16,
 float16) are solved in float32: each product casts its vector to the parameters' dtype and its
 result back. The products keep their precision's rounding: measure it with

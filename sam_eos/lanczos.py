@@ -26,7 +26,7 @@ from sam_eos.types import Matvec
 
 # Vectors of length n the basis holds unless told otherwise: memory against products, measured
 # in BENCHMARKS.md (`scale` for memory, `check_misses` for products).
-DEFAULT_BASIS_SIZE = 9
+DEFAULT_BASIS_SIZE = 10
 # Ritz vectors kept at a restart: the block asked for, and at least this fraction of the
 # basis's columns; new products refill the rest.
 KEEP_FRACTION = 0.5
@@ -46,29 +46,29 @@ class EigenInfo(NamedTuple):
     # (`ravel_pytree(params)` order for a Hessian); rows past the steps taken are zero. Pass
     # them as the next solve's start block (a warm start).
     ritz_vectors: jax.Array
-    bottom_eigenvalue: jax.Array  # float scalar, the smallest Ritz value of the last cycle
+    # float scalar: the smallest Ritz value (its vector is kept through restarts)
+    bottom_eigenvalue: jax.Array
     # int32 scalar: products used, all cycles together (`solve`: of `matvec`; the Hessian
     # solvers: Hessian-vector products, two per product of H + rho_eff H^2)
     hessian_vector_products: jax.Array
     # float scalar: estimated error of `eigenvalues` relative to ||A||. What it promises: each
     # of the k Ritz values is within it of *an* eigenvalue (a residual bound, the larger of its
-    # values at the last two steps, sharpened by the gap to the next Ritz value; at least the
+    # values at the last two steps, sharpened by the gap to the next Ritz value; plus the
     # `noise_floor` the Hessian solvers are given). It cannot promise that no eigenvalue lies
     # above the top one: a direction the Krylov space has barely seen (the new top of a
     # near-degenerate cluster, orthogonal to a warm start's block) can stay unseen. How often
     # that happens is measured, not promised: the loop's audits (`--eigensolver_audit_every`)
     # and the check_misses benchmark compare with cold solves.
     error_bound: jax.Array
-    converged: jax.Array  # bool scalar: bound <= max(tolerance, noise_floor), or space exhausted
+    converged: jax.Array  # bool scalar: own bound <= max(tolerance, noise_floor), or exhausted
 
 
 def check_options(k, num_matvecs, tolerance, num_params: int, solver: str = "lanczos",
                   basis_size: int | None = None) -> None:
     """ValueError, naming the argument, unless k and `num_matvecs` are positive ints,
     k <= num_params and, for Lanczos, `tolerance` >= 0 (a traced one is not checked), k <= the
-    budget and `basis_size` (None: `default_basis_size`) an int >= k + 2 (k Ritz vectors, the
-    residual and one new direction). Power iteration takes a negative tolerance: only its budget
-    then stops it, as in the original."""
+    budget and `basis_size` (None: `default_basis_size`) an int >= k + 3. Power
+    iteration takes a negative tolerance: only its budget then stops it, as in the original."""
     for name, value in (("k", k), ("num_matvecs", num_matvecs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, not {value!r}")
@@ -84,22 +84,31 @@ def check_options(k, num_matvecs, tolerance, num_params: int, solver: str = "lan
         raise ValueError(f"tolerance must be >= 0, not {tolerance!r}")
     if k > num_matvecs:
         raise ValueError(f"k={k} eigenvalues need num_matvecs >= k, not {num_matvecs}")
+    least = k + 3
     if basis_size is not None and (isinstance(basis_size, bool) or
-                                   not isinstance(basis_size, int) or basis_size < k + 2):
+                                   not isinstance(basis_size, int) or basis_size < least):
         raise ValueError(
-            f"basis_size must be an int >= k + 2 = {k + 2} (k Ritz vectors, the residual and "
-            f"one new direction), not {basis_size!r}")
+            f"basis_size must be an int >= k + 3 = {least} (the top k and the bottom Ritz "
+            f"vectors a restart keeps, the direction still to multiply and one new "
+            f"direction), not {basis_size!r}")
 
 
 def default_basis_size(block: int) -> int:
     """The basis for a warm block of `block` Ritz vectors: DEFAULT_BASIS_SIZE, or twice the
-    block and two when that is more (a restart keeps the block and refills as many)."""
+    block and two when that is more (a restart keeps the block, the bottom Ritz vector and the
+    direction still to multiply, and leaves room for about as many new ones)."""
     return max(DEFAULT_BASIS_SIZE, 2 * block + 2)
 
 
+def basis_rows(n: int, num_matvecs: int, basis_size: int) -> int:
+    """Vectors of n a solve's basis holds: `basis_size`, fewer when the budget or the space
+    fills fewer (the start vector and one row per product)."""
+    return min(basis_size, n + 1, num_matvecs + 1)
+
+
 def basis_steps(n: int, num_matvecs: int, basis_size: int = DEFAULT_BASIS_SIZE) -> int:
-    """Products one basis holds before a restart: at most `n` (a Krylov space's dimension),
-    the budget, and `basis_size - 1` (one row holds the next direction)."""
+    """Products one basis holds before a restart: at most `n` (a space's dimension), the
+    budget, and `basis_size - 1` (the last row holds the next direction)."""
     return min(num_matvecs, n, basis_size - 1)
 
 
@@ -214,52 +223,57 @@ def _no_estimates(block: int, rows: int, dtype) -> _Estimates:
 
 
 def _ritz_pairs(projected: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Eigenpairs of the leading (j+1) x (j+1) block of `projected` [cols, cols], ascending.
-    The rest is replaced by a far-away decoupled diagonal, so its values sort first."""
-    cols = projected.shape[0]
-    active = jnp.arange(cols) <= j
+    """Eigenpairs of the leading j x j block of `projected` [rows, rows], ascending. The rest
+    is replaced by a far-away decoupled diagonal, so its values sort first."""
+    rows = projected.shape[0]
+    active = jnp.arange(rows) < j
     both = active[:, None] & active[None, :]
     scale = jnp.max(jnp.sum(jnp.abs(jnp.where(both, projected, 0.0)), axis=1))  # >= ||block||
     t = jnp.where(both, projected, 0.0) + jnp.diag(jnp.where(active, 0.0, -4.0 * scale - 1.0))
     return jnp.linalg.eigh(t)
 
 
-def _estimates(projected, residual_norm, j, *, k: int, block: int, rows: int) -> _Estimates:
-    """Ritz estimates after the product of column j: the top `block` Ritz pairs of the basis'
-    first j + 1 columns, and the error bound of the top k (relative to ||A||). A Ritz pair's
-    residual is `residual_norm` times its vector's last coordinate (the Arnoldi relation)."""
-    cols = projected.shape[0]
-    values, vectors = _ritz_pairs(projected, j)
-    index = jnp.arange(cols)
-    bottom_index = cols - (j + 1)
+def _estimates(projected, j, filled, *, k: int, block: int) -> _Estimates:
+    """Ritz estimates over the j multiplied rows of the basis: the top `block` Ritz pairs, and
+    the error bound of the top k (relative to ||A||). A Ritz pair's residual is its coupling to
+    the rows filled but not yet multiplied (rows j .. filled - 1), exactly: the basis is
+    orthonormal and A maps each multiplied row into the filled ones plus the last residual."""
+    rows = projected.shape[0]
+    values, vectors = _ritz_pairs(projected, j)  # vectors [rows, rows], zero past j
+    index = jnp.arange(rows)
+    pending = (index >= j) & (index < filled)
+    coupling = jnp.where(pending[:, None], projected, 0.0) @ vectors  # [rows, pairs]
+    residuals = jnp.linalg.norm(coupling, axis=0)  # [rows], of every Ritz pair
+    bottom_index = rows - j
     sorted_active = index >= bottom_index
     top = jnp.flip(values)[:block]
-    top_vectors = jnp.flip(vectors, axis=1)[:, :block]  # [cols, block]
+    top_vectors = jnp.flip(vectors, axis=1)[:, :block]  # [rows, block]
     bottom = values[bottom_index]
     norm_estimate = jnp.maximum(jnp.abs(top[0]), jnp.abs(bottom))
-    residuals = jnp.abs(residual_norm * vectors[j])  # [cols], of every Ritz pair
     residual = jnp.flip(residuals)[:k]
     gaps = _gaps(top[:k], values, residuals, sorted_active)
     bound = jnp.max(_error_bound(residual, gaps))
     # The bottom Ritz value must converge too when it may be the operator norm.
     bottom_residual = residuals[bottom_index]
     bottom_gap = _gaps(bottom[None], values, residuals, sorted_active)[0]
-    matters = (jnp.abs(bottom) + bottom_residual >= jnp.abs(top[0])) & (j > 0)
+    matters = (jnp.abs(bottom) + bottom_residual >= jnp.abs(top[0])) & (j > 1)
     bound = jnp.maximum(bound, jnp.where(matters, _error_bound(bottom_residual, bottom_gap), 0.0))
     relative = bound / jnp.maximum(norm_estimate, jnp.finfo(projected.dtype).tiny)
-    found = jnp.arange(block) <= j  # Ritz pairs that exist after j + 1 products
-    coordinates = jnp.zeros((block, rows), projected.dtype).at[:, :cols].set(
-        jnp.where(found[:, None], top_vectors.T, 0.0))
+    found = jnp.arange(block) < j  # Ritz pairs that exist after j products
+    coordinates = jnp.where(found[:, None], top_vectors.T, 0.0)
     return _Estimates(top, coordinates, bottom, relative)
 
 
 class _Run(NamedTuple):
     """Lanczos' state between steps."""
 
-    basis: jax.Array  # [rows, n]; rows 0..j hold orthonormal vectors, row j is multiplied next
-    projected: jax.Array  # [rows - 1, rows - 1]: V^T A V over the columns multiplied so far
-    beta: jax.Array  # [rows - 1]: the residual's norm after each column (0: a breakdown)
-    j: jax.Array  # columns multiplied in the current basis
+    basis: jax.Array  # [rows, n] orthonormal rows 0 .. filled - 1; rows < j are multiplied
+    # [rows, rows]: the known entries of V^T A V: among the multiplied rows, and between them
+    # and the filled rows (zero elsewhere)
+    projected: jax.Array
+    beta: jax.Array  # [rows]: the residual's norm after each product (0: a breakdown)
+    j: jax.Array  # rows multiplied
+    filled: jax.Array  # rows filled
     used: jax.Array  # products, all together
     estimates: _Estimates  # after the last step
     converged: jax.Array
@@ -268,47 +282,51 @@ class _Run(NamedTuple):
     previous_bound: jax.Array  # the error estimate of the step before (inf before step 2)
 
 
-def _start(start: jax.Array, rows: int, block: int) -> _Run:
-    """The state before the first product from the unit vector `start` [n]."""
-    dtype = start.dtype
-    cols = rows - 1
-    basis = jnp.zeros((rows, start.shape[0]), dtype).at[0].set(start)
+def _start(start_rows: jax.Array, rows: int, block: int) -> _Run:
+    """The state before the first product from the orthonormal rows `start_rows` [s, n]."""
+    dtype = start_rows.dtype
+    s = start_rows.shape[0]
+    basis = jnp.zeros((rows, start_rows.shape[1]), dtype).at[:s].set(start_rows)
     no = jnp.bool_(False)
-    return _Run(basis, jnp.zeros((cols, cols), dtype), jnp.zeros((cols,), dtype), jnp.int32(0),
-                jnp.int32(0), _no_estimates(block, rows, dtype), no, no,
+    return _Run(basis, jnp.zeros((rows, rows), dtype), jnp.zeros((rows,), dtype), jnp.int32(0),
+                jnp.int32(s), jnp.int32(0), _no_estimates(block, rows, dtype), no, no,
                 jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype))
 
 
 def _step(matvec, run: _Run, key, stop_bound, *, k: int, block: int, estimate: bool) -> _Run:
-    """One product: column j of the projected matrix, the next basis vector and, with
-    `estimate`, the Ritz estimates and the stopping test."""
-    basis, j = run.basis, run.j
+    """One product, of row j: its column of the projected matrix, its residual as the next
+    filled row (when there is room) and, with `estimate`, the Ritz estimates and the stopping
+    test."""
+    basis, j, filled = run.basis, run.j, run.filled
     rows, n = basis.shape
     eps = jnp.finfo(basis.dtype).eps
-    w, coefficients = _orthogonalise(basis, matvec(basis[j]), j + 1)
-    coefficients = coefficients[:-1]
+    w, coefficients = _orthogonalise(basis, matvec(basis[j]), filled)
     projected = run.projected.at[j].set(coefficients).at[:, j].set(coefficients)
     b = jnp.linalg.norm(w)
     norm_bound = jnp.maximum(run.norm_bound, jnp.sum(jnp.abs(coefficients)) + b)
-    # Breakdown: the Krylov space is invariant. Continue from a fresh random direction
-    # orthogonal to the basis, decoupled from it (beta = 0): a low-rank operator does not
-    # divide by zero, and a copy of a repeated eigenvalue can still be found.
+    # Breakdown: the space is invariant. Continue from a fresh random direction orthogonal to
+    # the basis, decoupled from it (coupling 0): a low-rank operator does not divide by zero,
+    # and a copy of a repeated eigenvalue can still be found.
     breakdown = b <= 100 * eps * norm_bound
     b = jnp.where(breakdown, 0.0, b)
 
     def fresh_direction(w):
         fresh = random_vector(jax.random.fold_in(key, run.used), n, basis.dtype)
-        fresh, _ = _orthogonalise(basis, fresh, j + 1)
+        fresh, _ = _orthogonalise(basis, fresh, filled)
         return fresh / jnp.maximum(jnp.linalg.norm(fresh), jnp.finfo(basis.dtype).tiny)
 
     following = jax.lax.cond(breakdown, fresh_direction, lambda w: w / jnp.where(b > 0, b, 1.0),
                              w)
-    run = run._replace(basis=basis.at[j + 1].set(following), projected=projected,
-                       beta=run.beta.at[j].set(b), j=j + 1, used=run.used + 1,
+    room = filled < rows
+    slot = jnp.minimum(filled, rows - 1)
+    basis = jnp.where(room, basis.at[slot].set(following), basis)
+    projected = jnp.where(room, projected.at[slot, j].set(b).at[j, slot].set(b), projected)
+    run = run._replace(basis=basis, projected=projected, beta=run.beta.at[j].set(b), j=j + 1,
+                       filled=jnp.where(room, filled + 1, filled), used=run.used + 1,
                        previous_breakdown=breakdown, norm_bound=norm_bound)
     if not estimate:
         return run
-    estimates = _estimates(projected, b, j, k=k, block=block, rows=rows)
+    estimates = _estimates(projected, j + 1, run.filled, k=k, block=block)
     # The larger estimate of two successive steps: in a turning cluster the top Ritz vector
     # can mix two eigenvectors, and its residual dips below the tolerance for one step while
     # the true error stays 100x the estimate.
@@ -317,7 +335,7 @@ def _step(matvec, run: _Run, key, stop_bound, *, k: int, block: int, estimate: b
     # At least `block` products: a warm start sums `block` Ritz vectors, and with close
     # eigenvalues that sum is nearly an eigenvector (seen: 2 steps, a bound below 1e-4, a true
     # error of 4e-2). Two breakdowns in a row: the rest of the space is flat. A whole space
-    # (j + 1 = n columns): exact.
+    # (n multiplied rows): exact.
     converged = (
         (run.used >= max(block, 2)) & (bound <= stop_bound)
         & (~breakdown | (run.previous_breakdown & breakdown))
@@ -344,18 +362,30 @@ def _rotate_rows(basis: jax.Array, mixing: jax.Array) -> jax.Array:
 
 
 def _thick_restart(run: _Run, keep: int) -> _Run:
-    """The basis' top `keep` Ritz vectors and its last vector (the residual direction) as the
-    new basis' first rows; the projected matrix becomes their Ritz values' diagonal, and the
-    next product couples the residual direction to each (an arrow)."""
+    """The top `keep` Ritz vectors and the bottom one of the multiplied rows, then the rows
+    filled but not yet multiplied, as the new basis' first rows. Their projected matrix: the
+    Ritz values' diagonal, and each pending row's coupling to each Ritz vector (an arrow for
+    one row). The bottom Ritz vector is kept so that `bottom_eigenvalue` keeps improving: it
+    may be the operator's norm, which scales the error bound."""
     rows = run.basis.shape[0]
-    values, vectors = _ritz_pairs(run.projected, run.j - 1)
-    kept = jnp.flip(vectors, axis=1)[:, :keep].T  # [keep, cols]
-    mixing = jnp.zeros((rows, rows), kept.dtype).at[:keep, :-1].set(kept)
-    mixing = mixing.at[keep, rows - 1].set(1.0)
-    projected = jnp.zeros_like(run.projected).at[jnp.arange(keep), jnp.arange(keep)].set(
-        jnp.flip(values)[:keep])
+    values, vectors = _ritz_pairs(run.projected, run.j)
+    bottom = rows - run.j  # the smallest active Ritz value's index (padding sorts first)
+    kept = jnp.concatenate([jnp.flip(vectors, axis=1)[:, :keep], vectors[:, bottom, None]],
+                           axis=1)  # [rows, keep + 1], zero past j
+    kept_values = jnp.concatenate([jnp.flip(values)[:keep], values[bottom, None]])
+    held = keep + 1
+    index = jnp.arange(rows)
+    pending = (index >= run.j) & (index < run.filled)
+    # Row held + t of the new basis is old row j + t (t < filled - j).
+    moved = jnp.where(pending[None, :] & (index[None, :] - run.j == index[:, None] - held),
+                      1.0, 0.0).astype(kept.dtype)  # [rows, rows]
+    mixing = moved.at[:held].set(kept.T)
+    coupling = moved @ (jnp.where(pending[:, None], run.projected, 0.0) @ kept)  # [rows, held]
+    projected = jnp.zeros_like(run.projected).at[:, :held].set(coupling)
+    projected = projected.at[:held].set(coupling.T)
+    projected = projected.at[jnp.arange(held), jnp.arange(held)].set(kept_values)
     return run._replace(basis=_rotate_rows(run.basis, mixing), projected=projected,
-                        j=jnp.int32(keep))
+                        j=jnp.int32(held), filled=held + run.filled - run.j)
 
 
 def solve(
@@ -373,6 +403,9 @@ def solve(
 ) -> EigenInfo:
     """The top-k eigenpairs of the symmetric operator `matvec` on R^n (trace inside a jit).
 
+    It starts from one vector, the rows of `start_block` with random weights plus `start_noise`
+    of a random vector (`start_vector`), and stops when the top k Ritz values have converged.
+
     Args:
       matvec: `[n] -> [n]`, the operator.
       start_block: float [k', n] previous Ritz vectors (any k'); all-zero rows: a cold start.
@@ -380,43 +413,43 @@ def solve(
       tolerance: relative error asked of the top-k Ritz values (of ||H||).
       noise_floor: the products' own relative error; steps stop once the bound is below
         max(tolerance, noise_floor), since the products cannot resolve less, and the bound
-        reported is at least it.
-      start_noise: weight of the unit random vector added to a warm start (0: none).
+        reported is the solver's plus it.
+      start_noise: weight of the unit random vector added to the warm combination (0: none).
       k: how many eigenpairs; num_matvecs: the products allowed, all restarts together.
-      block_size: how many Ritz vectors to return (at least k; at most the columns one basis
+      block_size: how many Ritz vectors to return (at least k; at most the products one basis
         holds), the next warm start's block: a couple more than k keep the directions that
         may overtake the top k by the next check.
-      basis_size: vectors of n the basis holds, >= k + 2 (None: `default_basis_size`).
+      basis_size: vectors of n the basis holds, >= k + 3 (None: `default_basis_size`).
     """
     n = start_block.shape[1]
     block = max(block_size, k)
     if basis_size is None:
         basis_size = default_basis_size(block)
     check_options(k, num_matvecs, 0.0, n, basis_size=basis_size)
-    cols = basis_steps(n, num_matvecs, basis_size)
-    rows = cols + 1
-    block = min(block, cols)
-    keep = min(max(block, int(KEEP_FRACTION * cols)), cols - 1)
+    rows = basis_rows(n, num_matvecs, basis_size)
+    block = min(block, rows - 1)
+    # Kept at a restart: the top `keep` and the bottom Ritz vectors, the row still to multiply,
+    # and room for at least one new direction.
+    keep = min(max(block, int(KEEP_FRACTION * (rows - 1))), rows - 3)
     stop_bound = jnp.maximum(tolerance, noise_floor)
-    start = start_vector(start_block, key, start_noise)
+    first = start_vector(start_block, key, start_noise)[None]
 
     def body(run: _Run) -> _Run:
         run = _step(matvec, run, key, stop_bound, k=k, block=block, estimate=True)
-        full = (run.j == cols) & ~run.converged & (run.used < num_matvecs)
+        full = (run.filled >= rows) & ~run.converged & (run.used < num_matvecs)
         return jax.lax.cond(full, lambda run: _thick_restart(run, keep), lambda run: run, run)
 
     def cond(run: _Run):
-        # A nan or inf operator (a diverged run) stops at once, unconverged.
         finite = (run.used == 0) | jnp.isfinite(run.estimates.bound)
         return (run.used < num_matvecs) & ~run.converged & finite
 
-    run = jax.lax.while_loop(cond, body, _start(start, rows, block))
+    run = jax.lax.while_loop(cond, body, _start(first, rows, block))
     estimates = run.estimates
-    # The basis is orthonormal, so a Ritz vector's norm is its coordinates'.
     norms = jnp.linalg.norm(estimates.coordinates, axis=1, keepdims=True)
     vectors = (estimates.coordinates / jnp.where(norms > 0, norms, 1.0)) @ run.basis
+    # The products' own error adds to the solver's.
     return EigenInfo(estimates.top[:k], vectors, estimates.bottom, run.used,
-                     jnp.maximum(estimates.bound, noise_floor), run.converged)
+                     estimates.bound + noise_floor, run.converged)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,10 +462,11 @@ def tridiagonal(
     """`(alpha [steps], beta [steps - 1])`: the Lanczos tridiagonal T of `matvec` after exactly
     `steps` products from the unit vector `start` [n] (trace inside a jit; steps <= n).
 
-    The same steps as `solve` (full reorthogonalisation, a basis of steps + 1 vectors), with no
-    stopping test and no restart. After a breakdown beta is 0 and the run continues from a
-    random direction (`key`) orthogonal to the basis, so every eigenvalue of T still lies in
-    the operator's spectrum's range and T's later blocks carry no weight of `start`.
+    The same steps as `solve` (full reorthogonalisation, a basis of steps + 1 vectors), from a
+    single start row, with no stopping test and no restart. After a breakdown beta is 0 and the
+    run continues from a random direction (`key`) orthogonal to the basis, so every eigenvalue
+    of T still lies in the operator's spectrum's range and T's later blocks carry no weight of
+    `start`.
     """
     n = start.shape[0]
     if not 1 <= steps <= n:
@@ -441,5 +475,5 @@ def tridiagonal(
     run = jax.lax.fori_loop(
         0, steps,
         lambda _, run: _step(matvec, run, key, never, k=1, block=1, estimate=False),
-        _start(start, steps + 1, 1))
-    return jnp.diagonal(run.projected), run.beta[: steps - 1]
+        _start(start[None], steps + 1, 1))
+    return jnp.diagonal(run.projected)[:steps], run.beta[: steps - 1]

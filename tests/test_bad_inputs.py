@@ -42,7 +42,7 @@ def test_power_iteration_names_the_bad_argument(options, message):
 
 def test_a_basis_too_small_for_k_is_named_before_compiling():
     params = {"w": jnp.zeros(200)}
-    with pytest.raises(ValueError, match=r"basis_size must be an int >= k \+ 2 = 5"):
+    with pytest.raises(ValueError, match=r"basis_size must be an int >= k \+ 3 = 6"):
         sam_eos.top_eigenvalues(loss, params, jnp.eye(200), KEY, k=3, basis_size=4)
     with pytest.raises(ValueError, match="basis_size must be an int"):
         sam_eos.SharpnessTracker(loss, basis_size=2)

@@ -108,7 +108,8 @@ def test_the_noise_floor_of_perturbed_products_bounds_every_check(tmp_path, monk
         hessian.product_noise_floor, product_transform=perturbed))
     _, table = run_mlp(tmp_path, "floor", max_steps=10, eigensolver_tolerance=1e-5)
     assert np.all(table["error_bound"] >= 1e-3 * 0.99)
-    assert np.all(table["error_bound"] <= 1e-3 * 1.01)
+    # The bound is the solver's own estimate, at most the floor where it stops, plus the floor.
+    assert np.all(table["error_bound"] <= 2e-3 * 1.01)
     text = (tmp_path / "floor" / "raw.txt").read_text()
     assert "# note: the eigensolver tolerance 1e-05 is below the products' noise floor" in text
 

@@ -16,7 +16,7 @@ def test_the_compiled_default_solver_never_transposes_its_basis():
     params, batch = make_mlp([12, 40, 30, 3], num_examples=32)
     size = ravel_pytree(params)[0].size
     basis_size = lanczos.default_basis_size(eigensolver.warm_block_size(1))
-    rows = lanczos.basis_steps(size, eigensolver.DEFAULT_NUM_MATVECS, basis_size) + 1
+    rows = lanczos.basis_rows(size, eigensolver.DEFAULT_NUM_MATVECS, basis_size)
     solver = jax.jit(lambda p, b, key: eigensolver.top_eigenvalues(mlp_loss, p, b, key)[0])
     text = solver.lower(params, batch, jax.random.key(0)).compile().as_text()
     basis = re.compile(rf"f32\[{rows},{size}\]")

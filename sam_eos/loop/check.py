@@ -216,7 +216,7 @@ class HessianCheck:
         if tolerance < self.noise_floor:
             message = (f"the eigensolver tolerance {tolerance:.2g} is below the products' "
                        f"noise floor {self.noise_floor:.2g} (default matmul precision): checks "
-                       "stop at the floor and report it as their error_bound; the tolerance "
+                       "stop at the floor and add it to their error_bound; the tolerance "
                        "cannot be met")
             logging.warning(message[0].upper() + message[1:] + ".")
             note(message)
