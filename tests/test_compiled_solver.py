@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import pytest
 from jax.flatten_util import ravel_pytree
 
 from sam_eos import eigensolver, lanczos
@@ -50,3 +52,33 @@ def test_a_run_sends_its_full_batch_to_the_device_once():
     assert shapes.count("float32[64,16]") == 1 and shapes.count("float32[64,4]") == 1
     assert all(shape in ("float32[64,16]", "float32[64,4]") or "[]" in shape
                for shape in shapes), sorted(set(shapes))  # the rest: scalar step counts
+
+
+def test_a_tracker_update_holds_a_bounded_number_of_parameter_sized_vectors():
+    # XLA's memory analysis of the compiled update on a quadratic, whose own products need no
+    # temporaries: beyond the parameters it holds the basis, the donated state, the direction
+    # and a few work vectors, whatever the budget, and one vector less per basis row less.
+    import sam_eos
+
+    size = 200_000
+    params = {"w": jax.ShapeDtypeStruct((size,), jnp.float32)}
+    curvature = jax.ShapeDtypeStruct((size,), jnp.float32)
+
+    def beyond_params(**options) -> float:
+        tracker = sam_eos.SharpnessTracker(quadratic, **options)
+        state = jax.eval_shape(lambda p: tracker.init(p, jax.random.key(0)), params)
+        memory = tracker._update.lower(state, params, curvature, None, None, ()).compile(
+        ).memory_analysis()
+        total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                 - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+        return total / (4 * size) - 2  # less the parameters and the curvature (the batch)
+
+    default = beyond_params()
+    rows = lanczos.default_basis_size(eigensolver.warm_block_size(1))
+    assert default <= rows + 3 + 1 + 3  # basis, state (donated), direction, work vectors
+    assert beyond_params(num_matvecs=10_000) == default
+    assert beyond_params(basis_size=rows - 4) == pytest.approx(default - 4, abs=0.01)
+
+
+def quadratic(params, curvature):
+    return 0.5 * jnp.sum(curvature * params["w"] ** 2)
