@@ -6,7 +6,7 @@ from typing import Any
 from benchmarks import harness
 
 REPORT = harness.REPO_ROOT / "BENCHMARKS.md"
-ORDER = ("sam_step", "check_cost", "layer_cost", "loop_overhead", "compile_time", "memory")
+ORDER = ("sam_step", "check_cost", "layer_cost", "loop_overhead", "compile_time", "memory", "scale")
 
 INTRO = """# Benchmarks
 
@@ -57,6 +57,8 @@ def backend_section(backend: str, results: list[dict[str, Any]]) -> list[str]:
     for result in results:
         lines += [f"### {result['title']} (`{result['name']}`)", "", provenance(result), ""]
         lines += table(result["columns"], result["rows"]) + [""]
+        for extra in result.get("tables", []):
+            lines += [f"{extra['title']}:", ""] + table(extra["columns"], extra["rows"]) + [""]
         if result.get("figure"):
             lines += [f"![{result['title']}]({result['figure']})", ""]
         if result.get("notes"):
