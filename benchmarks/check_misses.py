@@ -49,6 +49,9 @@ SETTINGS = {
                                   "effective_sharpness"),
 }
 
+# name: (seed, eta, rho) of the tracker's runs in a user's loop, as the programs' SAM and GD.
+TRACKER_SETTINGS = {"tracker (SAM)": (0, 0.5, 0.1), "tracker (GD)": (2, 1.0, 0.0)}
+
 
 def train_rows(loss_fn, params, batch, settings: dict, steps: int, every: int,
                folder: str) -> list[dict[str, float]]:
@@ -135,11 +138,12 @@ def program_setting(loss_fn, params, batch, settings: dict, column: str, steps: 
     return out
 
 
-def tracker_setting(loss_fn, params, batch, steps: int, every: int) -> dict:
-    """`SharpnessTracker` along a SAM trajectory (eta 0.5, rho 0.1) in a user's loop, each
-    update against a tight cold `top_eigenvalues`, and power iteration at the same points."""
-    optimizer = optax.sgd(0.5)
-    train_steps = make_train_steps(loss_fn, optimizer, 0.1, FullBatchFeed.select)
+def tracker_setting(loss_fn, params, batch, steps: int, every: int, step_size: float,
+                    rho: float) -> dict:
+    """`SharpnessTracker` along a SAM (rho > 0) or GD trajectory in a user's loop, each update
+    against a tight cold `top_eigenvalues`, and power iteration at the same points."""
+    optimizer = optax.sgd(step_size)
+    train_steps = make_train_steps(loss_fn, optimizer, rho, FullBatchFeed.select)
     tracker = SharpnessTracker(loss_fn)
     state = tracker.init(params, jax.random.key(0))
     opt_state, checks = optimizer.init(params), []
@@ -179,8 +183,9 @@ def run(context: Context) -> dict:
         results[name] = program_setting(loss_fn, params, batch, settings, column, steps, every)
         print(f"  {name}: {results[name]['broken']} broken of {results[name]['checks']}, "
               f"worst {results[name]['worst_error']:.2g}", flush=True)
-    params = network.init(jax.random.PRNGKey(0), x[:1])
-    results["tracker (SAM)"] = tracker_setting(loss_fn, params, batch, steps, every)
+    for name, (seed, step_size, rho) in TRACKER_SETTINGS.items():
+        params = network.init(jax.random.PRNGKey(seed), x[:1])
+        results[name] = tracker_setting(loss_fn, params, batch, steps, every, step_size, rho)
     rows = [[name, str(r["checks"]), str(r["broken"]), str(r["missed"]),
              _format(r["worst_error"]),
              "n/a" if r["worst_ratio"] is None else f"{r['worst_ratio']:.2g}",
@@ -222,6 +227,8 @@ def run(context: Context) -> dict:
                  "includes the audits (one cold solve every 10th check). Power's median "
                  f"error on SAM: {_format(sam['power_median_error'])}. Adam's first check "
                  "(step 0, before any step: no preconditioner yet) is nan in every run and "
-                 "is not counted. The worst error / bound is over errors above 1e-6.",
+                 "is not counted. The worst error / bound is over errors above 1e-6. The "
+                 "tracker rows: SharpnessTracker's defaults in a user's loop (no audits), SAM "
+                 "as above and GD at eta 1 from seed 2.",
         "settings": {name: s for name, (s, _) in SETTINGS.items()},
         "results": results}
