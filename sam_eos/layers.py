@@ -142,7 +142,7 @@ def block_arrays(indices: dict[str, np.ndarray]) -> tuple[jax.Array, ...]:
 def solve_blocks(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array,
                  tolerance: jax.Array, start_noise: jax.Array, blocks: tuple[jax.Array, ...],
                  starts: tuple[jax.Array, ...], *, num_matvecs: int, hvp_mode: str,
-                 noise_floor: float | jax.Array = 0.0
+                 noise_floor: float | jax.Array = 0.0, basis_size: int | None = None
                  ) -> tuple[EigenInfo, ...]:
     """Pure (jit it, or call it inside a jitted function): each block's `EigenInfo` (k = 1),
     in `blocks`' order, on one linearisation of the gradient.
@@ -150,7 +150,8 @@ def solve_blocks(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array,
     `blocks`: int32 [n_group] positions in the flat parameters per group (`block_arrays`);
     `starts`: float [rows, n_group] per group, zeros for a cold start; `hvp_mode` resolved
     (`hessian.resolve_hvp_mode`); `noise_floor`: the products' relative error, as
-    `top_eigenvalues`'. The random start of group i comes from `fold_in(key, i)`."""
+    `top_eigenvalues`'; `basis_size`: each solve's Lanczos basis (None: the default). The
+    random start of group i comes from `fold_in(key, i)`."""
     flat_params, _, matvec = hessian.hessian_operator(loss_fn, params, batch, hvp_mode)
     dtype = flat_params.dtype
     found = []
@@ -162,7 +163,7 @@ def solve_blocks(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array,
         info = lanczos.solve(
             block_matvec, start.astype(dtype), jax.random.fold_in(key, position), tolerance,
             jnp.asarray(noise_floor, dtype), start_noise.astype(dtype), k=1,
-            num_matvecs=num_matvecs, block_size=start.shape[0])
+            num_matvecs=num_matvecs, block_size=start.shape[0], basis_size=basis_size)
         found.append(info._replace(ritz_vectors=info.ritz_vectors.astype(start.dtype)))
     return tuple(found)
 

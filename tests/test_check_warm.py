@@ -181,3 +181,28 @@ def test_every_warm_start_is_checkpointed_and_a_resume_continues_warm(tmp_path):
         np.testing.assert_array_equal(resumed[column], whole[column])
     np.testing.assert_allclose(resumed["effective_sharpness"][1:],
                                whole["effective_sharpness"][1:], rtol=1e-4)
+
+
+def test_the_basis_size_flag_sizes_every_checks_basis(tmp_path, monkeypatch):
+    """--eigensolver_basis_size reaches the main, SAM-point and layer solves: their compiled
+    programs hold a basis of that many rows (default for k = 2: 17), and the checks still
+    find the dense Hessian's top pair."""
+    compiled = {}
+    compile_ahead = steps.compile_ahead
+
+    def record(name, *args):
+        compiled[name] = compile_ahead(name, *args)
+        return compiled[name]
+
+    monkeypatch.setattr(steps, "compile_ahead", record)
+    spectrum = measurements.SpectrumOptions(sam_point_sharpness=True, layer_sharpness=True)
+    result, table = run_mlp(tmp_path, "small", max_steps=10, eigensolver_basis_size=5,
+                            eigensolver_tolerance=1e-7, spectrum=spectrum)
+    n = ravel_pytree(result.params)[0].size
+    main = compiled["the Hessian check"].as_text()
+    assert f"f32[5,{n}]" in main and f"f32[17,{n}]" not in main
+    assert f"f32[5,{n}]" in compiled["the SAM-point sharpness"].as_text()
+    layer_text = compiled["the layers' sharpness"].as_text()
+    assert "f32[5," in layer_text and "f32[10," not in layer_text
+    np.testing.assert_allclose([table["lambda_max"][-1], table["eig_2"][-1]],
+                               dense_top(result.params, mlp_problem()[1]), rtol=1e-4)

@@ -36,7 +36,8 @@ FLAGS = flags.FLAGS
 CONFIG_FLAGS = (
     "step_size", "rho", "time_limit_in_hours", "hessian_check_gap", "hessian_check_every_steps",
     "max_steps", "num_principal_components", "eigensolver", "eigensolver_max_iterations",
-    "eigensolver_tolerance", "eigensolver_warm_start", "eigensolver_audit_every", "seed",
+    "eigensolver_tolerance", "eigensolver_warm_start", "eigensolver_audit_every",
+    "eigensolver_basis_size", "seed",
     "checkpoint_dir", "checkpoint_every_minutes", "plot_x", "progress_every_seconds", "optimizer",
     "momentum", "adam_b1", "adam_b2", "adam_eps", "sam_variant",
 )
@@ -104,6 +105,11 @@ def define_shared_flags(
         "about 5e-5 whatever the tolerance, and the error bound includes the products' measured "
         "noise floor, about 1e-3; "
         f"{DEFAULT_TOLERANCE['power']:g} for power iteration, as the original).",
+    )
+    flags.DEFINE_integer(
+        "eigensolver_basis_size", None,
+        "Parameter-sized vectors each Lanczos solve holds (at least k + 3; default 10 for k = "
+        "1, 7 more per eigenvalue beyond 3): memory against products (README, Memory).",
     )
     flags.DEFINE_boolean(
         "eigensolver_warm_start", True,

@@ -35,9 +35,12 @@ def initial_state(params: PyTree, opt_state: PyTree, config: TrainConfig) -> Loo
     budget cannot."""
     budget = config.solver_budget("lanczos")
     chunk = steps.chunk_plan(config.eigensolver, config.solver_budget())[0]
+    basis_size = config.eigensolver_basis_size
     main = eigensolver.init(params, config.num_principal_components,
-                            num_matvecs=chunk if config.eigensolver == "lanczos" else None)
-    single = eigensolver.init(params, 1, num_matvecs=budget).ritz_vectors
+                            num_matvecs=chunk if config.eigensolver == "lanczos" else None,
+                            basis_size=basis_size, flat=True)
+    single = eigensolver.init(params, 1, num_matvecs=budget, basis_size=basis_size,
+                              flat=True).ritz_vectors
     return LoopState(
         params, opt_state, main.ritz_vectors,
         effective_ritz_vectors=single if config.optimizer == "adam" else None,
@@ -239,7 +242,7 @@ def make_check(loss_fn: LossFn, config: TrainConfig, matvecs: int,
     chunk = steps.make_eigensolver_chunk(
         loss_fn, k=config.num_principal_components, method=config.eigensolver,
         num_matvecs=matvecs, tolerance=config.solver_tolerance(),
-        out_sharding=_replicated(place))
+        basis_size=config.eigensolver_basis_size, out_sharding=_replicated(place))
     threshold = None if config.is_default_method() else config.stability_threshold()
     return chunk, steps.make_measure(loss_fn, rho=config.rho, step_size=config.step_size,
                                      variant=config.sam_variant, optimizer=config.optimizer,
@@ -290,7 +293,8 @@ def _compile_effective(loss_fn: LossFn, config: TrainConfig, state: LoopState,
             loss_fn, b2=config.adam_b2, eps=config.adam_eps,
             num_matvecs=config.solver_budget("lanczos"),
             tolerance=config.solver_tolerance("lanczos"),
-            perturbed=config.rho > 0, out_sharding=_replicated(place))
+            perturbed=config.rho > 0, basis_size=config.eigensolver_basis_size,
+            out_sharding=_replicated(place))
         return steps.compile_ahead(
             "the effective sharpness", effective, state.params, state.opt_state, batch,
             key, np.int32(0), state.effective_ritz_vectors, np.float32(0), np.float32(0))

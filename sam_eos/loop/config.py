@@ -76,6 +76,8 @@ class TrainConfig:
     eigensolver: str = "lanczos"
     eigensolver_max_iterations: int | None = None
     eigensolver_tolerance: float | None = None
+    # Vectors of num_params each Lanczos solve holds (None: `lanczos.default_basis_size`).
+    eigensolver_basis_size: int | None = None
     eigensolver_warm_start: bool = True  # start each check from the previous one's Ritz vectors
     # Every this many checks (after the first), a warm check is also solved cold from a fresh
     # random vector, and the row keeps the larger top eigenvalue and says how far apart the two
@@ -137,6 +139,13 @@ class TrainConfig:
         require(isinstance(audit, int) and not isinstance(audit, bool) and audit >= 0,
                 f"--eigensolver_audit_every must be an integer >= 0 (got {audit}); 0 turns the "
                 "audits off")
+        basis, k = self.eigensolver_basis_size, self.num_principal_components
+        require(basis is None or (isinstance(basis, int) and not isinstance(basis, bool)
+                                  and basis >= k + 3),
+                f"--eigensolver_basis_size must be an integer >= k + 3 = {k + 3} "
+                f"(--num_principal_components={k}; got {basis})")
+        require(basis is None or self.eigensolver == "lanczos",
+                "--eigensolver_basis_size sets the Lanczos basis; power iteration holds none")
         budget = self.solver_budget()
         require(self.num_principal_components <= budget,
                 f"--num_principal_components={self.num_principal_components} exceeds the "

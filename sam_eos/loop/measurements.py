@@ -151,22 +151,26 @@ def make_batch_sharpness_samples(loss_fn: LossFn, select: Callable):
 
 
 def make_sam_point_sharpness(loss_fn: LossFn, rho: float, num_matvecs: int,
-                             tolerance: float, variant: str = "sam"):
+                             tolerance: float, variant: str = "sam",
+                             basis_size: int | None = None):
     """A jitted `(params, batch, key, step, start_vectors) -> EigenInfo` of the top eigenvalue
-    at the SAM point (unconverged: its last estimate, as the main check's)."""
+    at the SAM point (unconverged: its last estimate, as the main check's); `basis_size`: the
+    Lanczos basis' vectors (None: the default)."""
     def sam_point_sharpness(params, batch, key, step, start_vectors):
         key = jax.random.fold_in(jax.random.fold_in(key, step), _SAM_POINT_SALT)
         return spectrum.sam_point_sharpness(
             loss_fn, params, batch, key, rho, variant, num_matvecs=num_matvecs,
-            tolerance=tolerance, start_vectors=start_vectors)[1]
+            tolerance=tolerance, start_vectors=start_vectors, basis_size=basis_size)[1]
     return jax.jit(sam_point_sharpness)
 
 
-def make_layer_sharpness(loss_fn: LossFn, num_matvecs: int, tolerance: float):
+def make_layer_sharpness(loss_fn: LossFn, num_matvecs: int, tolerance: float,
+                         basis_size: int | None = None):
     """A jitted `(params, batch, key, step, blocks, start_vectors, direction, noise_floor) ->
     (infos, shares)`: each layer's `EigenInfo` (`sam_eos.layers.solve_blocks`, `blocks` its
     int32 positions, `start_vectors` its Ritz vectors, each a tuple in the layers' order) and
-    the shares of the flat unit `direction` [n] (the check's top Ritz vector)."""
+    the shares of the flat unit `direction` [n] (the check's top Ritz vector); `basis_size`:
+    each layer's Lanczos basis (None: the default)."""
     def layer_sharpness(params, batch, key, step, blocks, start_vectors, direction,
                         noise_floor):
         key = jax.random.fold_in(jax.random.fold_in(key, step), _LAYER_SALT)
@@ -174,7 +178,7 @@ def make_layer_sharpness(loss_fn: LossFn, num_matvecs: int, tolerance: float):
             loss_fn, params, batch, key, jax.numpy.float32(tolerance),
             jax.numpy.float32(eigensolver.DEFAULT_START_NOISE), blocks, start_vectors,
             num_matvecs=num_matvecs, hvp_mode=hessian.resolve_hvp_mode("auto"),
-            noise_floor=noise_floor)
+            noise_floor=noise_floor, basis_size=basis_size)
         return infos, layers.block_shares(direction, blocks)
     return jax.jit(layer_sharpness)
 
@@ -296,11 +300,13 @@ def compile_spectrum_checks(loss_fn: LossFn, options: SpectrumOptions, *, rho: f
                             sam_point_vectors: jax.Array | None = None,
                             layer_vectors: tuple[jax.Array, ...] | None = None,
                             direction: jax.Array | None = None,
-                            variant: str = "sam") -> SpectrumChecks:
+                            variant: str = "sam",
+                            basis_size: int | None = None) -> SpectrumChecks:
     """Compiles the enabled measurements for this run's shapes (`steps.compile_ahead`, each
     logged). `batch` is an example of the check's batch; `sam_point_vectors` of the SAM
     point's warm start (with `sam_point_sharpness`); `layer_vectors` of the layers' and
-    `direction` of a flat top Ritz vector [n] (with `layer_sharpness`)."""
+    `direction` of a flat top Ritz vector [n] (with `layer_sharpness`); `basis_size`: the
+    Lanczos basis of the SAM-point and layer solves (None: the default)."""
     checks = SpectrumChecks(options)
     step = np.int32(0)
     if options.hessian_trace_matvecs:
@@ -321,13 +327,15 @@ def compile_spectrum_checks(loss_fn: LossFn, options: SpectrumOptions, *, rho: f
     if options.sam_point_sharpness:
         checks.sam_point = steps.compile_ahead(
             "the SAM-point sharpness",
-            make_sam_point_sharpness(loss_fn, rho, num_matvecs, tolerance, variant),
+            make_sam_point_sharpness(loss_fn, rho, num_matvecs, tolerance, variant,
+                                     basis_size),
             params, batch, key, step, sam_point_vectors)
     if options.layer_sharpness:
         checks.layer_names = tuple(layer_names(params))
         checks.layer_blocks = layers.block_arrays(layers.group_indices(params))
         checks.layers = steps.compile_ahead(
-            "the layers' sharpness", make_layer_sharpness(loss_fn, num_matvecs, tolerance),
+            "the layers' sharpness",
+            make_layer_sharpness(loss_fn, num_matvecs, tolerance, basis_size),
             params, batch, key, step, checks.layer_blocks, layer_vectors, direction,
             np.float32(0))
     return checks

@@ -88,7 +88,7 @@ def chunk_plan(eigensolver: str, budget: int) -> tuple[int, int]:
 
 
 def make_eigensolver_chunk(loss_fn: LossFn, *, k: int, method: str, num_matvecs: int,
-                           tolerance: float,
+                           tolerance: float, basis_size: int | None = None,
                            out_sharding: jax.sharding.Sharding | None = None):
     """A jitted `(params, batch, key, step, chunk, start_vectors, start_noise, noise_floor) ->
     EigenInfo` running one chunk of a check's eigensolver (`method` "lanczos":
@@ -99,8 +99,9 @@ def make_eigensolver_chunk(loss_fn: LossFn, *, k: int, method: str, num_matvecs:
     vectors, zeros for a cold start (one executable for both); `start_noise`: the random
     component's weight (0 to continue a chunked solve); `noise_floor`: the products' relative
     error (`hessian.product_noise_floor`). The random start comes from `fold_in(fold_in(key,
-    step), chunk)`. The result, this chunk's, is placed by `out_sharding` if given (on a mesh:
-    replicated, as the start vectors).
+    step), chunk)`. `basis_size`: the Lanczos basis' vectors (None: the default). The result,
+    this chunk's, is placed by `out_sharding` if given (on a mesh: replicated, as the start
+    vectors).
     """
 
     @functools.partial(jax.jit, out_shardings=out_sharding)
@@ -114,7 +115,7 @@ def make_eigensolver_chunk(loss_fn: LossFn, *, k: int, method: str, num_matvecs:
         info, _ = eigensolver.update(
             loss_fn, params, batch, key, eigensolver.SolverState(start_vectors), k=k,
             num_matvecs=num_matvecs, tolerance=tolerance, noise_floor=noise_floor,
-            start_noise=start_noise)
+            start_noise=start_noise, basis_size=basis_size)
         return info
 
     return eigensolver_chunk
@@ -165,14 +166,14 @@ def make_measure(loss_fn: LossFn, *, rho: float, step_size: float, variant: str 
 
 
 def make_effective_sharpness(loss_fn: LossFn, *, b2: float, eps: float, num_matvecs: int,
-                             tolerance: float, perturbed: bool,
+                             tolerance: float, perturbed: bool, basis_size: int | None = None,
                              out_sharding: jax.sharding.Sharding | None = None):
     """A jitted `(params, opt_state, batch, key, step, start_vectors, rho_eff, noise_floor) ->
     EigenInfo`: Adam's effective sharpness, the top eigenvalue of P^-1/2 (H + rho_eff H^2)
     P^-1/2 with P read from `opt_state` (`sam_eos.adam_preconditioner`), by
     `sam_eos.eigensolver.update` warm-started from `start_vectors` [block, n]. Without a
     perturbation (`perturbed` false, rho = 0) `rho_eff` is ignored and each product is one HVP
-    instead of two."""
+    instead of two. `basis_size`: the Lanczos basis' vectors (None: the default)."""
 
     @functools.partial(jax.jit, out_shardings=out_sharding)
     def effective(params, opt_state, batch, key, step, start_vectors, rho_eff, noise_floor):
@@ -181,7 +182,8 @@ def make_effective_sharpness(loss_fn: LossFn, *, b2: float, eps: float, num_matv
             eigensolver.SolverState(start_vectors), num_matvecs=num_matvecs,
             tolerance=tolerance, noise_floor=noise_floor,
             rho_eff=rho_eff if perturbed else 0.0,
-            preconditioner=adam_preconditioner(opt_state, b2=b2, eps=eps))
+            preconditioner=adam_preconditioner(opt_state, b2=b2, eps=eps),
+            basis_size=basis_size)
         return info
 
     return effective

@@ -207,7 +207,7 @@ def compile_program(loss_fn: LossFn, optimizer: optax.GradientTransformation,
             batch=check_batch(arrays, row), key=key,
             sam_point_vectors=state.sam_point_ritz_vectors,
             layer_vectors=state.layer_ritz_vectors, direction=state.ritz_vectors[0],
-            variant=config.sam_variant)
+            variant=config.sam_variant, basis_size=config.eigensolver_basis_size)
     return Program(train_steps, check_batch, hessian_check, spectrum=extra)
 
 
