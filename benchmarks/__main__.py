@@ -22,7 +22,7 @@ import time
 from benchmarks import harness, report
 
 BENCHMARKS = ("sam_step", "check_cost", "check_misses", "stopping_rules", "solver_step",
-              "layer_cost", "loop_overhead", "compile_time", "memory", "scale")
+              "layer_cost", "loop_overhead", "loop_cost", "compile_time", "memory", "scale")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

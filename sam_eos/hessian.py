@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from sam_eos import convolutions
 from sam_eos.types import LossFn, PyTree
 
 # `(v, hv) -> hv'` on flat [n] vectors: a change applied to every product (tests inject noise).
@@ -45,7 +46,9 @@ def hessian_operator(
     """`(flat_params [n], unravel, matvec)`, matvec: flat [n] -> H flat [n] (exact).
 
     With "linearize" the gradient's primal pass runs here, once; call this inside a jit and
-    reuse `matvec`.
+    reuse `matvec`. On the CPU its convolutions are in XLA's canonical layout, so that a
+    product inside a loop runs Eigen's kernels, as a standalone one does
+    (`sam_eos.convolutions`).
     """
     flat_params, unravel = ravel_pytree(params)
 
@@ -57,7 +60,7 @@ def hessian_operator(
     else:
         def matvec(v):
             return jax.jvp(flat_gradient, (flat_params,), (v,))[1]
-    return flat_params, unravel, matvec
+    return flat_params, unravel, convolutions.for_backend(matvec)
 
 
 # Backends whose default float32 matmuls are full float32, so that the default precision's
