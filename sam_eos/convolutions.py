@@ -8,8 +8,9 @@ visits `module->entry_computation()` alone). A convolution inside a `while` body
 Hessian-vector product inside the Lanczos loop is, keeps its dimension numbers and is compiled as
 a naive loop nest. JAX's transpose rules give the backward pass of a convolution such numbers
 (`b01f_01oi->b01f` for the input's cotangent, `f01b_i01o->01bf` for the kernel's): measured on
-the NNX MNIST-tutorial CNN (52k params, batch 128, 2 CPU cores), each product in the loop took
-about 3x a standalone jitted one (BENCHMARKS.md, `loop_cost`).
+the NNX MNIST-tutorial CNN (52k params, batch 128, 2 CPU cores), a tracker update took 2.8x a
+standalone jitted `sam_eos.hvp` per product, and 0.7x with the rewrite below (BENCHMARKS.md,
+`loop_cost`).
 
 `canonical_convolutions(fn)` is `fn` with every convolution written as XLA writes it at the top
 level: transposes in, a canonical convolution, a transpose out. `for_backend(fn)` applies it on
