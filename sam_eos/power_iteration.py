@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from sam_eos import convolutions
 from sam_eos.hessian import upcast_params
 from sam_eos.lanczos import EigenInfo, check_options
 from sam_eos.types import LossFn, PyTree
@@ -116,6 +117,9 @@ def _power_iteration(loss_fn, params, batch, key, tolerance, *, k, num_matvecs):
     flat_params, unravel = ravel_pytree(params)
     dtype = flat_params.dtype
 
+    # Inside the loop, on the CPU, its convolutions in XLA's canonical layout (as a standalone
+    # gradient's are): `sam_eos.convolutions`.
+    @convolutions.for_backend
     def products_of(vectors: jax.Array) -> jax.Array:  # [k, n] -> [k, n]
         product = lambda v: ravel_pytree(  # noqa: E731
             finite_difference_hvp(loss_fn, params, batch, unravel(v)))[0]

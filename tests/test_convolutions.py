@@ -11,6 +11,7 @@ import pytest
 
 import sam_eos
 from sam_eos import convolutions
+from sam_eos.power_iteration import power_iteration
 
 CANONICAL_2D = "b01f_01io->b01f"  # HLO's dim_labels of NHWC input, HWIO kernel, NHWC output
 
@@ -99,3 +100,13 @@ def test_other_backends_get_the_function_itself():
         return v
     assert convolutions.for_backend(fn, backend="gpu") is fn
     assert convolutions.for_backend(fn, backend="cpu") is not fn
+
+
+def test_the_originals_power_iteration_runs_canonical_convolutions_too():
+    params, batch = conv_problem()
+
+    def loss(p, b):
+        return conv_loss(p, b)
+    power = jax.jit(lambda p, b, key: power_iteration(loss, p, b, key).magnitudes)
+    labels = dim_labels(power.lower(params, batch, jax.random.key(0)).compile().as_text())
+    assert len(labels) >= 8 and set(labels) == {CANONICAL_2D}, labels
