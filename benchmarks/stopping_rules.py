@@ -30,6 +30,7 @@ from sam_eos.hessian import hessian_operator
 from sam_eos.loop.feed import FullBatchFeed
 from sam_eos.loop.steps import make_train_steps
 from sam_eos.power_iteration import power_iteration
+from sam_eos.rows import ravel as ravel_rows
 
 NAME = "stopping_rules"
 TITLE = "Stopping rules on one Krylov sequence: how few products a right answer needs"
@@ -107,7 +108,7 @@ def replay(loss_fn, points, batch, max_steps: int) -> list[dict]:
                                          num_matvecs=300, tolerance=1e-7)
         reference = float(top_eigenvalues(loss_fn, points[i], batch, jax.random.fold_in(key, 1),
                                           1, num_matvecs=300, tolerance=1e-7)[0][0])
-        start = lanczos.start_vector(previous.ritz_vectors, jax.random.fold_in(key, 2),
+        start = lanczos.start_vector(ravel_rows(previous.ritz_vectors), jax.random.fold_in(key, 2),
                                      jnp.float32(DEFAULT_START_NOISE))
         alpha, beta = (np.asarray(a, np.float64) for a in sequence(points[i], start, key))
         rows = [dict(j=j, **ritz_bounds(alpha, beta, j)) for j in range(1, max_steps + 1)]

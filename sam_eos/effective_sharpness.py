@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from sam_eos.hessian import hessian_operator
+from sam_eos.hessian import tree_operator
 from sam_eos.sam import is_static_zero
 from sam_eos.types import LossFn, Matvec, PyTree
 
@@ -50,6 +50,34 @@ def products_per_matvec(rho_eff) -> int:
     return 1 if rho_eff is None or is_static_zero(rho_eff) else 2
 
 
+def effective_sharpness_matvec(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    *,
+    rho_eff: float | jax.Array = 0.0,
+    preconditioner: PyTree | None = None,
+    hvp_mode: str = "auto",
+) -> Callable[[PyTree], PyTree]:
+    """matvec: a params-shaped vector v -> P^-1/2 (H + rho_eff H^2) P^-1/2 v, params-shaped,
+    in the params' own layout and sharding (`effective_sharpness_operator`'s arguments).
+    Trace inside a jit."""
+    hessian_matvec = tree_operator(loss_fn, params, batch, hvp_mode)
+    scale = None if preconditioner is None else jax.tree.map(
+        lambda p, x: jax.lax.rsqrt(jnp.asarray(p, jnp.result_type(x))), preconditioner, params)
+
+    def scaled(v: PyTree) -> PyTree:
+        return v if scale is None else jax.tree.map(jnp.multiply, scale, v)
+
+    def matvec(v: PyTree) -> PyTree:
+        hu = hessian_matvec(scaled(v))
+        if not is_static_zero(rho_eff):
+            hu = jax.tree.map(lambda a, b: a + rho_eff * b, hu, hessian_matvec(hu))
+        return scaled(hu)
+
+    return matvec
+
+
 def effective_sharpness_operator(
     loss_fn: LossFn,
     params: PyTree,
@@ -68,23 +96,13 @@ def effective_sharpness_operator(
       preconditioner: None (P = I) or a params-shaped pytree of positive diagonal entries
         (e.g. `adam_preconditioner`).
       hvp_mode: as `sam_eos.hessian.hessian_operator`.
-    Trace inside a jit; the operator is symmetric, so Lanczos applies.
+    Trace inside a jit; the operator is symmetric, so Lanczos applies. The flat form of
+    `effective_sharpness_matvec`.
     """
-    flat_params, unravel, hessian_matvec = hessian_operator(loss_fn, params, batch, hvp_mode)
-    if preconditioner is None:
-        scale = None
-    else:
-        flat_p = ravel_pytree(preconditioner)[0].astype(flat_params.dtype)
-        scale = jax.lax.rsqrt(flat_p)
-
-    def matvec(v: jax.Array) -> jax.Array:
-        u = v if scale is None else scale * v
-        hu = hessian_matvec(u)
-        if not is_static_zero(rho_eff):
-            hu = hu + rho_eff * hessian_matvec(hu)
-        return hu if scale is None else scale * hu
-
-    return flat_params, unravel, matvec
+    flat_params, unravel = ravel_pytree(params)
+    matvec = effective_sharpness_matvec(loss_fn, params, batch, rho_eff=rho_eff,
+                                        preconditioner=preconditioner, hvp_mode=hvp_mode)
+    return flat_params, unravel, lambda v: ravel_pytree(matvec(unravel(v)))[0]
 
 
 def _adam_states(opt_state: PyTree) -> list[tuple[str, optax.ScaleByAdamState]]:

@@ -22,6 +22,12 @@ the default matmul precision against "highest" (once per run); passed as `noise_
 bounds `error_bound` from below. A tolerance below it cannot be met: solve with
 `precision="highest"`, or keep the default and report `error_bound` as it is.
 
+Layout: the state's Ritz vectors, the basis and every product's vector are row-stacked pytrees
+in the layout of `params` (`sam_eos.rows`: each leaf [rows, *leaf_shape]), so a product needs
+no flattening, and with sharded parameters (`NamedSharding`s) each leaf stays sharded as its
+parameter, its rows axis replicated. A flat state, [rows, num_params] in `ravel_pytree(params)`
+order (`init(..., flat=True)`, the training loop's checkpointed layout), is solved flat.
+
 Memory: the Lanczos basis holds `basis_size` vectors of num_params (default
 `lanczos.default_basis_size(block)`, 10 for k = 1), float32 or wider, whatever the budget: a
 thick restart keeps the top Ritz vectors when it is full. Low-precision parameters (bfloat16,
@@ -38,8 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import lanczos, trainable
-from sam_eos.effective_sharpness import effective_sharpness_operator, products_per_matvec
+from sam_eos import lanczos, rows, trainable
+from sam_eos.effective_sharpness import effective_sharpness_matvec, products_per_matvec
 from sam_eos.hessian import ProductTransform, resolve_hvp_mode
 from sam_eos.lanczos import EigenInfo
 from sam_eos.types import LossFn, PyTree
@@ -61,10 +67,12 @@ DEFAULT_EXTRA_VECTORS = 2
 
 
 class SolverState(NamedTuple):
-    """What one solve leaves for the next: its Ritz vectors, float [block, num_params], flat in
-    `ravel_pytree(params)` order, in `solver_dtype`; all zeros: a cold start."""
+    """What one solve leaves for the next: its Ritz vectors in `solver_dtype`, row-stacked in
+    the layout of `params` (a params-shaped pytree whose leaves are [block, *leaf_shape],
+    sharded as the parameters with the rows axis replicated), or flat [block, num_params] in
+    `ravel_pytree(params)` order; all zeros: a cold start."""
 
-    ritz_vectors: jax.Array
+    ritz_vectors: PyTree
 
 
 def solver_dtype(dtype) -> jnp.dtype:
@@ -78,16 +86,31 @@ def warm_block_size(k: int, block_size: int | None = None) -> int:
 
 
 def init(params: PyTree, k: int = 1, block_size: int | None = None,
-         num_matvecs: int | None = None, basis_size: int | None = None) -> SolverState:
-    """A cold start: zeros [rows, num_params] in `solver_dtype`, `warm_block_size(k,
-    block_size)` rows, fewer when one basis of `basis_size` vectors or `num_matvecs` products
-    holds fewer (a solve returns at most that many), never fewer than k. Nothing is compiled."""
-    flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
-    rows = warm_block_size(k, block_size)
+         num_matvecs: int | None = None, basis_size: int | None = None, *,
+         flat: bool = False) -> SolverState:
+    """A cold start: zero rows in `solver_dtype`, row-stacked as `params` (each leaf
+    [rows, *leaf_shape], with a leaf's `NamedSharding` extended by a replicated rows axis), or
+    with `flat` one array [rows, num_params]. `warm_block_size(k, block_size)` rows, fewer when
+    one basis of `basis_size` vectors or `num_matvecs` products holds fewer (a solve returns at
+    most that many), never fewer than k. Nothing is compiled."""
+    size = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
+    count = warm_block_size(k, block_size)
     if num_matvecs is not None:
-        basis = lanczos.default_basis_size(rows) if basis_size is None else basis_size
-        rows = max(min(rows, lanczos.basis_steps(flat.size, num_matvecs, basis)), k)
-    return SolverState(jnp.zeros((rows, flat.size), solver_dtype(flat.dtype)))
+        basis = lanczos.default_basis_size(count) if basis_size is None else basis_size
+        count = max(min(count, lanczos.basis_steps(size.size, num_matvecs, basis)), k)
+    dtype = solver_dtype(size.dtype)
+    if flat:
+        return SolverState(jnp.zeros((count, size.size), dtype))
+    shardings = rows.vector_shardings(params)
+
+    def zeros(leaf, sharding):
+        placement = None if sharding is None else rows.rows_sharding(sharding)
+        return jnp.zeros((count, *jnp.shape(leaf)), dtype, device=placement)
+
+    leaves, treedef = jax.tree.flatten(params)
+    return SolverState(jax.tree.unflatten(treedef, [
+        zeros(leaf, sharding) for leaf, sharding in
+        zip(leaves, shardings or (None,) * len(leaves), strict=True)]))
 
 
 def update(
@@ -108,6 +131,7 @@ def update(
     precision: str | None = None,
     product_transform: ProductTransform | None = None,
     basis_size: int | None = None,
+    shardings: tuple | None = None,
 ) -> tuple[EigenInfo, SolverState]:
     """The top-k eigenpairs of the operator at `params` on `batch`, warm-started from `state`.
 
@@ -117,7 +141,8 @@ def update(
     Args:
       loss_fn: `loss_fn(params, batch) -> scalar`; H is its Hessian in `params`.
       key: PRNG key of the random start component and of breakdown restarts.
-      state: `init(...)`'s or the previous solve's; its rows are the block returned.
+      state: `init(...)`'s or the previous solve's; its rows are the block returned, in its
+        layout (params-shaped rows or flat ones, `SolverState`).
       k: how many eigenvalues; num_matvecs: the operator products allowed, all restart cycles
         together (each one HVP, two with a rho_eff that is not a Python 0).
       tolerance: >= 0; stop when the estimated error of every top-k Ritz value, and of the
@@ -132,33 +157,43 @@ def update(
       hvp_mode: "auto", "linearize" or "forward_over_reverse" (`hessian.hessian_operator`).
       precision: matmul precision of the products (None: JAX's default; "highest" removes
         the TF32 noise floor on GPUs at a cost in time).
-      product_transform: `(v, av) -> av'` applied to every product (tests: injected noise).
+      product_transform: `(v, av) -> av'` on flat [num_params] vectors, applied to every
+        product (tests: injected noise; it flattens each product).
       basis_size: vectors of num_params the Lanczos basis holds, >= k + 2 (static; None:
         `lanczos.default_basis_size`): memory against products.
+      shardings: static, `rows.vector_shardings(params)` (each leaf's `NamedSharding`) or None:
+        a params-shaped state's vectors are held sharded so (`lanczos.solve`).
     Returns:
       `(info, next state)`; `info.hessian_vector_products` counts HVPs.
     """
     with jax.default_matmul_precision(precision):
-        flat_params, _, operator = effective_sharpness_operator(
+        operator = effective_sharpness_matvec(
             loss_fn, params, batch, rho_eff=rho_eff, preconditioner=preconditioner,
             hvp_mode=hvp_mode)
-
-    dtype = solver_dtype(flat_params.dtype)
-
-    def matvec(v: jax.Array) -> jax.Array:
-        with jax.default_matmul_precision(precision):
-            product = operator(v.astype(flat_params.dtype))
-        if product_transform is not None:
-            product = product_transform(v.astype(flat_params.dtype), product)
-        return product.astype(dtype)
-
     start = state.ritz_vectors
+    stacked = rows.is_stacked(start, params)
+    dtype = solver_dtype(jnp.result_type(*jax.tree.leaves(params)))
+
+    def matvec(v: PyTree) -> PyTree:
+        """A product in the state's layout, computed in the params' own."""
+        vector = v if stacked else rows.row(rows.unravel(v[None], params), 0)
+        vector = jax.tree.map(lambda x, p: x.astype(jnp.result_type(p)), vector, params)
+        with jax.default_matmul_precision(precision):
+            product = operator(vector)
+        if product_transform is not None:
+            flat, unravel = ravel_pytree(vector)
+            product = unravel(product_transform(flat, ravel_pytree(product)[0]))
+        product = jax.tree.map(lambda x: x.astype(dtype), product)
+        return product if stacked else ravel_pytree(product)[0]
+
     info = lanczos.solve(
-        matvec, start.astype(dtype), key, jnp.asarray(tolerance, dtype),
-        jnp.asarray(noise_floor, dtype), jnp.asarray(start_noise, dtype), k=k,
-        num_matvecs=num_matvecs, block_size=start.shape[0], basis_size=basis_size)
+        matvec, jax.tree.map(lambda x: x.astype(dtype), start), key,
+        jnp.asarray(tolerance, dtype), jnp.asarray(noise_floor, dtype),
+        jnp.asarray(start_noise, dtype), k=k, num_matvecs=num_matvecs,
+        block_size=rows.count(start), basis_size=basis_size,
+        shardings=shardings if stacked else None)
     info = info._replace(
-        ritz_vectors=info.ritz_vectors.astype(start.dtype),
+        ritz_vectors=jax.tree.map(lambda x, s: x.astype(s.dtype), info.ritz_vectors, start),
         hessian_vector_products=info.hessian_vector_products * products_per_matvec(rho_eff))
     return info, SolverState(info.ritz_vectors)
 
@@ -172,7 +207,7 @@ def top_eigenvalues(
     *,
     num_matvecs: int = DEFAULT_NUM_MATVECS,
     tolerance: float = DEFAULT_TOLERANCE,
-    start_vectors: jax.Array | None = None,
+    start_vectors: PyTree | None = None,
     block_size: int | None = None,
     start_noise: float | jax.Array = DEFAULT_START_NOISE,
     noise_floor: float | jax.Array = 0.0,
@@ -196,16 +231,19 @@ def top_eigenvalues(
       num_matvecs: the HVP budget, an int >= k (static); the basis restarts from its Ritz
         vectors whenever it is full, so any budget is allowed.
       tolerance: >= 0, as `update`'s (traced).
-      start_vectors: float [warm_block_size(k, block_size), num_params] (flat, `ravel_pytree`
-        order), the previous call's `info.ritz_vectors`, combined with random weights
-        (`lanczos.start_vector`); None, all zeros or non-finite: a cold start.
+      start_vectors: the previous call's `info.ritz_vectors` (rows in the layout of `params`,
+        each leaf [block, *leaf_shape]; or flat [block, num_params] in `ravel_pytree` order,
+        and then `info.ritz_vectors` is flat too), combined with random weights
+        (`lanczos.start_vector`); None (zeros in the params' layout, `init`), all zeros or
+        non-finite: a cold start.
       block_size: Ritz vectors returned for the next warm start when `start_vectors` is None
         (default k + 2; static); else as many as `start_vectors` has rows.
       start_noise, noise_floor, hvp_mode, precision, product_transform, basis_size: as
         `update`'s.
     Returns:
       `(eigenvalues, direction, info)`: eigenvalues float [k] in descending order, the unit
-      eigenvector (a params-shaped pytree) of the first, and an `EigenInfo`.
+      eigenvector (a params-shaped pytree, each leaf sharded as its parameter) of the first,
+      and an `EigenInfo`.
     """
     trainable.check_params(params)
     flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
@@ -215,15 +253,27 @@ def top_eigenvalues(
         loss_fn, params, batch, key, state, jnp.float32(tolerance), jnp.float32(noise_floor),
         jnp.float32(start_noise), k=k, num_matvecs=num_matvecs,
         hvp_mode=resolve_hvp_mode(hvp_mode), precision=precision,
-        product_transform=product_transform, basis_size=basis_size)
+        product_transform=product_transform, basis_size=basis_size,
+        shardings=rows.vector_shardings(params))
+
+
+def top_direction(ritz_vectors: PyTree, params: PyTree, shardings: tuple | None = None
+                  ) -> PyTree:
+    """The first Ritz vector of a block (either layout, `SolverState`) as a params pytree, in
+    the params' dtypes and, given `shardings` (`rows.vector_shardings`), their shardings."""
+    first = jax.tree.map(lambda x: x[:1], ritz_vectors)  # unravel one row, not the block
+    direction = rows.row(first if rows.is_stacked(first, params) else rows.unravel(first, params),
+                         0)
+    direction = jax.tree.map(lambda x, p: x.astype(jnp.result_type(p)), direction, params)
+    return rows.constrain(direction, shardings, stacked=False)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "k", "num_matvecs", "hvp_mode",
-                                             "precision", "product_transform", "basis_size"))
+                                             "precision", "product_transform", "basis_size",
+                                             "shardings"))
 def _top_eigenvalues(loss_fn, params, batch, key, state, tolerance, noise_floor, start_noise,
                      **options):
     info, _ = update(loss_fn, params, batch, key, state, tolerance=tolerance,
                      noise_floor=noise_floor, start_noise=start_noise, **options)
-    flat, unravel = ravel_pytree(params)
-    direction = unravel(info.ritz_vectors[0].astype(flat.dtype))
+    direction = top_direction(info.ritz_vectors, params, options["shardings"])
     return info.eigenvalues, direction, info

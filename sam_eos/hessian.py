@@ -1,4 +1,5 @@
-"""Exact Hessian-vector products: `hvp` on pytrees, `hessian_operator` on flat vectors, and
+"""Exact Hessian-vector products: `hvp` on pytrees, `tree_operator` (a params-shaped vector in
+and out, the solvers' products) and `hessian_operator` on flat vectors, and
 `product_noise_floor`, the products' relative error at a matmul precision.
 
 The top of the spectrum is found from these products by `sam_eos.eigensolver` (Lanczos).
@@ -8,9 +9,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import convolutions
+from sam_eos import convolutions, rows
 from sam_eos.types import LossFn, PyTree
 
 # `(v, hv) -> hv'` on flat [n] vectors: a change applied to every product (tests inject noise).
@@ -40,27 +42,35 @@ def resolve_hvp_mode(hvp_mode: str, backend: str | None = None) -> str:
     return AUTO_HVP_MODE.get(backend or jax.default_backend(), "linearize")
 
 
-def hessian_operator(
-    loss_fn: LossFn, params: PyTree, batch: PyTree, hvp_mode: str = "auto"
-) -> tuple[jax.Array, Callable[[jax.Array], PyTree], Callable[[jax.Array], jax.Array]]:
-    """`(flat_params [n], unravel, matvec)`, matvec: flat [n] -> H flat [n] (exact).
+def tree_operator(loss_fn: LossFn, params: PyTree, batch: PyTree, hvp_mode: str = "auto"
+                  ) -> Callable[[PyTree], PyTree]:
+    """matvec: a params-shaped vector v -> H v, params-shaped (exact), leaf by leaf in the
+    params' own layout and sharding: nothing is flattened.
 
     With "linearize" the gradient's primal pass runs here, once; call this inside a jit and
     reuse `matvec`. On the CPU its convolutions are in XLA's canonical layout, so that a
     product inside a loop runs Eigen's kernels, as a standalone one does
     (`sam_eos.convolutions`).
     """
-    flat_params, unravel = ravel_pytree(params)
-
-    def flat_gradient(flat):
-        return ravel_pytree(jax.grad(loss_fn)(unravel(flat), batch))[0]
+    def gradient(p):
+        return jax.grad(loss_fn)(p, batch)
 
     if resolve_hvp_mode(hvp_mode) == "linearize":
-        _, matvec = jax.linearize(flat_gradient, flat_params)
+        matvec = jax.linearize(gradient, params)[1]
     else:
         def matvec(v):
-            return jax.jvp(flat_gradient, (flat_params,), (v,))[1]
-    return flat_params, unravel, convolutions.for_backend(matvec)
+            return jax.jvp(gradient, (params,), (v,))[1]
+    return convolutions.for_backend(matvec)
+
+
+def hessian_operator(
+    loss_fn: LossFn, params: PyTree, batch: PyTree, hvp_mode: str = "auto"
+) -> tuple[jax.Array, Callable[[jax.Array], PyTree], Callable[[jax.Array], jax.Array]]:
+    """`(flat_params [n], unravel, matvec)`, matvec: flat [n] -> H flat [n] (exact): the
+    `tree_operator` between `ravel_pytree` layouts, as `tree_operator` computes it."""
+    flat_params, unravel = ravel_pytree(params)
+    matvec = tree_operator(loss_fn, params, batch, hvp_mode)
+    return flat_params, unravel, lambda v: ravel_pytree(matvec(unravel(v)))[0]
 
 
 # Backends whose default float32 matmuls are full float32, so that the default precision's
@@ -112,16 +122,18 @@ def product_noise_floor(
     reference but the matmuls (no `precision`, `product_transform` or `reference_loss_fn`, no
     low-precision leaf), unless `always_measure`.
 
-    `vector` is flat [num_params]; pass the first check's top Ritz vector
-    (`info.ritz_vectors[0]`): then ||H v|| ~ ||H|| and the value bounds the products' shift of
-    the top Ritz value relative to ||H|| (|v^T E v| <= ||E v||). Measure it once per run and
-    pass it as `noise_floor` to later checks.
+    `vector` is params-shaped, or flat [num_params] in `ravel_pytree(params)` order; pass the
+    first check's top Ritz vector (`eigensolver.top_direction(info.ritz_vectors, params)`, or
+    a flat block's `info.ritz_vectors[0]`): then ||H v|| ~ ||H|| and the value bounds the
+    products' shift of the top Ritz value relative to ||H|| (|v^T E v| <= ||E v||). Measure it
+    once per run and pass it as `noise_floor` to later checks.
     """
     exact = (jax.default_backend() in EXACT_DEFAULT_PRECISION_BACKENDS and precision is None
              and product_transform is None and reference_loss_fn is None
              and not low_precision(params))
     if exact and not always_measure:
-        return jnp.zeros((), jnp.promote_types(vector.dtype, jnp.float32))
+        return jnp.zeros((), jnp.promote_types(jnp.result_type(*jax.tree.leaves(vector)),
+                                                jnp.float32))
     return _measured_noise_floor(loss_fn, params, batch, vector, precision=precision,
                                  product_transform=product_transform,
                                  reference_loss_fn=reference_loss_fn)
@@ -129,23 +141,28 @@ def product_noise_floor(
 
 def measured_noise_floor(loss_fn, params, batch, vector, *, precision=None,
                          product_transform=None, reference_loss_fn=None) -> jax.Array:
-    """`product_noise_floor`, always measured; pure, to trace inside a jit."""
-    _, _, matvec = hessian_operator(loss_fn, params, batch, "forward_over_reverse")
-    flat_params, _ = ravel_pytree(params)
-    low = vector.astype(flat_params.dtype)
+    """`product_noise_floor`, always measured, in the params' own layout; pure, to trace
+    inside a jit."""
+    if not rows.shaped_as(vector, params):  # flat [num_params]
+        vector = rows.row(rows.unravel(vector[None], params), 0)
+    dtype = jnp.promote_types(jnp.result_type(*jax.tree.leaves(vector)), jnp.float32)
+    matvec = tree_operator(loss_fn, params, batch, "forward_over_reverse")
+    low = jax.tree.map(lambda x, p: x.astype(jnp.result_type(p)), vector, params)
     with jax.default_matmul_precision(precision):
         product = matvec(low)
     if product_transform is not None:
-        product = product_transform(low, product)
-    dtype = jnp.promote_types(vector.dtype, jnp.float32)
+        flat, unravel = ravel_pytree(low)
+        product = unravel(product_transform(flat, ravel_pytree(product)[0]))
     reference_matvec = matvec  # float32 params, the same loss: only the precision differs
     if low_precision(params) or reference_loss_fn is not None:
-        _, _, reference_matvec = hessian_operator(
+        reference_matvec = tree_operator(
             loss_fn if reference_loss_fn is None else reference_loss_fn, upcast_params(params),
             batch, "forward_over_reverse")
     with jax.default_matmul_precision("highest"):
-        reference = reference_matvec(vector.astype(dtype)).astype(dtype)
-    return jnp.linalg.norm(product.astype(dtype) - reference) / jnp.linalg.norm(reference)
+        reference = reference_matvec(jax.tree.map(lambda x: x.astype(dtype), vector))
+    reference = jax.tree.map(lambda x: x.astype(dtype), reference)
+    error = jax.tree.map(lambda a, b: a.astype(dtype) - b, product, reference)
+    return otu.tree_norm(error) / otu.tree_norm(reference)
 
 
 _measured_noise_floor = jax.jit(

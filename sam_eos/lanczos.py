@@ -1,9 +1,12 @@
 """Thick-restart Lanczos for the top of a symmetric operator's spectrum, in bounded memory.
 
-`solve` runs Lanczos with full reorthogonalisation on a flat `matvec` (`[n] -> [n]`), traced
-inside the caller's jit. It starts from a block of previous Ritz vectors when given one (a warm
+`solve` runs Lanczos with full reorthogonalisation on a `matvec` over vectors of any pytree
+layout (a params-shaped tree, or one flat [n] array), traced inside the caller's jit. Its basis
+and Ritz vectors are row-stacked in that layout (`sam_eos.rows`: each leaf [rows, *leaf_shape]),
+so a product takes a row as it is, sharded as the parameters are, and nothing is flattened.
+It starts from a block of previous Ritz vectors when given one (a warm
 start: the rows with random weights, `start_vector`) plus a small random component. Its basis
-holds `basis_size` vectors of length n whatever the budget: when the basis is full it keeps its
+holds `basis_size` vectors of n entries whatever the budget: when the basis is full it keeps its
 top Ritz vectors and the last residual direction and goes on from there (a thick restart, Wu
 and Simon 2000), so what the Krylov space knows of the top of the spectrum survives, and
 `num_matvecs` is a budget, not a size:
@@ -17,12 +20,15 @@ The projected matrix is V^T A V itself, built from each product's Gram-Schmidt c
 so the plain (tridiagonal) and the restarted (arrow-shaped) phases share one code path.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax.tree_utils as otu
 
-from sam_eos.types import Matvec
+from sam_eos import rows
+from sam_eos.types import PyTree
 
 # Vectors of length n the basis holds unless told otherwise: memory against products, measured
 # in BENCHMARKS.md (`scale` for memory, `check_misses` for products).
@@ -32,10 +38,6 @@ VECTORS_PER_EIGENVALUE = 7  # the default basis' growth with k (`default_basis_s
 # basis's columns; new products refill the rest.
 KEEP_FRACTION = 0.5
 REORTHOGONALISE_BELOW = 2**-0.5  # sweep again when a sweep leaves less than this of ||w||
-# A restart rotates the basis in place, in at most ROTATION_CHUNKS chunks of columns, each at
-# least ROTATION_COLUMNS wide: its temporary is 1/ROTATION_CHUNKS of the basis at most.
-ROTATION_CHUNKS = 64
-ROTATION_COLUMNS = 2**14
 
 
 class EigenInfo(NamedTuple):
@@ -43,10 +45,12 @@ class EigenInfo(NamedTuple):
     and `sam_eos.eigensolver.update`'s, whose products are Hessian-vector products."""
 
     eigenvalues: jax.Array  # float [k], the k algebraically largest Ritz values, descending
-    # float [block, n]: the unit Ritz vectors (rows) of the `block` largest Ritz values, flat
-    # (`ravel_pytree(params)` order for a Hessian); rows past the steps taken are zero. Pass
-    # them as the next solve's start block (a warm start).
-    ritz_vectors: jax.Array
+    # The unit Ritz vectors of the `block` largest Ritz values, row-stacked in the start
+    # block's layout (`sam_eos.rows`): for the Hessian solvers a params-shaped tree with leaves
+    # [block, *leaf_shape] by default, or flat [block, num_params] (`ravel_pytree(params)`
+    # order) when started from flat rows; rows past the steps taken are zero. Pass them as the
+    # next solve's start block (a warm start).
+    ritz_vectors: PyTree
     # float scalar: the smallest Ritz value (its vector is kept through restarts)
     bottom_eigenvalue: jax.Array
     # int32 scalar: products used, all cycles together (`solve`: of `matvec`; the Hessian
@@ -116,21 +120,6 @@ def basis_steps(n: int, num_matvecs: int, basis_size: int = DEFAULT_BASIS_SIZE) 
     return min(num_matvecs, n, basis_size - 1)
 
 
-def random_vector(key: jax.Array, n: int, dtype) -> jax.Array:
-    """Uniform entries in [-1/2, 1/2) [n] from `key`: a hash of each entry's index and two
-    random words, one fused elementwise pass. `jax.random.normal` holds several n-sized
-    temporaries while it runs, as much as a quarter of a small basis; a start or restart
-    direction needs only to be generic."""
-    words = jax.random.bits(key, (2,), jnp.uint32)
-    x = jax.lax.iota(jnp.uint32, n) * jnp.uint32(0x9E3779B1) + words[0]
-    for multiplier in (0x85EBCA6B, 0xC2B2AE35):  # murmur3's finaliser, twice with the second word
-        x = (x ^ (x >> 16)) * jnp.uint32(multiplier)
-        x = x ^ (x >> 13)
-    x = (x ^ words[1]) * jnp.uint32(0x27D4EB2F)
-    x = x ^ (x >> 15)
-    return (x >> 8).astype(dtype) * (2.0**-24) - 0.5
-
-
 # Weights of a warm block's rows in the start vector: a random sign times a magnitude in
 # [1 - ROW_WEIGHT_SPREAD, 1 + ROW_WEIGHT_SPREAD]. In a plain sum a turned top eigenvector can
 # cancel (overlaps -0.74, +0.46, +0.26 on MNIST summed to -0.02, and Lanczos converged on the
@@ -140,11 +129,12 @@ ROW_WEIGHT_SPREAD = 0.5
 RESTART_SALT = 2**20  # folded into the key of a restart's row weights
 
 
-def start_vector(start_block: jax.Array, key: jax.Array, start_noise: jax.Array) -> jax.Array:
-    """Unit start vector [n]: the unit rows of `start_block` [k, n] with random weights (signs
-    and magnitudes, ROW_WEIGHT_SPREAD) plus `start_noise` times a unit random vector; the
-    random vector alone (a cold start) when no row is finite and nonzero."""
-    norms = jnp.linalg.norm(start_block, axis=1)
+def start_vector(start_block: PyTree, key: jax.Array, start_noise: jax.Array) -> PyTree:
+    """Unit start vector (one row of `start_block`'s layout): the unit rows of `start_block`
+    (k rows, row-stacked) with random weights (signs and magnitudes, ROW_WEIGHT_SPREAD) plus
+    `start_noise` times a unit random vector (`rows.random_vector`); the random vector alone (a
+    cold start) when no row is finite and nonzero."""
+    norms = rows.norms(start_block)
     usable = jnp.isfinite(norms) & (norms > 0)
     weight_key, noise_key = jax.random.split(key)
     signs = jnp.where(jax.random.bernoulli(weight_key, shape=norms.shape), 1.0, -1.0)
@@ -152,35 +142,37 @@ def start_vector(start_block: jax.Array, key: jax.Array, start_noise: jax.Array)
                                     minval=1 - ROW_WEIGHT_SPREAD, maxval=1 + ROW_WEIGHT_SPREAD)
     # Row by row, the weights divided by the norms: no temporary the size of the block, and a
     # non-finite row is left out rather than multiplied by zero (nan).
-    weights = (signs * magnitudes / jnp.where(usable, norms, 1.0)).astype(start_block.dtype)
-    combined = jnp.zeros_like(start_block[0])
-    for i in range(start_block.shape[0]):
-        combined = combined + jnp.where(usable[i], weights[i] * start_block[i], 0.0)
-    combined_norm = jnp.linalg.norm(combined)
-    random = random_vector(noise_key, combined.shape[0], combined.dtype)
-    random = random / jnp.linalg.norm(random)
+    dtype = rows.dtype(start_block)
+    weights = (signs * magnitudes / jnp.where(usable, norms, 1.0)).astype(dtype)
+    combined = jax.tree.map(jnp.zeros_like, rows.row(start_block, 0))
+    for i in range(rows.count(start_block)):
+        combined = jax.tree.map(lambda c, x, i=i: c + jnp.where(usable[i], weights[i] * x, 0.0),
+                                combined, rows.row(start_block, i))
+    combined_norm = otu.tree_norm(combined)
+    random = rows.random_vector(noise_key, combined, dtype)
+    random = otu.tree_scale(1 / otu.tree_norm(random), random)
     warm = combined_norm > 0
-    vector = jnp.where(
-        warm, combined / jnp.where(warm, combined_norm, 1.0) + start_noise * random, random
-    )
-    return vector / jnp.linalg.norm(vector)
+    vector = jax.tree.map(
+        lambda c, r: jnp.where(warm, c / jnp.where(warm, combined_norm, 1.0) + start_noise * r, r),
+        combined, random)
+    return otu.tree_scale(1 / otu.tree_norm(vector), vector)
 
 
-def _orthogonalise(basis: jax.Array, w: jax.Array, num_rows: jax.Array
-                   ) -> tuple[jax.Array, jax.Array]:
+def _orthogonalise(basis: PyTree, w: PyTree, num_rows: jax.Array
+                   ) -> tuple[PyTree, jax.Array]:
     """`(w', coefficients [rows])`: w minus its projection on the first `num_rows` rows of
-    `basis` [rows, n], and the projection's coefficients (rows past `num_rows`, stale ones from
+    `basis` (row-stacked), and the projection's coefficients (rows past `num_rows`, stale ones from
     before a restart, get zero).
 
     Classical Gram-Schmidt, swept again when the first sweep leaves less than
     REORTHOGONALISE_BELOW of ||w||: otherwise what is left of the basis is about eps times the
     part removed (the DGKS criterion, Daniel et al. 1976).
     """
-    used = jnp.arange(basis.shape[0]) < num_rows
+    used = jnp.arange(rows.count(basis)) < num_rows
 
     def sweep(w):
-        coefficients = jnp.where(used, basis @ w, 0.0)
-        return w - coefficients @ basis, coefficients
+        coefficients = jnp.where(used, rows.dots(basis, w), 0.0)
+        return otu.tree_sub(w, rows.combine(coefficients, basis)), coefficients
 
     once, first = sweep(w)
 
@@ -188,7 +180,7 @@ def _orthogonalise(basis: jax.Array, w: jax.Array, num_rows: jax.Array
         twice, second = sweep(once)
         return twice, first + second
 
-    return jax.lax.cond(jnp.linalg.norm(once) < REORTHOGONALISE_BELOW * jnp.linalg.norm(w),
+    return jax.lax.cond(otu.tree_norm(once) < REORTHOGONALISE_BELOW * otu.tree_norm(w),
                         again, lambda once: (once, first), once)
 
 
@@ -271,7 +263,9 @@ def _estimates(projected, j, filled, *, k: int, block: int) -> _Estimates:
 class _Run(NamedTuple):
     """Lanczos' state between steps."""
 
-    basis: jax.Array  # [rows, n] orthonormal rows 0 .. filled - 1; rows < j are multiplied
+    # row-stacked [rows, *leaf_shape] per leaf: orthonormal rows 0 .. filled - 1; rows < j are
+    # multiplied
+    basis: PyTree
     # [rows, rows]: the known entries of V^T A V: among the multiplied rows, and between them
     # and the filled rows (zero elsewhere)
     projected: jax.Array
@@ -286,14 +280,14 @@ class _Run(NamedTuple):
     previous_bound: jax.Array  # the error estimate of the step before (inf before step 2)
 
 
-def _start(start_rows: jax.Array, rows: int, block: int) -> _Run:
-    """The state before the first product from the orthonormal rows `start_rows` [s, n]."""
-    dtype = start_rows.dtype
-    s = start_rows.shape[0]
-    basis = jnp.zeros((rows, start_rows.shape[1]), dtype).at[:s].set(start_rows)
+def _start(first: PyTree, size: int, block: int) -> _Run:
+    """The state before the first product from the unit vector `first`, in a basis of `size`
+    rows."""
+    dtype = rows.dtype(first)
+    basis = rows.set_row(rows.zeros(size, first, dtype), 0, first)
     no = jnp.bool_(False)
-    return _Run(basis, jnp.zeros((rows, rows), dtype), jnp.zeros((rows,), dtype), jnp.int32(0),
-                jnp.int32(s), jnp.int32(0), _no_estimates(block, rows, dtype), no, no,
+    return _Run(basis, jnp.zeros((size, size), dtype), jnp.zeros((size,), dtype), jnp.int32(0),
+                jnp.int32(1), jnp.int32(0), _no_estimates(block, size, dtype), no, no,
                 jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype))
 
 
@@ -302,11 +296,11 @@ def _step(matvec, run: _Run, key, stop_bound, *, k: int, block: int, estimate: b
     filled row (when there is room) and, with `estimate`, the Ritz estimates and the stopping
     test."""
     basis, j, filled = run.basis, run.j, run.filled
-    rows, n = basis.shape
-    eps = jnp.finfo(basis.dtype).eps
-    w, coefficients = _orthogonalise(basis, matvec(basis[j]), filled)
+    size, n, dtype = rows.count(basis), rows.size(basis), rows.dtype(basis)
+    eps = jnp.finfo(dtype).eps
+    w, coefficients = _orthogonalise(basis, matvec(rows.row(basis, j)), filled)
     projected = run.projected.at[j].set(coefficients).at[:, j].set(coefficients)
-    b = jnp.linalg.norm(w)
+    b = otu.tree_norm(w)
     norm_bound = jnp.maximum(run.norm_bound, jnp.sum(jnp.abs(coefficients)) + b)
     # Breakdown: the space is invariant. Continue from a fresh random direction orthogonal to
     # the basis, decoupled from it (coupling 0): a low-rank operator does not divide by zero,
@@ -315,15 +309,17 @@ def _step(matvec, run: _Run, key, stop_bound, *, k: int, block: int, estimate: b
     b = jnp.where(breakdown, 0.0, b)
 
     def fresh_direction(w):
-        fresh = random_vector(jax.random.fold_in(key, run.used), n, basis.dtype)
+        fresh = rows.random_vector(jax.random.fold_in(key, run.used), w, dtype)
         fresh, _ = _orthogonalise(basis, fresh, filled)
-        return fresh / jnp.maximum(jnp.linalg.norm(fresh), jnp.finfo(basis.dtype).tiny)
+        return otu.tree_scale(1 / jnp.maximum(otu.tree_norm(fresh), jnp.finfo(dtype).tiny),
+                              fresh)
 
-    following = jax.lax.cond(breakdown, fresh_direction, lambda w: w / jnp.where(b > 0, b, 1.0),
-                             w)
-    room = filled < rows
-    slot = jnp.minimum(filled, rows - 1)
-    basis = jnp.where(room, basis.at[slot].set(following), basis)
+    following = jax.lax.cond(breakdown, fresh_direction,
+                             lambda w: otu.tree_scale(1 / jnp.where(b > 0, b, 1.0), w), w)
+    room = filled < size
+    slot = jnp.minimum(filled, size - 1)
+    basis = rows.set_row(basis, slot, jax.tree.map(
+        lambda new, old: jnp.where(room, new, old), following, rows.row(basis, slot)))
     projected = jnp.where(room, projected.at[slot, j].set(b).at[j, slot].set(b), projected)
     run = run._replace(basis=basis, projected=projected, beta=run.beta.at[j].set(b), j=j + 1,
                        filled=jnp.where(room, filled + 1, filled), used=run.used + 1,
@@ -348,37 +344,21 @@ def _step(matvec, run: _Run, key, stop_bound, *, k: int, block: int, estimate: b
                         previous_bound=estimates.bound)
 
 
-def _rotate_rows(basis: jax.Array, mixing: jax.Array) -> jax.Array:
-    """`mixing @ basis` for a small square `mixing` [rows, rows], written over `basis` in
-    place, a chunk of columns at a time: the temporaries hold one chunk, not a second basis."""
-    rows, n = basis.shape
-    width = min(n, max(ROTATION_COLUMNS, -(-n // ROTATION_CHUNKS)))
-    count = -(-n // width)
-
-    def rotate(i, basis):
-        begin = jnp.minimum(i * width, n - width)  # the last chunk overlaps the one before
-        chunk = jax.lax.dynamic_slice_in_dim(basis, begin, width, axis=1)
-        done = begin + jnp.arange(width) < i * width  # rotated with the chunk before
-        rotated = jnp.where(done[None, :], chunk, mixing @ chunk)
-        return jax.lax.dynamic_update_slice_in_dim(basis, rotated, begin, axis=1)
-
-    return jax.lax.fori_loop(0, count, rotate, basis)
-
-
-def _thick_restart(run: _Run, keep: int) -> _Run:
+def _thick_restart(run: _Run, keep: int, shardings: tuple | None) -> _Run:
     """The top `keep` Ritz vectors and the bottom one of the multiplied rows, then the rows
     filled but not yet multiplied, as the new basis' first rows. Their projected matrix: the
     Ritz values' diagonal, and each pending row's coupling to each Ritz vector (an arrow for
     one row). The bottom Ritz vector is kept so that `bottom_eigenvalue` keeps improving: it
-    may be the operator's norm, which scales the error bound."""
-    rows = run.basis.shape[0]
+    may be the operator's norm, which scales the error bound. The basis rotates in place
+    (`rows.rotate`, chunked along axes `shardings` leaves whole)."""
+    size = rows.count(run.basis)
     values, vectors = _ritz_pairs(run.projected, run.j)
-    bottom = rows - run.j  # the smallest active Ritz value's index (padding sorts first)
+    bottom = size - run.j  # the smallest active Ritz value's index (padding sorts first)
     kept = jnp.concatenate([jnp.flip(vectors, axis=1)[:, :keep], vectors[:, bottom, None]],
                            axis=1)  # [rows, keep + 1], zero past j
     kept_values = jnp.concatenate([jnp.flip(values)[:keep], values[bottom, None]])
     held = keep + 1
-    index = jnp.arange(rows)
+    index = jnp.arange(size)
     pending = (index >= run.j) & (index < run.filled)
     # Row held + t of the new basis is old row j + t (t < filled - j).
     moved = jnp.where(pending[None, :] & (index[None, :] - run.j == index[:, None] - held),
@@ -388,13 +368,13 @@ def _thick_restart(run: _Run, keep: int) -> _Run:
     projected = jnp.zeros_like(run.projected).at[:, :held].set(coupling)
     projected = projected.at[:held].set(coupling.T)
     projected = projected.at[jnp.arange(held), jnp.arange(held)].set(kept_values)
-    return run._replace(basis=_rotate_rows(run.basis, mixing), projected=projected,
+    return run._replace(basis=rows.rotate(run.basis, mixing, shardings), projected=projected,
                         j=jnp.int32(held), filled=held + run.filled - run.j)
 
 
 def solve(
-    matvec: Matvec,
-    start_block: jax.Array,
+    matvec: Callable[[PyTree], PyTree],
+    start_block: PyTree,
     key: jax.Array,
     tolerance: jax.Array,
     noise_floor: jax.Array,
@@ -404,6 +384,7 @@ def solve(
     num_matvecs: int,
     block_size: int,
     basis_size: int | None = None,
+    shardings: tuple | None = None,
 ) -> EigenInfo:
     """The top-k eigenpairs of the symmetric operator `matvec` on R^n (trace inside a jit).
 
@@ -411,8 +392,11 @@ def solve(
     of a random vector (`start_vector`), and stops when the top k Ritz values have converged.
 
     Args:
-      matvec: `[n] -> [n]`, the operator.
-      start_block: float [k', n] previous Ritz vectors (any k'); all-zero rows: a cold start.
+      matvec: vector -> vector, the operator, on vectors of `start_block`'s row layout (a
+        pytree of arrays; a flat [n] array is one).
+      start_block: float, k' previous Ritz vectors (any k' >= 1), row-stacked (`sam_eos.rows`:
+        each leaf [k', *leaf_shape]; flat: [k', n]); all-zero rows: a cold start. The basis and
+        the Ritz vectors returned keep its layout.
       key: PRNG key of the random start component and of breakdown restarts.
       tolerance: relative error asked of the top-k Ritz values (of ||H||).
       noise_floor: the products' own relative error; steps stop once the bound is below
@@ -424,33 +408,43 @@ def solve(
         holds), the next warm start's block: a couple more than k keep the directions that
         may overtake the top k by the next check.
       basis_size: vectors of n the basis holds, >= k + 3 (None: `default_basis_size`).
+      shardings: static, per leaf of a vector, its `NamedSharding` or None
+        (`rows.vector_shardings(params)`): the basis and Ritz vectors are constrained to it
+        with the rows axis replicated, and a restart rotates each leaf in chunks along an axis
+        it does not shard. None: XLA's propagation decides.
     """
-    n = start_block.shape[1]
+    n = rows.size(start_block)
     block = max(block_size, k)
     if basis_size is None:
         basis_size = default_basis_size(block)
     check_options(k, num_matvecs, 0.0, n, basis_size=basis_size)
-    rows = basis_rows(n, num_matvecs, basis_size)
-    block = min(block, rows - 1)
+    size = basis_rows(n, num_matvecs, basis_size)
+    block = min(block, size - 1)
     # Kept at a restart: the top `keep` and the bottom Ritz vectors, the row still to multiply,
     # and room for at least one new direction.
-    keep = min(max(block, int(KEEP_FRACTION * (rows - 1))), rows - 3)
+    keep = min(max(block, int(KEEP_FRACTION * (size - 1))), size - 3)
     stop_bound = jnp.maximum(tolerance, noise_floor)
-    first = start_vector(start_block, key, start_noise)[None]
+    first = start_vector(start_block, key, start_noise)
+
+    def constrained(run: _Run) -> _Run:
+        return run._replace(basis=rows.constrain(run.basis, shardings, stacked=True))
 
     def body(run: _Run) -> _Run:
         run = _step(matvec, run, key, stop_bound, k=k, block=block, estimate=True)
-        full = (run.filled >= rows) & ~run.converged & (run.used < num_matvecs)
-        return jax.lax.cond(full, lambda run: _thick_restart(run, keep), lambda run: run, run)
+        full = (run.filled >= size) & ~run.converged & (run.used < num_matvecs)
+        return constrained(jax.lax.cond(
+            full, lambda run: _thick_restart(run, keep, shardings), lambda run: run, run))
 
     def cond(run: _Run):
         finite = (run.used == 0) | jnp.isfinite(run.estimates.bound)
         return (run.used < num_matvecs) & ~run.converged & finite
 
-    run = jax.lax.while_loop(cond, body, _start(first, rows, block))
+    run = jax.lax.while_loop(cond, body, constrained(_start(first, size, block)))
     estimates = run.estimates
     norms = jnp.linalg.norm(estimates.coordinates, axis=1, keepdims=True)
-    vectors = (estimates.coordinates / jnp.where(norms > 0, norms, 1.0)) @ run.basis
+    vectors = rows.constrain(rows.combine(
+        estimates.coordinates / jnp.where(norms > 0, norms, 1.0), run.basis), shardings,
+        stacked=True)
     # The products' own error adds to the solver's.
     return EigenInfo(estimates.top[:k], vectors, estimates.bottom, run.used,
                      estimates.bound + noise_floor, run.converged)
@@ -461,7 +455,7 @@ def solve(
 
 
 def tridiagonal(
-    matvec: Matvec, start: jax.Array, key: jax.Array, *, steps: int
+    matvec: Callable[[jax.Array], jax.Array], start: jax.Array, key: jax.Array, *, steps: int
 ) -> tuple[jax.Array, jax.Array]:
     """`(alpha [steps], beta [steps - 1])`: the Lanczos tridiagonal T of `matvec` after exactly
     `steps` products from the unit vector `start` [n] (trace inside a jit; steps <= n).
@@ -479,5 +473,5 @@ def tridiagonal(
     run = jax.lax.fori_loop(
         0, steps,
         lambda _, run: _step(matvec, run, key, never, k=1, block=1, estimate=False),
-        _start(start[None], steps + 1, 1))
+        _start(start, steps + 1, 1))
     return jnp.diagonal(run.projected)[:steps], run.beta[: steps - 1]

@@ -38,9 +38,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import eigensolver, hessian, lanczos, layers, trainable
+from sam_eos import eigensolver, hessian, lanczos, layers, rows, trainable
 from sam_eos.lanczos import EigenInfo
 from sam_eos.layers import Grouping
 from sam_eos.sam import is_static_zero
@@ -61,7 +62,9 @@ def _is_prng_key(key) -> bool:
 class TrackerState(NamedTuple):
     """What one `update` leaves for the next: a pytree of arrays."""
 
-    ritz_vectors: jax.Array  # float [k + extra_vectors, num_params]; zeros: a cold start
+    # float, k + extra_vectors rows in the layout of params (each leaf [rows, *leaf_shape],
+    # sharded as its parameter with the rows axis replicated); zeros: a cold start
+    ritz_vectors: PyTree
     key: jax.Array  # PRNG key of the next call's random start component
     # per_layer: each layer's Ritz vectors, float [rows, n_layer], in the layers' order; else ()
     layer_ritz_vectors: tuple[jax.Array, ...] = ()
@@ -160,11 +163,12 @@ class SharpnessTracker:
         self.per_layer = per_layer is not False
         self.grouping = per_layer if callable(per_layer) else None
         # The state is donated: its Ritz vectors' memory holds the next state's.
-        self._update = jax.jit(self._measure, donate_argnums=0)
+        self._update = jax.jit(self._measure, donate_argnums=0, static_argnames="shardings")
         self._blocks: dict = {}  # (treedef, leaf shapes) -> (names, indices, device positions)
 
     def init(self, params: PyTree, key: jax.Array) -> TrackerState:
-        """The state before the first call: no Ritz vectors (a cold start) and `key`."""
+        """The state before the first call: no Ritz vectors (a cold start) and `key`. The
+        Ritz vectors' leaves are placed as the parameters' (`eigensolver.init`)."""
         if not _is_prng_key(key):
             raise ValueError(f"key must be a PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)),"
                              f" not {key!r}")
@@ -197,16 +201,17 @@ class SharpnessTracker:
           None / not None for `rho_eff` and `preconditioner`.
         """
         trainable.check_params(params)
-        flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
-        rows = state.ritz_vectors.shape
-        if len(rows) != 2 or rows[1] != flat.size:
+        if not rows.is_stacked(state.ritz_vectors, params):
+            flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
+            shapes = [tuple(jnp.shape(v)) for v in jax.tree.leaves(state.ritz_vectors)]
             raise ValueError(
-                f"state holds Ritz vectors of shape {tuple(rows)}, for other params: these have "
+                f"state holds Ritz vectors of shapes {shapes}, for other params: these have "
                 f"{flat.size} entries; call tracker.init(params, key) for them")
         if rho_eff is not None and is_static_zero(rho_eff):
             rho_eff = None  # a Python 0: the Hessian itself, one HVP per product
         names, blocks = self._layers(params, state)
-        result, state = self._update(state, params, batch, rho_eff, preconditioner, blocks)
+        result, state = self._update(state, params, batch, rho_eff, preconditioner, blocks,
+                                     shardings=rows.vector_shardings(params))
         if not self.per_layer:
             return result, state
         values, shares, infos = result.layer_sharpness, result.layer_shares, result.layer_info
@@ -237,42 +242,45 @@ class SharpnessTracker:
         return tuple(indices), blocks
 
     def _noise_floor(self, params, batch, vector):
-        """||H_low v - H_f32 v|| / ||H_f32 v|| at the unit `vector` (`hessian`)."""
-        vector = vector / jnp.maximum(jnp.linalg.norm(vector), jnp.finfo(vector.dtype).tiny)
+        """||H_low v - H_f32 v|| / ||H_f32 v|| at the unit `vector`, params-shaped
+        (`hessian`)."""
+        dtype = rows.dtype(jax.tree.map(lambda x: x[None], vector))
+        vector = otu.tree_scale(1 / jnp.maximum(otu.tree_norm(vector), jnp.finfo(dtype).tiny),
+                                vector)
         return hessian.measured_noise_floor(
             self.loss_fn, params, batch, vector,
-            reference_loss_fn=self.reference_loss_fn).astype(vector.dtype)
+            reference_loss_fn=self.reference_loss_fn).astype(dtype)
 
-    def _measure(self, state, params, batch, rho_eff, preconditioner, blocks):
+    def _measure(self, state, params, batch, rho_eff, preconditioner, blocks, shardings=None):
         key, next_key = jax.random.split(state.key)
         noisy = hessian.low_precision(params) or self.reference_loss_fn is not None  # static
-        previous = state.ritz_vectors[0]
-        warm = jnp.any(previous != 0)
+        previous = rows.row(state.ritz_vectors, 0)
+        warm = jnp.any(jnp.stack([jnp.any(x != 0) for x in jax.tree.leaves(previous)]))
         floor = 0.0
         if noisy:  # the products' noise on the previous top Ritz vector; 0 on a cold start
             floor = jax.lax.cond(warm, lambda: self._noise_floor(params, batch, previous),
-                                 lambda: jnp.zeros((), previous.dtype))
+                                 lambda: jnp.zeros((), rows.dtype(state.ritz_vectors)))
         found, _ = eigensolver.update(
             self.loss_fn, params, batch, key, eigensolver.SolverState(state.ritz_vectors),
             k=self.k, num_matvecs=self.num_matvecs, tolerance=self.tolerance,
             basis_size=self.basis_size,
             start_noise=self.start_noise, rho_eff=0.0 if rho_eff is None else rho_eff,
             preconditioner=preconditioner, hvp_mode=self.hvp_mode,
-            noise_floor=floor)
+            noise_floor=floor, shardings=shardings)
         if noisy:  # a cold start measures it on the Ritz vector it found
             floor = jax.lax.cond(warm, lambda: floor, lambda: self._noise_floor(
-                params, batch, found.ritz_vectors[0]))
+                params, batch, rows.row(found.ritz_vectors, 0)))
             found = found._replace(
                 error_bound=jnp.maximum(found.error_bound, floor),
                 hessian_vector_products=found.hessian_vector_products + 2)
-        flat_params, unravel = ravel_pytree(params)
         products = found.hessian_vector_products
+        direction = eigensolver.top_direction(found.ritz_vectors, params, shardings)
         result = SharpnessResult(
             eigenvalues=found.eigenvalues,
             hessian_vector_products=products,
             error_bound=found.error_bound,
             converged=found.converged,
-            direction=unravel(found.ritz_vectors[0].astype(flat_params.dtype)),
+            direction=direction,
         )
         if not blocks:
             return result, TrackerState(found.ritz_vectors, next_key)
@@ -285,7 +293,8 @@ class SharpnessTracker:
             hessian_vector_products=products + sum(info.hessian_vector_products
                                                    for info in solved),
             layer_sharpness=tuple(info.eigenvalues[0] for info in solved),
-            layer_shares=layers.block_shares(found.ritz_vectors[0], blocks),
+            layer_shares=layers.block_shares(
+                ravel_pytree(rows.row(found.ritz_vectors, 0))[0], blocks),
             layer_info=solved)
         return result, TrackerState(found.ritz_vectors, next_key,
                                     tuple(info.ritz_vectors for info in solved))

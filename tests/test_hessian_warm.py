@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import hessian, lanczos
+from sam_eos import hessian, lanczos, rows
 from sam_eos.eigensolver import top_eigenvalues
 from tests.conftest import dense_hessian, make_mlp, mlp_loss
 
@@ -52,11 +52,12 @@ def test_warm_start_agrees_with_cold_takes_fewer_products_and_does_not_recompile
     assert relative_errors(warm, spectrum[:1]).max() < 1e-4
     assert bool(warm_info.converged)
     assert int(warm_info.hessian_vector_products) < int(cold_info.hessian_vector_products)
-    # The principal direction is row 0 of the Ritz block, unravelled.
-    np.testing.assert_allclose(
-        np.asarray(ravel_pytree(direction)[0]), np.asarray(warm_info.ritz_vectors[0]), atol=1e-6
-    )
-    assert warm_info.ritz_vectors.shape == (3, ravel_pytree(params)[0].size)  # k + 2 rows
+    # The principal direction is row 0 of the Ritz block, in the params' layout.
+    block = rows.ravel(warm_info.ritz_vectors)
+    np.testing.assert_allclose(np.asarray(ravel_pytree(direction)[0]), np.asarray(block[0]),
+                               atol=1e-6)
+    assert block.shape == (3, ravel_pytree(params)[0].size)  # k + 2 rows
+    assert rows.is_stacked(warm_info.ritz_vectors, params)
 
 
 def test_warm_block_of_three(moving_mlp):
@@ -69,7 +70,7 @@ def test_warm_block_of_three(moving_mlp):
     assert relative_errors(warm, spectrum[:3]).max() < 1e-4
     assert relative_errors(cold, spectrum[:3]).max() < 1e-4
     assert int(warm_info.hessian_vector_products) < int(cold_info.hessian_vector_products)
-    ritz = np.asarray(warm_info.ritz_vectors, np.float64)[:3]  # [3 of 5, n]
+    ritz = np.asarray(rows.ravel(warm_info.ritz_vectors), np.float64)[:3]  # [3 of 5, n]
     np.testing.assert_allclose(ritz @ ritz.T, np.eye(3), atol=1e-4)
     residuals = np.linalg.norm(ritz @ hessian_after - np.asarray(warm)[:, None] * ritz, axis=1)
     assert residuals.max() < 1e-2 * spectrum[0]  # each row is close to its eigenvector
