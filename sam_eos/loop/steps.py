@@ -20,7 +20,7 @@ import optax.tree_utils as otu
 from absl import logging
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import eigensolver, power_iteration, tree
+from sam_eos import convolutions, eigensolver, power_iteration, tree
 from sam_eos.edge import sam_edge, usam_edge
 from sam_eos.effective_sharpness import adam_preconditioner, effective_radius
 from sam_eos.loop.feed import Select
@@ -40,13 +40,18 @@ def make_train_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, r
     (`sam_eos.sam.perturbed_params`).
     """
 
+    # Inside the while loop, on the CPU, the convolutions in XLA's canonical layout, as a
+    # standalone step's are (`sam_eos.convolutions`).
+    @convolutions.for_backend
+    def gradients(params, batch):
+        return loss_gradient_and_sam_gradient(loss_fn, params, batch, rho, variant)
+
     @jax.jit
     def train_steps(params, opt_state, arrays, start, num_steps):
         def body(carry):
             i, params, opt_state, _, _ = carry
             batch = select(arrays, start + i)
-            loss, _, sam_grad = loss_gradient_and_sam_gradient(loss_fn, params, batch, rho,
-                                                               variant)
+            loss, _, sam_grad = gradients(params, batch)
             finite = jnp.isfinite(loss) & jnp.isfinite(otu.tree_norm(sam_grad))
             updates, new_opt_state = optimizer.update(sam_grad, opt_state, params)
             new_params = optax.apply_updates(params, updates)
