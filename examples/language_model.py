@@ -263,9 +263,9 @@ def run(size: str = "tiny", steps: int = 500, every: int = 50, batch_size: int |
             continue
         start = time.perf_counter()
         _, params, rest = nnx.split(model, nnx.Param, ...)  # the current values
-        preconditioner = _like(params, sam_eos.adam_preconditioner(optimizer.opt_state, b2=B2,
-                                                                   eps=EPS))
-        identity = jax.tree.map(jnp.ones_like, params)  # P = 1: the Hessian itself
+        preconditioner = sam_eos.adam_preconditioner(optimizer.opt_state, b2=B2, eps=EPS)
+        # P = 1: the Hessian itself, in P's pytree type, so both solves are one compiled program.
+        identity = jax.tree.map(jnp.ones_like, preconditioner)
         result, sharpness_state = tracker.update(sharpness_state, params, (held, rest),
                                                  preconditioner=identity)
         adam, effective_state = tracker.update(effective_state, params, (held, rest),
@@ -281,17 +281,6 @@ def run(size: str = "tiny", steps: int = 500, every: int = 50, batch_size: int |
     if writer is not None:
         writer.close()
     return records
-
-
-def _like(params: nnx.State, tree: nnx.State) -> nnx.State:
-    """`tree`'s arrays in `params`' pytree type: nnx.Optimizer's state (so Adam's
-    preconditioner read from it) wraps each array in an OptVariable, not an nnx.Param; the same
-    type for P and for P = 1 also makes both solves one compiled program."""
-    leaves = jax.tree.leaves(tree)
-    shapes = [jnp.shape(leaf) for leaf in leaves]
-    if shapes != [jnp.shape(leaf) for leaf in jax.tree.leaves(params)]:
-        raise ValueError("the preconditioner is not laid out as the parameters")
-    return jax.tree.unflatten(jax.tree.structure(params), leaves)
 
 
 @nnx.jit

@@ -50,6 +50,19 @@ def products_per_matvec(rho_eff) -> int:
     return 1 if rho_eff is None or is_static_zero(rho_eff) else 2
 
 
+def in_params_structure(tree: PyTree, params: PyTree) -> PyTree:
+    """`tree`'s leaves in `params`' structure, matched in leaf order: an optimizer's state can
+    hold them in containers of its own (an `nnx.Optimizer`'s `OptVariable`s against the model's
+    `Param`s). ValueError unless the leaves' count and shapes match the parameters'."""
+    leaves, structure = jax.tree.leaves(tree), jax.tree.structure(params)
+    shapes = [jnp.shape(x) for x in leaves]
+    expected = [jnp.shape(x) for x in jax.tree.leaves(params)]
+    if shapes != expected:
+        raise ValueError(f"the preconditioner's leaves (shapes {shapes}) do not match the "
+                         f"parameters' (shapes {expected}), in leaf order")
+    return jax.tree.unflatten(structure, leaves)
+
+
 def effective_sharpness_matvec(
     loss_fn: LossFn,
     params: PyTree,
@@ -64,7 +77,8 @@ def effective_sharpness_matvec(
     Trace inside a jit."""
     hessian_matvec = tree_operator(loss_fn, params, batch, hvp_mode)
     scale = None if preconditioner is None else jax.tree.map(
-        lambda p, x: jax.lax.rsqrt(jnp.asarray(p, jnp.result_type(x))), preconditioner, params)
+        lambda p, x: jax.lax.rsqrt(jnp.asarray(p, jnp.result_type(x))),
+        in_params_structure(preconditioner, params), params)
 
     def scaled(v: PyTree) -> PyTree:
         return v if scale is None else jax.tree.map(jnp.multiply, scale, v)

@@ -402,3 +402,18 @@ def test_adam_preconditioner_reads_nnx_optimizer_state():
     reference = sam_eos.adam_preconditioner(adam_after_one_step(optax.adam(1e-3), params))
     np.testing.assert_allclose(ravel_pytree(sam_eos.adam_preconditioner(optimizer.opt_state))[0],
                                ravel_pytree(reference)[0], rtol=1e-6)
+    # The tracker takes it as it comes (OptVariables, not Params): the same effective
+    # sharpness as with the preconditioner in the parameters' own pytree type.
+    _, loss_fn, _ = nnx_recipe(model)
+    _, new_params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(1), (8, 6, 6, 1))
+    batch = ((x, jnp.arange(8) % 3), rest)
+    tracker = sam_eos.SharpnessTracker(loss_fn, tolerance=1e-7)
+    state = tracker.init(new_params, jax.random.key(0))
+    as_state, _ = tracker.update(state, new_params, batch,
+                                 preconditioner=sam_eos.adam_preconditioner(optimizer.opt_state))
+    in_params = jax.tree.unflatten(jax.tree.structure(new_params), jax.tree.leaves(reference))
+    state = tracker.init(new_params, jax.random.key(0))
+    as_params, _ = tracker.update(state, new_params, batch, preconditioner=in_params)
+    assert np.isfinite(float(as_params.eigenvalues[0]))
+    np.testing.assert_allclose(as_state.eigenvalues, as_params.eigenvalues, rtol=1e-5)
