@@ -72,7 +72,7 @@ def cold_start_vectors(params: PyTree, group: Grouping | None = None,
                        ) -> dict[str, jax.Array]:
     """name -> float zeros [block, n_group]: `layer_sharpness`' `start_vectors` for a cold
     start, shaped like the Ritz vectors it returns (3 rows, fewer for a tiny group)."""
-    dtype = jax.eval_shape(lambda p: ravel_pytree(p)[0], params).dtype
+    dtype = eigensolver.solver_dtype(jax.eval_shape(lambda p: ravel_pytree(p)[0], params).dtype)
     # Built on the host and put on the device: no compile per layer shape.
     return {name: jax.device_put(np.zeros((min(eigensolver.warm_block_size(1),
                                                lanczos.basis_steps(index.size, num_matvecs)),
@@ -153,12 +153,12 @@ def solve_blocks(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array,
     `top_eigenvalues`'; `basis_size`: each solve's Lanczos basis (None: the default). The
     random start of group i comes from `fold_in(key, i)`."""
     flat_params, _, matvec = hessian.hessian_operator(loss_fn, params, batch, hvp_mode)
-    dtype = flat_params.dtype
+    dtype = eigensolver.solver_dtype(flat_params.dtype)  # float32 for low-precision params
     found = []
     for position, (index, start) in enumerate(zip(blocks, starts, strict=True)):
         def block_matvec(v, index=index):
-            tangent = jnp.zeros_like(flat_params).at[index].set(v)
-            return matvec(tangent)[index]
+            tangent = jnp.zeros_like(flat_params).at[index].set(v.astype(flat_params.dtype))
+            return matvec(tangent)[index].astype(dtype)
 
         info = lanczos.solve(
             block_matvec, start.astype(dtype), jax.random.fold_in(key, position), tolerance,

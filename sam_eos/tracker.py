@@ -288,7 +288,8 @@ class SharpnessTracker:
             self.loss_fn, params, batch, jax.random.fold_in(key, _LAYER_SALT),
             jnp.float32(self.tolerance), jnp.float32(self.start_noise), blocks,
             state.layer_ritz_vectors, num_matvecs=self.num_matvecs,
-            hvp_mode=hessian.resolve_hvp_mode(self.hvp_mode))
+            hvp_mode=hessian.resolve_hvp_mode(self.hvp_mode), noise_floor=floor,
+            basis_size=self.basis_size)
         result = result._replace(
             hessian_vector_products=products + sum(info.hessian_vector_products
                                                    for info in solved),

@@ -120,3 +120,19 @@ def test_power_iteration_differences_in_float32():
     # Within power iteration's usual accuracy of the float32 Lanczos answer:
     # Measured 0.8 % below it (power iteration stops on a relative change of 1e-3 per step).
     np.testing.assert_allclose(float(low.magnitudes[0]), float32_top(params, batch), rtol=2e-2)
+
+
+def test_per_layer_bounds_include_the_floor_and_cover_float32_layer_solves():
+    batch = make_batch()
+    params = init_mlp(jax.random.key(0), jnp.bfloat16)
+    reference, _ = sam_eos.layer_sharpness(mlp_loss, upcast(params), batch, jax.random.key(3),
+                                           tolerance=1e-6)
+    tracker = sam_eos.SharpnessTracker(mlp_loss, per_layer=True)
+    state = tracker.init(params, jax.random.key(4))
+    for _ in range(2):
+        result, state = tracker.update(state, params, batch)
+    for name, info in result.layer_info.items():
+        value, bound = float(info.eigenvalues[0]), float(info.error_bound)
+        norm = max(abs(value), abs(float(info.bottom_eigenvalue)))
+        assert bound > 1e-4, (name, bound)  # the products' rounding, not the solver's 1e-5
+        assert abs(value - float(reference[name])) / norm <= bound, (name, value, bound)
