@@ -133,13 +133,17 @@ def two_layer_problem(seed=0, num_examples=32):
     return params, (x, y)
 
 
-def outputs(directory) -> train.Outputs:
+def outputs(directory, plots: bool = False) -> train.Outputs:
+    """The raw data in `directory`, and with `plots` the four plots (drawing them costs a few
+    seconds a run: only the tests that look at them ask)."""
+    def plot(name):
+        return str(directory / name) if plots else ""
     return train.Outputs(
         raw_data=str(directory / "raw.txt"),
-        eigs_curve=str(directory / "eigs.pdf"),
-        eigs_se_only=str(directory / "eigs_se_only.pdf"),
-        alignment_curve=str(directory / "a.pdf"),
-        loss_curve=str(directory / "ell.pdf"),
+        eigs_curve=plot("eigs.pdf"),
+        eigs_se_only=plot("eigs_se_only.pdf"),
+        alignment_curve=plot("a.pdf"),
+        loss_curve=plot("ell.pdf"),
     )
 
 
@@ -186,13 +190,17 @@ def environment() -> dict[str, str]:
     return env
 
 
-def output_flags(directory: pathlib.Path) -> list[str]:
+def output_flags(directory: pathlib.Path, plots: bool = False) -> list[str]:
+    """The programs' output flags: the raw data in `directory`, and with `plots` the four
+    plots; without, the plots are switched off (empty paths), as `outputs`."""
+    def plot(name):
+        return directory / name if plots else ""
     return [
         f"--raw_data_output={directory / 'raw.txt'}",
-        f"--eigs_curve_output={directory / 'eigs.pdf'}",
-        f"--eigs_se_only_output={directory / 'eigs_se_only.pdf'}",
-        f"--alignment_curve_output={directory / 'a.pdf'}",
-        f"--loss_curve_output={directory / 'ell.pdf'}",
+        f"--eigs_curve_output={plot('eigs.pdf')}",
+        f"--eigs_se_only_output={plot('eigs_se_only.pdf')}",
+        f"--alignment_curve_output={plot('a.pdf')}",
+        f"--loss_curve_output={plot('ell.pdf')}",
     ]
 
 

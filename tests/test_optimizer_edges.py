@@ -31,7 +31,7 @@ def run_case(tmp_path, changes, steps=8):
     """A run whose last check is at its last step, so the returned state is the one measured."""
     params, batch = mlp_problem()
     config = train.TrainConfig(step_size=0.05, max_steps=steps, hessian_check_every_steps=4,
-                               outputs=outputs(tmp_path), **changes)
+                               outputs=outputs(tmp_path, plots=True), **changes)
     result = train.run(mlp_loss, params, train.FullBatch(batch), config)
     assert (result.status, result.steps) == ("max_steps", steps)
     settings, columns, rows = read_raw_data(str(tmp_path / "raw.txt"))

@@ -27,7 +27,8 @@ def test_stops_at_max_steps_with_rows_header_and_pdfs(tmp_path):
     params, batch = mlp_problem()
     config = train.TrainConfig(
         step_size=0.1, rho=0.05, max_steps=25, hessian_check_every_steps=10,
-        num_principal_components=2, outputs=outputs(tmp_path), run_name="unit test", seed=7,
+        num_principal_components=2, outputs=outputs(tmp_path, plots=True), run_name="unit test",
+        seed=7,
     )
     result = train.run(mlp_loss, params, train.FullBatch(batch), config,
                        settings={"program": "test"})
@@ -110,7 +111,7 @@ def test_a_zero_gap_checks_every_step_even_with_a_full_batch(tmp_path):
 def test_divergence_stops_keeps_rows_and_draws_finite_plots(tmp_path):
     params, batch = mlp_problem()
     config = train.TrainConfig(step_size=50.0, max_steps=500, hessian_check_every_steps=1,
-                               outputs=outputs(tmp_path))
+                               outputs=outputs(tmp_path, plots=True))
     result = train.run(mlp_loss, params, train.FullBatch(batch), config)
     assert result.status == "diverged"
     assert result.exit_code == errors.EXIT_DIVERGED
