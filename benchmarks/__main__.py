@@ -21,8 +21,9 @@ import time
 
 from benchmarks import harness, report
 
-BENCHMARKS = ("sam_step", "check_cost", "check_misses", "stopping_rules", "solver_step",
-              "layer_cost", "loop_overhead", "loop_cost", "compile_time", "memory", "scale")
+BENCHMARKS = ("sam_step", "check_cost", "check_misses", "cluster_swaps", "stopping_rules",
+              "solver_step", "layer_cost", "loop_overhead", "loop_cost", "compile_time", "memory",
+              "scale")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

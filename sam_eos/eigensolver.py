@@ -29,7 +29,7 @@ parameter, its rows axis replicated. A flat state, [rows, num_params] in `ravel_
 order (`init(..., flat=True)`, the training loop's checkpointed layout), is solved flat.
 
 Memory: the Lanczos basis holds `basis_size` vectors of num_params (default
-`lanczos.default_basis_size(block)`, 10 for k = 1), float32 or wider, whatever the budget: a
+`lanczos.default_basis_size(block)`, 14 for k = 1), float32 or wider, whatever the budget: a
 thick restart keeps the top Ritz vectors when it is full. Low-precision parameters (bfloat16,
 float16) are solved in float32: each product casts its vector to the parameters' dtype and its
 result back. The products keep their precision's rounding: measure it with

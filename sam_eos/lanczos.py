@@ -5,7 +5,13 @@ layout (a params-shaped tree, or one flat [n] array), traced inside the caller's
 and Ritz vectors are row-stacked in that layout (`sam_eos.rows`: each leaf [rows, *leaf_shape]),
 so a product takes a row as it is, sharded as the parameters are, and nothing is flattened.
 It starts from a block of previous Ritz vectors when given one (a warm
-start: the rows with random weights, `start_vector`) plus a small random component. Its basis
+start: the rows with random weights, `start_vector`) plus a small random component, and beside
+that vector from `DEFAULT_RANDOM_ROWS` unit random rows (`start_rows`): the steps are band
+Lanczos', so the space is the block Krylov space of the start rows. One vector cannot resolve a
+near-degenerate top pair it is mostly aligned with, nor find a top direction it lacks (a pair
+that swapped since the last solve): it converges on lambda_2 with a bound far below its error.
+The random row's sequence carries both eigenvectors of the pair, so the block resolves it
+(measured: BENCHMARKS.md, `cluster_swaps`; products against memory: README, Memory). Its basis
 holds `basis_size` vectors of n entries whatever the budget: when the basis is full it keeps its
 top Ritz vectors and the last residual direction and goes on from there (a thick restart, Wu
 and Simon 2000), so what the Krylov space knows of the top of the spectrum survives, and
@@ -32,7 +38,7 @@ from sam_eos.types import PyTree
 
 # Vectors of length n the basis holds unless told otherwise: memory against products, measured
 # in BENCHMARKS.md (`scale` for memory, `check_misses` for products).
-DEFAULT_BASIS_SIZE = 10
+DEFAULT_BASIS_SIZE = 14
 VECTORS_PER_EIGENVALUE = 7  # the default basis' growth with k (`default_basis_size`)
 # Ritz vectors kept at a restart: the block asked for, and at least this fraction of the
 # basis's columns; new products refill the rest.
@@ -60,10 +66,11 @@ class EigenInfo(NamedTuple):
     # of the k Ritz values is within it of *an* eigenvalue (a residual bound, the larger of its
     # values at the last two steps, sharpened by the gap to the next Ritz value; plus the
     # `noise_floor` the Hessian solvers are given). It cannot promise that no eigenvalue lies
-    # above the top one: a direction the Krylov space has barely seen (the new top of a
-    # near-degenerate cluster, orthogonal to a warm start's block) can stay unseen. How often
-    # that happens is measured, not promised: the loop's audits (`--eigensolver_audit_every`)
-    # and the check_misses benchmark compare with cold solves.
+    # above the top one: a direction the Krylov space has barely seen can stay unseen. The
+    # random start row makes that improbable for a top cluster the block covers (the new top
+    # of a swapped pair, orthogonal to a warm start's block, is found); how often it happens is
+    # measured, not promised: the loop's audits (`--eigensolver_audit_every`) and the
+    # check_misses and cluster_swaps benchmarks compare with cold solves.
     error_bound: jax.Array
     converged: jax.Array  # bool scalar: own bound <= max(tolerance, noise_floor), or exhausted
 
@@ -127,6 +134,11 @@ def basis_steps(n: int, num_matvecs: int, basis_size: int = DEFAULT_BASIS_SIZE) 
 # keeps at least half its weight.
 ROW_WEIGHT_SPREAD = 0.5
 RESTART_SALT = 2**20  # folded into the key of a restart's row weights
+RANDOM_ROW_SALT = 2**21  # folded into the key of the random start rows
+# Random rows started beside the warm vector (band Lanczos): a direction the warm vector lacks,
+# e.g. the new top of a near-degenerate pair that swapped, grows in the random row's Krylov
+# sequence, and a pair the warm vector mixes is resolved by the two sequences together.
+DEFAULT_RANDOM_ROWS = 1
 
 
 def start_vector(start_block: PyTree, key: jax.Array, start_noise: jax.Array) -> PyTree:
@@ -281,14 +293,43 @@ class _Run(NamedTuple):
 
 
 def _start(first: PyTree, size: int, block: int) -> _Run:
-    """The state before the first product from the unit vector `first`, in a basis of `size`
-    rows."""
+    """The state before the first product from the orthonormal start rows `first` (a
+    row-stacked block of one or more rows), in a basis of `size` rows. With several rows the
+    steps are those of band Lanczos (Ruhe 1979): each row in turn is multiplied and its
+    residual appended, so the space is the block Krylov space of the start rows."""
     dtype = rows.dtype(first)
-    basis = rows.set_row(rows.zeros(size, first, dtype), 0, first)
+    width = rows.count(first)
+    basis = rows.zeros(size, rows.row(first, 0), dtype)
+    for i in range(width):
+        basis = rows.set_row(basis, i, rows.row(first, i))
     no = jnp.bool_(False)
     return _Run(basis, jnp.zeros((size, size), dtype), jnp.zeros((size,), dtype), jnp.int32(0),
-                jnp.int32(1), jnp.int32(0), _no_estimates(block, size, dtype), no, no,
+                jnp.int32(width), jnp.int32(0), _no_estimates(block, size, dtype), no, no,
                 jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype))
+
+
+def start_rows(first: PyTree, start_block: PyTree, key: jax.Array, start_noise: jax.Array,
+               random_rows: int) -> PyTree:
+    """The rows a solve starts from, row-stacked and orthonormal: the unit vector `first`
+    (`start_vector`), then `random_rows` unit random vectors. A chunk that continues the
+    previous one (`start_noise` 0) starts its i-th extra row from `start_block`'s row i + 1
+    instead, where that row is usable: the previous chunk's exploration, not a new one."""
+    vectors = [first]
+    dtype = rows.dtype(start_block)
+    norms = rows.norms(start_block)
+    for i in range(random_rows):
+        vector = rows.random_vector(jax.random.fold_in(key, RANDOM_ROW_SALT + i), first, dtype)
+        if i + 1 < rows.count(start_block):
+            warm = rows.row(start_block, i + 1)
+            use = (start_noise == 0) & jnp.isfinite(norms[i + 1]) & (norms[i + 1] > 0)
+            warm, _ = _orthogonalise(rows.stack(vectors), warm, jnp.int32(len(vectors)))
+            # A row (nearly) in the span of those before it: the random vector instead.
+            use = use & (otu.tree_norm(warm) > 1e-3 * norms[i + 1])
+            vector = jax.tree.map(lambda w, r, use=use: jnp.where(use, w, r), warm, vector)
+        for _ in range(2):  # twice: the random vector may be far from orthogonal
+            vector, _ = _orthogonalise(rows.stack(vectors), vector, jnp.int32(len(vectors)))
+        vectors.append(otu.tree_scale(1 / otu.tree_norm(vector), vector))
+    return rows.stack(vectors)
 
 
 def _step(matvec, run: _Run, key, stop_bound, *, k: int, block: int, estimate: bool) -> _Run:
@@ -385,6 +426,7 @@ def solve(
     block_size: int,
     basis_size: int | None = None,
     shardings: tuple | None = None,
+    random_rows: int | None = None,
 ) -> EigenInfo:
     """The top-k eigenpairs of the symmetric operator `matvec` on R^n (trace inside a jit).
 
@@ -422,9 +464,16 @@ def solve(
     block = min(block, size - 1)
     # Kept at a restart: the top `keep` and the bottom Ritz vectors, the row still to multiply,
     # and room for at least one new direction.
-    keep = min(max(block, int(KEEP_FRACTION * (size - 1))), size - 3)
+    random_rows = DEFAULT_RANDOM_ROWS if random_rows is None else random_rows
+    if size > n or size - 3 - random_rows < block:
+        # None where one basis holds the whole space (exact anyway), or where a restart could
+        # not keep the block beside the bottom Ritz vector, the pending rows and a new one.
+        random_rows = 0
+    width = 1 + random_rows
+    keep = min(max(block, int(KEEP_FRACTION * (size - 1))), size - 2 - width)
     stop_bound = jnp.maximum(tolerance, noise_floor)
-    first = start_vector(start_block, key, start_noise)
+    first = start_rows(start_vector(start_block, key, start_noise), start_block, key,
+                       start_noise, random_rows)
 
     def constrained(run: _Run) -> _Run:
         return run._replace(basis=rows.constrain(run.basis, shardings, stacked=True))
@@ -473,5 +522,5 @@ def tridiagonal(
     run = jax.lax.fori_loop(
         0, steps,
         lambda _, run: _step(matvec, run, key, never, k=1, block=1, estimate=False),
-        _start(start, steps + 1, 1))
+        _start(start[None], steps + 1, 1))
     return jnp.diagonal(run.projected)[:steps], run.beta[: steps - 1]

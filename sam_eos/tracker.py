@@ -125,7 +125,7 @@ class SharpnessTracker:
         direction that became the top one since the last call is still found.
       hvp_mode: "auto", "linearize" or "forward_over_reverse" (`sam_eos.hessian`).
       basis_size: vectors of num_params the Lanczos basis holds, >= k + 2 (None:
-        `sam_eos.lanczos.default_basis_size`, 10 for k = 1): memory against products
+        `sam_eos.lanczos.default_basis_size`, 14 for k = 1): memory against products
         (README, "Memory").
       per_layer: False; True to also measure each layer (the first level of params, as
         `sam_eos.layer_sharpness`); or a grouping function `keystr(path) -> name | None` for

@@ -1,5 +1,8 @@
 """Audited checks: a warm check that converges on the second eigenvalue of a near-degenerate
-top cluster is caught by its audit, which re-solves cold from a fresh random vector."""
+top cluster is caught by its audit, which re-solves cold from a fresh random vector. The
+default check does not miss it (its random start row finds the turned top); without random
+rows (`lanczos.DEFAULT_RANDOM_ROWS = 0`, the single-vector solver) it does, and the audit is what
+catches it."""
 
 import math
 
@@ -8,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sam_eos import lanczos
 from sam_eos.errors import InputError
 from sam_eos.loop import check, train
 from sam_eos.loop.feed import Placement
@@ -42,7 +46,19 @@ def forced_miss(audit_every: int, check_index: int):
     return measurement.columns, measurement.products
 
 
-def test_an_unaudited_warm_check_misses_the_turned_top_eigenvector_beyond_its_bound():
+def test_the_default_warm_check_finds_the_turned_top_eigenvector():
+    measured, _ = forced_miss(audit_every=0, check_index=1)
+    assert bool(measured["converged"])
+    assert float(measured["eigenvalues"][0]) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.fixture
+def single_start_row(monkeypatch):
+    """The solver without random start rows: one warm vector, as before band Lanczos."""
+    monkeypatch.setattr(lanczos, "DEFAULT_RANDOM_ROWS", 0)
+
+
+def test_an_unaudited_single_row_check_misses_the_turned_top_beyond_its_bound(single_start_row):
     # What the audits are for: the residual bound cannot see an eigenvalue the Krylov space
     # barely holds. The check converges on 0.99 and reports a bound far below its error.
     measured, _ = forced_miss(audit_every=0, check_index=1)
@@ -53,7 +69,7 @@ def test_an_unaudited_warm_check_misses_the_turned_top_eigenvector_beyond_its_bo
     assert "audit_error" not in measured
 
 
-def test_an_audited_check_reports_a_bound_that_covers_the_miss():
+def test_an_audited_check_reports_a_bound_that_covers_the_miss(single_start_row):
     measured, products = forced_miss(audit_every=1, check_index=1)
     top = float(measured["eigenvalues"][0])
     # The cold solve finds the top; the two disagree beyond their bounds, so the row says so:

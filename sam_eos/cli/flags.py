@@ -108,8 +108,8 @@ def define_shared_flags(
     )
     flags.DEFINE_integer(
         "eigensolver_basis_size", None,
-        "Parameter-sized vectors each Lanczos solve holds (at least k + 3; default 10 for k = "
-        "1, 7 more per eigenvalue beyond 3): memory against products (README, Memory).",
+        "Parameter-sized vectors each Lanczos solve holds (at least k + 3; default 14 for k = "
+        "1, 7 more per eigenvalue beyond the first): memory against products (README, Memory).",
     )
     flags.DEFINE_boolean(
         "eigensolver_warm_start", True,
