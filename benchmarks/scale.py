@@ -157,6 +157,6 @@ def run(context: Context) -> dict:
         "notes": ("Memory beyond the parameters as a multiple of the parameters' bytes, from "
                   "XLA's memory analysis of each compiled function (arguments + outputs - "
                   "donated aliases + temporaries; the tracker's state is donated), batch 4 x "
-                  "128 tokens, float32, defaults (k = 1, basis_size 10 for the tracker). "
+                  "128 tokens, float32, defaults (k = 1; basis_size 14 for the tracker). "
                   "Measured: random tokens, one process per figure, times of the second call."),
     }
