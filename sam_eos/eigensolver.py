@@ -132,6 +132,7 @@ def update(
     product_transform: ProductTransform | None = None,
     basis_size: int | None = None,
     shardings: tuple | None = None,
+    threshold: float | jax.Array = -jnp.inf,
 ) -> tuple[EigenInfo, SolverState]:
     """The top-k eigenpairs of the operator at `params` on `batch`, warm-started from `state`.
 
@@ -163,6 +164,8 @@ def update(
         `lanczos.default_basis_size`): memory against products.
       shardings: static, `rows.vector_shardings(params)` (each leaf's `NamedSharding`) or None:
         a params-shaped state's vectors are held sharded so (`lanczos.solve`).
+      threshold: in the operator's units; only the top eigenvalues above it and the first
+        below it must converge (`lanczos.solve`); -inf: all k.
     Returns:
       `(info, next state)`; `info.hessian_vector_products` counts HVPs.
     """
@@ -191,7 +194,7 @@ def update(
         jnp.asarray(tolerance, dtype), jnp.asarray(noise_floor, dtype),
         jnp.asarray(start_noise, dtype), k=k, num_matvecs=num_matvecs,
         block_size=rows.count(start), basis_size=basis_size,
-        shardings=shardings if stacked else None)
+        shardings=shardings if stacked else None, threshold=threshold)
     info = info._replace(
         ritz_vectors=jax.tree.map(lambda x, s: x.astype(s.dtype), info.ritz_vectors, start),
         hessian_vector_products=info.hessian_vector_products * products_per_matvec(rho_eff))

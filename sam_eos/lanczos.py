@@ -241,11 +241,22 @@ def _ritz_pairs(projected: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Arra
     return jnp.linalg.eigh(t)
 
 
-def _estimates(projected, j, filled, *, k: int, block: int) -> _Estimates:
+def _needed(top: jax.Array, residual: jax.Array, threshold: jax.Array) -> jax.Array:
+    """bool [k]: the Ritz values whose error the bound covers: the first, every one above
+    `threshold`, and the first below it until its residual bound puts an eigenvalue below
+    `threshold` (the count is then certified; the tolerance, near the line)."""
+    above = top >= threshold
+    first = jnp.arange(top.shape[0]) == 0
+    first_below = ~above & jnp.concatenate([jnp.ones((1,), bool), above[:-1]])
+    return first | above | (first_below & (top + residual >= threshold))
+
+
+def _estimates(projected, j, filled, threshold, *, k: int, block: int) -> _Estimates:
     """Ritz estimates over the j multiplied rows of the basis: the top `block` Ritz pairs, and
-    the error bound of the top k (relative to ||A||). A Ritz pair's residual is its coupling to
-    the rows filled but not yet multiplied (rows j .. filled - 1), exactly: the basis is
-    orthonormal and A maps each multiplied row into the filled ones plus the last residual."""
+    the error bound of the top k that `_needed` selects (relative to ||A||). A Ritz pair's
+    residual is its coupling to the rows filled but not yet multiplied (rows j .. filled - 1),
+    exactly: the basis is orthonormal and A maps each multiplied row into the filled ones
+    plus the last residual."""
     rows = projected.shape[0]
     values, vectors = _ritz_pairs(projected, j)  # vectors [rows, rows], zero past j
     index = jnp.arange(rows)
@@ -260,7 +271,8 @@ def _estimates(projected, j, filled, *, k: int, block: int) -> _Estimates:
     norm_estimate = jnp.maximum(jnp.abs(top[0]), jnp.abs(bottom))
     residual = jnp.flip(residuals)[:k]
     gaps = _gaps(top[:k], values, residuals, sorted_active)
-    bound = jnp.max(_error_bound(residual, gaps))
+    bound = jnp.max(jnp.where(_needed(top[:k], residual, threshold),
+                              _error_bound(residual, gaps), 0.0))
     # The bottom Ritz value must converge too when it may be the operator norm.
     bottom_residual = residuals[bottom_index]
     bottom_gap = _gaps(bottom[None], values, residuals, sorted_active)[0]
@@ -332,7 +344,8 @@ def start_rows(first: PyTree, start_block: PyTree, key: jax.Array, start_noise: 
     return rows.stack(vectors)
 
 
-def _step(matvec, run: _Run, key, stop_bound, *, k: int, block: int, estimate: bool) -> _Run:
+def _step(matvec, run: _Run, key, stop_bound, threshold, *, k: int, block: int,
+          estimate: bool) -> _Run:
     """One product, of row j: its column of the projected matrix, its residual as the next
     filled row (when there is room) and, with `estimate`, the Ritz estimates and the stopping
     test."""
@@ -367,7 +380,7 @@ def _step(matvec, run: _Run, key, stop_bound, *, k: int, block: int, estimate: b
                        previous_breakdown=breakdown, norm_bound=norm_bound)
     if not estimate:
         return run
-    estimates = _estimates(projected, j + 1, run.filled, k=k, block=block)
+    estimates = _estimates(projected, j + 1, run.filled, threshold, k=k, block=block)
     # The larger estimate of two successive steps: in a turning cluster the top Ritz vector
     # can mix two eigenvectors, and its residual dips below the tolerance for one step while
     # the true error stays 100x the estimate.
@@ -427,6 +440,7 @@ def solve(
     basis_size: int | None = None,
     shardings: tuple | None = None,
     random_rows: int | None = None,
+    threshold: jax.Array | float = -jnp.inf,
 ) -> EigenInfo:
     """The top-k eigenpairs of the symmetric operator `matvec` on R^n (trace inside a jit).
 
@@ -450,6 +464,12 @@ def solve(
         holds), the next warm start's block: a couple more than k keep the directions that
         may overtake the top k by the next check.
       basis_size: vectors of n the basis holds, >= k + 3 (None: `default_basis_size`).
+      random_rows: unit random start rows beside the warm vector (None: DEFAULT_RANDOM_ROWS);
+        none where the basis has no room for them.
+      threshold: the top k Ritz values must converge only down to the first one below it (the
+        first always): an edge-following solve asks for k at its cap and converges only the
+        eigenvalues above its line, and the first below, whose bound certifies the count.
+        -inf (default): all k.
       shardings: static, per leaf of a vector, its `NamedSharding` or None
         (`rows.vector_shardings(params)`): the basis and Ritz vectors are constrained to it
         with the rows axis replicated, and a restart rotates each leaf in chunks along an axis
@@ -472,6 +492,7 @@ def solve(
     width = 1 + random_rows
     keep = min(max(block, int(KEEP_FRACTION * (size - 1))), size - 2 - width)
     stop_bound = jnp.maximum(tolerance, noise_floor)
+    threshold = jnp.asarray(threshold, rows.dtype(start_block))
     first = start_rows(start_vector(start_block, key, start_noise), start_block, key,
                        start_noise, random_rows)
 
@@ -479,7 +500,7 @@ def solve(
         return run._replace(basis=rows.constrain(run.basis, shardings, stacked=True))
 
     def body(run: _Run) -> _Run:
-        run = _step(matvec, run, key, stop_bound, k=k, block=block, estimate=True)
+        run = _step(matvec, run, key, stop_bound, threshold, k=k, block=block, estimate=True)
         full = (run.filled >= size) & ~run.converged & (run.used < num_matvecs)
         return constrained(jax.lax.cond(
             full, lambda run: _thick_restart(run, keep, shardings), lambda run: run, run))
@@ -521,6 +542,6 @@ def tridiagonal(
     never = jnp.asarray(-jnp.inf, start.dtype)
     run = jax.lax.fori_loop(
         0, steps,
-        lambda _, run: _step(matvec, run, key, never, k=1, block=1, estimate=False),
+        lambda _, run: _step(matvec, run, key, never, never, k=1, block=1, estimate=False),
         _start(start[None], steps + 1, 1))
     return jnp.diagonal(run.projected)[:steps], run.beta[: steps - 1]

@@ -48,6 +48,20 @@ from sam_eos.sam import is_static_zero
 from sam_eos.types import LossFn, PyTree
 
 _LAYER_SALT = 1  # folded into the check's key for the per-layer starts
+# k="edge": eigenvalues above this fraction of the edge are tracked, up to DEFAULT_MAX_K.
+DEFAULT_EDGE_FRACTION = 0.9
+DEFAULT_MAX_K = 8
+
+
+def check_edge_options(edge_fraction, max_k) -> None:
+    """ValueError, naming the argument, unless `edge_fraction` is a number in (0, 1] and
+    `max_k` an int >= 1."""
+    if isinstance(edge_fraction, bool) or not isinstance(edge_fraction, int | float) or \
+            not 0 < edge_fraction <= 1:
+        raise ValueError(f"edge_fraction must be in (0, 1], not {edge_fraction!r}")
+    if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
+        raise ValueError(f"max_k (the edge-following k's cap) must be an int >= 1, not "
+                         f"{max_k!r}")
 
 
 def _is_prng_key(key) -> bool:
@@ -87,6 +101,10 @@ class SharpnessResult(NamedTuple):
     layer_shares: dict[str, jax.Array] | None = None
     # per_layer: layer name -> its solve's `EigenInfo` (bound relative to ||H_GG||)
     layer_info: dict[str, EigenInfo] | None = None
+    # k="edge": int32 scalar, the eigenvalues at or above edge_fraction x edge (`eigenvalues`
+    # holds them, the top one even below the line, then nan up to max_k); it equals max_k when
+    # the cap is hit. Else None.
+    edge_count: jax.Array | None = None
 
     def scalars(self, prefix: str = "sharpness") -> dict[str, float]:
         """A flat dict of Python scalars for any metric writer (CLU's `metric_writers`,
@@ -107,6 +125,8 @@ class SharpnessResult(NamedTuple):
         values.update({f"{prefix}/layer_sharpness/{name}": float(v)
                        for name, v in per_layer.items()})
         values.update({f"{prefix}/layer_share/{name}": float(v) for name, v in shares.items()})
+        if self.edge_count is not None:
+            values[f"{prefix}/edge_count"] = float(jax.device_get(self.edge_count))
         return values
 
 
@@ -115,7 +135,13 @@ class SharpnessTracker:
 
     Args:
       loss_fn: `loss_fn(params, batch) -> scalar`.
-      k: how many eigenvalues (>= 1).
+      k: how many eigenvalues (>= 1), or "edge": every eigenvalue at or above
+        `edge_fraction` x the edge passed to `update` (2/eta for GD, `sam_eos.sam_edge`,
+        an optimizer's `stability_threshold`), at most `max_k` of them. The solve holds a
+        block for `max_k` (memory: `basis_size`, default for max_k), and converges only the
+        eigenvalues above the line and the first below it, which certifies the count; the
+        count follows the spectrum from one update to the next (`SharpnessResult.edge_count`).
+      edge_fraction, max_k: k="edge"'s line and cap (0 < edge_fraction <= 1, max_k >= 1).
       num_matvecs: Lanczos products allowed per `update` (each one HVP, two with `rho_eff`).
       tolerance: stop when the estimated error of every top-k eigenvalue is below
         `tolerance * ||A||`.
@@ -147,7 +173,13 @@ class SharpnessTracker:
                  extra_vectors: int = eigensolver.DEFAULT_EXTRA_VECTORS,
                  start_noise: float = eigensolver.DEFAULT_START_NOISE, hvp_mode: str = "auto",
                  basis_size: int | None = None, per_layer: bool | Grouping = False,
-                 reference_loss_fn: LossFn | None = None):
+                 reference_loss_fn: LossFn | None = None,
+                 edge_fraction: float = DEFAULT_EDGE_FRACTION, max_k: int = DEFAULT_MAX_K):
+        self.follows_edge = k == "edge"
+        if self.follows_edge:
+            check_edge_options(edge_fraction, max_k)
+            k = max_k
+        self.edge_fraction = edge_fraction
         lanczos.check_options(k, num_matvecs, tolerance, num_params=k, basis_size=basis_size)
         if isinstance(extra_vectors, bool) or not isinstance(extra_vectors, int) or \
                 extra_vectors < 0:
@@ -186,7 +218,8 @@ class SharpnessTracker:
 
     def update(self, state: TrackerState, params: PyTree, batch: PyTree, *,
                rho_eff: float | jax.Array | None = None,
-               preconditioner: PyTree | None = None) -> tuple[SharpnessResult, TrackerState]:
+               preconditioner: PyTree | None = None,
+               edge: float | jax.Array | None = None) -> tuple[SharpnessResult, TrackerState]:
         """Measures the top-k eigenvalues at `params` on `batch`, warm-started from `state`.
 
         Args:
@@ -196,6 +229,9 @@ class SharpnessTracker:
             perturbation's effective radius, `sam_eos.effective_radius`).
           preconditioner: None, or a positive diagonal P as a params pytree (e.g.
             `sam_eos.adam_preconditioner(opt_state)`): the operator becomes P^-1/2 A P^-1/2.
+          edge: k="edge" only, and required there: the run's edge in the operator's units
+            (2/eta; `sam_eos.sam_edge(...)`; `stability_threshold(...)` with a
+            preconditioner), a float or a traced scalar (it may change every update).
         Returns:
           `(SharpnessResult, the next state)`. Compiled once per shape and per choice of
           None / not None for `rho_eff` and `preconditioner`.
@@ -209,9 +245,16 @@ class SharpnessTracker:
                 f"{flat.size} entries; call tracker.init(params, key) for them")
         if rho_eff is not None and is_static_zero(rho_eff):
             rho_eff = None  # a Python 0: the Hessian itself, one HVP per product
+        if self.follows_edge != (edge is not None):
+            raise ValueError("edge is required with k='edge' (the run's edge: 2/eta, "
+                             "sam_eos.sam_edge, stability_threshold) and only there"
+                             if self.follows_edge else
+                             "edge is only used with k='edge'; this tracker has k="
+                             f"{self.k}")
+        line = -jnp.inf if edge is None else self.edge_fraction * jnp.asarray(edge, jnp.float32)
         names, blocks = self._layers(params, state)
         result, state = self._update(state, params, batch, rho_eff, preconditioner, blocks,
-                                     shardings=rows.vector_shardings(params))
+                                     line, shardings=rows.vector_shardings(params))
         if not self.per_layer:
             return result, state
         values, shares, infos = result.layer_sharpness, result.layer_shares, result.layer_info
@@ -251,7 +294,8 @@ class SharpnessTracker:
             self.loss_fn, params, batch, vector,
             reference_loss_fn=self.reference_loss_fn).astype(dtype)
 
-    def _measure(self, state, params, batch, rho_eff, preconditioner, blocks, shardings=None):
+    def _measure(self, state, params, batch, rho_eff, preconditioner, blocks, line,
+                 shardings=None):
         key, next_key = jax.random.split(state.key)
         noisy = hessian.low_precision(params) or self.reference_loss_fn is not None  # static
         previous = rows.row(state.ritz_vectors, 0)
@@ -266,7 +310,7 @@ class SharpnessTracker:
             basis_size=self.basis_size,
             start_noise=self.start_noise, rho_eff=0.0 if rho_eff is None else rho_eff,
             preconditioner=preconditioner, hvp_mode=self.hvp_mode,
-            noise_floor=floor, shardings=shardings)
+            noise_floor=floor, shardings=shardings, threshold=line)
         if noisy:  # a cold start measures it on the Ritz vector it found
             floor = jax.lax.cond(warm, lambda: floor, lambda: self._noise_floor(
                 params, batch, rows.row(found.ritz_vectors, 0)))
@@ -275,12 +319,20 @@ class SharpnessTracker:
                 hessian_vector_products=found.hessian_vector_products + 2)
         products = found.hessian_vector_products
         direction = eigensolver.top_direction(found.ritz_vectors, params, shardings)
+        eigenvalues, count = found.eigenvalues, None
+        if self.follows_edge:
+            above = eigenvalues >= line
+            count = jnp.sum(above).astype(jnp.int32)
+            # The top one always, as with any k; the rest above the line.
+            kept = above | (jnp.arange(self.k) == 0)
+            eigenvalues = jnp.where(kept, eigenvalues, jnp.nan)
         result = SharpnessResult(
-            eigenvalues=found.eigenvalues,
+            eigenvalues=eigenvalues,
             hessian_vector_products=products,
             error_bound=found.error_bound,
             converged=found.converged,
             direction=direction,
+            edge_count=count,
         )
         if not blocks:
             return result, TrackerState(found.ritz_vectors, next_key)
