@@ -294,8 +294,8 @@ class SharpnessTracker:
             self.loss_fn, params, batch, vector,
             reference_loss_fn=self.reference_loss_fn).astype(dtype)
 
-    def _measure(self, state, params, batch, rho_eff, preconditioner, blocks, line,
-                 shardings=None):
+    def _measure(self, state, params, batch, rho_eff, preconditioner, blocks,
+                 line=-float("inf"), shardings=None):
         key, next_key = jax.random.split(state.key)
         noisy = hessian.low_precision(params) or self.reference_loss_fn is not None  # static
         previous = rows.row(state.ritz_vectors, 0)

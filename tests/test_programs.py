@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sam_eos import errors
-from sam_eos.reports.raw_data import read_raw_data, read_summary, untimed
+from sam_eos.reports.raw_data import TIMING_COLUMNS, read_raw_data, read_summary, untimed
 from sam_eos.reports.tensorboard_writer import read_scalars
 from tests import processes as processes_
 from tests.conftest import (
@@ -314,20 +314,38 @@ def printed_value(result: processes_.Finished, name: str) -> float:
     return float(result.stdout.split(f"Test {name}:")[1].split()[0])
 
 
-def assert_rows_of_one(tables: list[np.ndarray], results: list, name: str) -> None:
-    """Every run's raw data (untimed) and printed test `name` equal the first run's."""
-    one = tables[0]
+# Data-parallel sums run in another order, so the products differ in their last bits, and the
+# band Lanczos check may stop a few products earlier or later: what its stopping rule does not
+# converge moves with that (the bottom Ritz value; the top eigenvector's alignment with the
+# gradients, within about the square root of the bound). The eigenvalue it converges, and
+# everything the training computes, must still equal one device's.
+SOLVER_COLUMNS = {"lambda_min": dict(rtol=5e-2), "g_alignment": dict(atol=1e-3),
+                  "sg_alignment": dict(atol=1e-3), "hessian_vector_products": dict(atol=6),
+                  "error_bound": dict(atol=1e-5)}
+
+
+def assert_rows_of_one(tables: list[tuple[list[str], np.ndarray]], results: list,
+                       name: str) -> None:
+    """Every run's raw data (untimed: `(columns, rows)`) and printed test `name` equal the
+    first run's, the solver's unconverged columns within SOLVER_COLUMNS."""
+    columns, one = tables[0]
     assert len(one) == 3
-    for table in tables[1:]:
-        assert table.shape == one.shape
-        np.testing.assert_allclose(table, one, rtol=1e-4, atol=1e-6)
+    strict = [i for i, c in enumerate(columns) if c not in SOLVER_COLUMNS]
+    for other_columns, table in tables[1:]:
+        assert other_columns == columns and table.shape == one.shape
+        np.testing.assert_allclose(table[:, strict], one[:, strict], rtol=1e-4, atol=1e-6)
+        for column, tolerance in SOLVER_COLUMNS.items():
+            if column in columns:
+                i = columns.index(column)
+                np.testing.assert_allclose(table[:, i], one[:, i], err_msg=column, **tolerance)
     values = [printed_value(result, name) for result in results]
     np.testing.assert_allclose(values, values[0], rtol=1e-3)
 
 
-def untimed_raw_data(directory: pathlib.Path) -> np.ndarray:
+def untimed_raw_data(directory: pathlib.Path) -> tuple[list[str], np.ndarray]:
+    """`(column names, rows)` of a run's raw data without its timings."""
     _, columns, rows = read_raw_data(str(directory / "raw.txt"))
-    return untimed(columns, rows)
+    return [c for c in columns if c not in TIMING_COLUMNS], untimed(columns, rows)
 
 
 def test_image_classification_on_two_hosts_resumed_writes_the_rows_of_one(tmp_path):
