@@ -27,6 +27,15 @@ def solve(spectrum: np.ndarray, key: int, start=None) -> tuple[float, float, boo
     return abs(float(values[0]) - top) / top, float(info.error_bound), bool(info.converged)
 
 
+def cluster_spectrum(size: int) -> np.ndarray:
+    """1000 eigenvalues in random order: `size` spread evenly over [0.99, 1.0], the rest
+    uniform in [0, 0.8]."""
+    rng = np.random.default_rng(size)
+    spectrum = rng.uniform(0.0, 0.8, 1000)
+    spectrum[:size] = np.linspace(1.0, 0.99, size)
+    return rng.permutation(spectrum)
+
+
 def honest(error: float, bound: float) -> bool:
     return error <= BROKEN_FACTOR * bound or error <= FLOAT_RESOLUTION
 
@@ -47,10 +56,7 @@ def test_the_swapped_pair_is_found_from_a_warm_block_orthogonal_to_the_top():
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 8])
 def test_the_top_of_a_cluster_within_one_percent_comes_with_an_honest_bound(size):
-    rng = np.random.default_rng(size)
-    spectrum = rng.uniform(0.0, 0.8, 1000)
-    spectrum[:size] = np.linspace(1.0, 0.99, size)
-    spectrum = rng.permutation(spectrum)
+    spectrum = cluster_spectrum(size)
     for key in range(3):
         error, bound, _ = solve(spectrum, key)
         assert error < 1e-4, (key, error)
@@ -72,11 +78,8 @@ def edge_tracker_on(spectrum: np.ndarray, edge: float, key: int, **options):
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 8])
 def test_the_edge_following_k_counts_a_cluster_above_the_line_and_finds_each(size):
-    # A cluster within 1 % above 0.9 x edge (edge 1.0), the bulk below 0.8.
-    rng = np.random.default_rng(size)
-    spectrum = rng.uniform(0.0, 0.8, 1000)
-    spectrum[:size] = np.linspace(1.0, 0.99, size)
-    spectrum = rng.permutation(spectrum)
+    # The cluster above 0.9 x edge (edge 1.0), the bulk below 0.8.
+    spectrum = cluster_spectrum(size)
     for result in edge_tracker_on(spectrum, 1.0, key=size):
         assert int(result.edge_count) == size
         eigenvalues = np.asarray(result.eigenvalues)
